@@ -1,0 +1,1 @@
+"""The domain of cbam-nas: attention modules, backbones, the search space and overhead metrics."""

@@ -1,0 +1,1 @@
+"""The HTTP face of cbam-nas: REST API, dashboard and the `cbam-nas` command line."""

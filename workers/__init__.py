@@ -1,0 +1,1 @@
+"""Runs trials: datasets, the training loop and the worker process."""
