@@ -1,0 +1,494 @@
+"""Backbones with an attention slot in every block: CIFAR ResNets, ResNet-18..101, MobileNet v1.
+
+Every block holds its attention module in ``attn`` (``nn.Identity()`` where there is none). The
+modules come from an ``AttentionFactory`` called as ``factory(stage, block, channels)`` once per
+block: stages count from 1 (ResNet ``layer1`` is stage 1), blocks from 0 within their stage, and
+``channels`` is the block's output width, which is what the attention sees. The factory decides the
+placement; the backbone builds exactly the modules it returns.
+
+Where the slot sits:
+
+* ResNets: on the residual branch after the last BN, before the shortcut addition and the final
+  ReLU (CBAM paper, Fig. 3).
+* MobileNet v1 has no residual, so the slot is at the block's output: after the pointwise conv's
+  BN + ReLU, before the next block.
+
+The families:
+
+* ``cifar_resnet{20,32,44,56,110}``: He et al. 2016, section 4.2 (depth 6n+2, three stages of n
+  BasicBlocks with 16/32/64 channels, 3x3 stem, no max pool). Shortcuts use option A, as the paper
+  does for CIFAR: parameter-free, the input subsampled with stride 2 and zero-padded to the wider
+  channel count (so ResNet-20 has 269,722 parameters with 10 classes).
+* ``resnet{18,34,50,101}``: structured like ``torchvision.models.resnet`` (same module names,
+  Bottleneck stride on the 3x3 conv, i.e. ResNet v1.5), so a torchvision state_dict loads into the
+  backbone part; only the ``attn.*`` keys are then missing.
+* ``mobilenet_v1`` and ``mobilenet_v1_{0.75,0.5,0.25}``: Howard et al. 2017 with width multiplier
+  alpha; the 13 depthwise-separable blocks are grouped into five stages by output width.
+
+Weights start as torchvision does (Kaiming normal, fan_out, for convs; BN weight 1, bias 0; PyTorch
+defaults for the classifier). Attention modules keep their own initialisation. ``in_channels`` sets
+the stem's input channels (1 for grey-scale data). All models flatten with ``torch.flatten`` after
+pooling, so channels_last inputs work throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from search.errors import InvalidValue
+
+AttentionFactory = Callable[[int, int, int], nn.Module]
+NormLayer = Callable[[int], nn.Module]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding, no bias (a BN follows)."""
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution, no bias (a BN follows)."""
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class ShortcutA(nn.Module):
+    """He et al.'s option A shortcut: subsample by ``stride`` and zero-pad the channels.
+
+    The padding is split evenly between both sides of the channel axis. No parameters.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.pad_front = (out_planes - in_planes) // 2
+        self.pad_back = out_planes - in_planes - self.pad_front
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; attention after ``bn2``, before the addition."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        norm_layer: NormLayer | None = None,
+        attn: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.attn = attn if attn is not None else nn.Identity()
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # Out of place: the attention module may have saved its output for backward.
+        return self.relu(self.attn(out) + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand; attention after
+    ``bn3``, before the addition."""
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        norm_layer: NormLayer | None = None,
+        attn: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.attn = attn if attn is not None else nn.Identity()
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(self.attn(out) + identity)
+
+
+ResidualBlock = type[BasicBlock] | type[Bottleneck]
+# (in_planes, out_planes, stride) -> the shortcut's module, called only where the shape changes.
+ShortcutFactory = Callable[[int, int, int], nn.Module]
+
+
+def _attention(
+    attention: AttentionFactory | None, stage: int, block: int, channels: int
+) -> nn.Module:
+    return nn.Identity() if attention is None else attention(stage, block, channels)
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation, skipping attention modules: they own theirs (CBAM's spatial BN
+    starts at gamma 0 so that its gate is 0.5)."""
+    for name, m in model.named_modules():
+        if "attn" in name.split("."):
+            continue
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+class _ResNetBase(nn.Module):
+    """Stages and forward pass shared by the ImageNet and CIFAR ResNets.
+
+    Subclasses define ``conv1``, ``bn1``, ``relu``, ``maxpool`` (``nn.Identity`` when absent),
+    ``layer1`` .. ``layer{num_stages}``, ``avgpool`` and ``fc``.
+    """
+
+    num_stages: int
+
+    def _make_stage(
+        self,
+        block: ResidualBlock,
+        inplanes: int,
+        planes: int,
+        blocks: int,
+        stride: int,
+        stage: int,
+        attention: AttentionFactory | None,
+        norm_layer: NormLayer,
+        shortcut: ShortcutFactory,
+    ) -> nn.Sequential:
+        out_planes = planes * block.expansion
+        layers = []
+        for index in range(blocks):
+            block_stride = stride if index == 0 else 1
+            downsample = None
+            if block_stride != 1 or inplanes != out_planes:
+                downsample = shortcut(inplanes, out_planes, block_stride)
+            attn = _attention(attention, stage, index, out_planes)
+            layers.append(block(inplanes, planes, block_stride, downsample, norm_layer, attn))
+            inplanes = out_planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ResNet(_ResNetBase):
+    """torchvision's ResNet (7x7 stem, max pool, four stages) with attention slots."""
+
+    num_stages = 4
+
+    def __init__(
+        self,
+        block: ResidualBlock,
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        attention: AttentionFactory | None = None,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+
+        def shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+            return nn.Sequential(conv1x1(in_planes, out_planes, stride), norm_layer(out_planes))
+
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = 64
+        for stage, blocks in enumerate(layers, start=1):
+            planes = 64 * 2 ** (stage - 1)
+            stride = 1 if stage == 1 else 2
+            layer = self._make_stage(
+                block, inplanes, planes, blocks, stride, stage, attention, norm_layer, shortcut
+            )
+            setattr(self, f"layer{stage}", layer)
+            inplanes = planes * block.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
+        _init_weights(self)
+
+
+_CIFAR_WIDTHS = (16, 32, 64)
+
+
+class CifarResNet(_ResNetBase):
+    """He et al. 2016, section 4.2: 3x3 stem, three stages of n BasicBlocks (16/32/64 channels),
+    option A shortcuts; depth = 6n + 2."""
+
+    num_stages = 3
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        attention: AttentionFactory | None = None,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise InvalidValue("depth", depth, "6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...)")
+        norm_layer = norm_layer or nn.BatchNorm2d
+        blocks = (depth - 2) // 6
+        self.conv1 = conv3x3(in_channels, 16)
+        self.bn1 = norm_layer(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        inplanes = 16
+        for stage, planes in enumerate(_CIFAR_WIDTHS, start=1):
+            stride = 1 if stage == 1 else 2
+            layer = self._make_stage(
+                BasicBlock,
+                inplanes,
+                planes,
+                blocks,
+                stride,
+                stage,
+                attention,
+                norm_layer,
+                ShortcutA,
+            )
+            setattr(self, f"layer{stage}", layer)
+            inplanes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
+        _init_weights(self)
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet v1 block: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU, then attention.
+
+    There is no residual to place the attention beside, so it acts on the block's output.
+    """
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        norm_layer: NormLayer | None = None,
+        attn: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, inplanes, stride, groups=inplanes)
+        self.bn1 = norm_layer(inplanes)
+        self.conv2 = conv1x1(inplanes, planes)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.attn = attn if attn is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.attn(x)
+
+
+# MobileNet v1 at alpha = 1: the 13 blocks as (output channels, stride), grouped by width.
+_MOBILENET_STAGES: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((64, 1),),
+    ((128, 2), (128, 1)),
+    ((256, 2), (256, 1)),
+    ((512, 2),) + ((512, 1),) * 5,
+    ((1024, 2), (1024, 1)),
+)
+
+
+class MobileNetV1(nn.Module):
+    """Howard et al. 2017: 3x3 stride-2 stem, 13 depthwise-separable blocks in five stages
+    (``layer1`` .. ``layer5``), global average pool, classifier. Widths are scaled by
+    ``width_mult`` and truncated to int."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        attention: AttentionFactory | None = None,
+        width_mult: float = 1.0,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        if width_mult <= 0:
+            raise InvalidValue("width_mult", width_mult, "a positive number")
+        norm_layer = norm_layer or nn.BatchNorm2d
+        inplanes = int(32 * width_mult)
+        self.conv1 = conv3x3(in_channels, inplanes, stride=2)
+        self.bn1 = norm_layer(inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.num_stages = len(_MOBILENET_STAGES)
+        for stage, spec in enumerate(_MOBILENET_STAGES, start=1):
+            blocks = []
+            for index, (width, stride) in enumerate(spec):
+                planes = int(width * width_mult)
+                attn = _attention(attention, stage, index, planes)
+                blocks.append(DepthwiseSeparable(inplanes, planes, stride, norm_layer, attn))
+                inplanes = planes
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# Public constructors, torchvision style: one private builder behind them.
+
+_RESNETS: dict[str, tuple[ResidualBlock, tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+_MOBILENET_WIDTHS = {
+    "mobilenet_v1": 1.0,
+    "mobilenet_v1_0.75": 0.75,
+    "mobilenet_v1_0.5": 0.5,
+    "mobilenet_v1_0.25": 0.25,
+}
+
+
+def _resnet(
+    arch: str, num_classes: int, in_channels: int, attention: AttentionFactory | None
+) -> ResNet:
+    block, layers = _RESNETS[arch]
+    return ResNet(block, layers, num_classes, in_channels, attention)
+
+
+def resnet18(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return _resnet("resnet18", num_classes, in_channels, attention)
+
+
+def resnet34(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return _resnet("resnet34", num_classes, in_channels, attention)
+
+
+def resnet50(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return _resnet("resnet50", num_classes, in_channels, attention)
+
+
+def resnet101(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return _resnet("resnet101", num_classes, in_channels, attention)
+
+
+def cifar_resnet(
+    depth: int,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    attention: AttentionFactory | None = None,
+) -> CifarResNet:
+    return CifarResNet(depth, num_classes, in_channels, attention)
+
+
+def mobilenet_v1(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    attention: AttentionFactory | None = None,
+    width_mult: float = 1.0,
+) -> MobileNetV1:
+    return MobileNetV1(num_classes, in_channels, attention, width_mult)
+
+
+# The registry.
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the search needs to know about a backbone without building it."""
+
+    name: str
+    family: str  # "cifar_resnet" | "resnet" | "mobilenet_v1"
+    blocks_per_stage: tuple[int, ...]
+    stage_channels: tuple[int, ...]  # the channels the attention sees in each stage
+    input_size: int  # the image side the backbone is designed for: 32 or 224
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return tuple(range(1, len(self.blocks_per_stage) + 1))
+
+
+def _registry() -> tuple[dict[str, BackboneInfo], dict[str, Callable[..., nn.Module]]]:
+    infos: list[BackboneInfo] = []
+    constructors: dict[str, Callable[..., nn.Module]] = {}
+    for depth in _CIFAR_DEPTHS:
+        name = f"cifar_resnet{depth}"
+        n = (depth - 2) // 6
+        infos.append(BackboneInfo(name, "cifar_resnet", (n, n, n), _CIFAR_WIDTHS, 32))
+        constructors[name] = partial(cifar_resnet, depth)
+    for name, (block, layers) in _RESNETS.items():
+        channels = tuple(64 * 2**i * block.expansion for i in range(len(layers)))
+        infos.append(BackboneInfo(name, "resnet", layers, channels, 224))
+        constructors[name] = partial(_resnet, name)
+    for name, alpha in _MOBILENET_WIDTHS.items():
+        blocks = tuple(len(spec) for spec in _MOBILENET_STAGES)
+        channels = tuple(int(spec[0][0] * alpha) for spec in _MOBILENET_STAGES)
+        infos.append(BackboneInfo(name, "mobilenet_v1", blocks, channels, 224))
+        constructors[name] = partial(mobilenet_v1, width_mult=alpha)
+    return {info.name: info for info in infos}, constructors
+
+
+BACKBONES, _CONSTRUCTORS = _registry()
+
+
+def build_backbone(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    attention: AttentionFactory | None = None,
+) -> nn.Module:
+    """Build backbone ``name`` with ``attention(stage, block, channels)`` in each block's slot."""
+    if name not in BACKBONES:
+        raise InvalidValue("backbone", name, sorted(BACKBONES))
+    return _CONSTRUCTORS[name](
+        num_classes=num_classes, in_channels=in_channels, attention=attention
+    )
