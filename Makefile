@@ -1,0 +1,64 @@
+# The commands the README names. Every target that needs Python sets up .venv itself.
+#   make test                       lint, check the Docker files, run the tests
+#   make test TORCH_SPEC="torch torchvision"   pick your own torch build on the first install
+#   make test PYTEST_ARGS="-k cbam -x"         pass arguments to pytest
+.DEFAULT_GOAL := test
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed explicitly, before the project, so that the build you choose is the one kept
+# (pyproject holds only ranges). This default resolves from the local wheel store on our machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+# Reinstall when the stamp records another TORCH_SPEC than the one asked for now.
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
+.PHONY: $(STAMP)
+endif
+
+.PHONY: install test pytest lint format check-docker bench clean distclean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	spec='$(TORCH_SPEC)'; $(BIN)/python -m pip install $$spec
+	$(BIN)/python -m pip install -e '.[dev]'
+	echo '$(TORCH_SPEC)' > $@
+
+test: lint check-docker pytest
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check-docker: $(STAMP)
+	VENV=$(VENV) bash scripts/check-docker.sh
+
+bench: $(STAMP)
+	for script in benchmarks/*.py; do \
+		[ -e "$$script" ] || { echo "no benchmarks yet"; break; }; \
+		echo "== $$script"; \
+		$(BIN)/python "$$script"; \
+	done
+
+# Build outputs and caches only; .cbam-nas/ (your database, artifacts and data) is left alone.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache test-artifacts
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,79 @@
+"""The one settings object: where the database, artifacts and data are, and the service's limits.
+
+Every value comes from the environment with the prefix ``CBAM_NAS_`` (``CBAM_NAS_DATABASE_URL``,
+``CBAM_NAS_PORT``, ...), else from the defaults below, which keep all state under ``./.cbam-nas``
+so that a checkout works with nothing configured. Read it through :func:`get_settings`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+STATE_DIR = Path(".cbam-nas")
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the workers and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="CBAM_NAS_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default=f"sqlite:///{STATE_DIR / 'cbam-nas.db'}",
+        description="SQLAlchemy URL; PostgreSQL as postgresql+psycopg://user:password@host/db.",
+    )
+    artifacts_dir: Path = Field(
+        default=STATE_DIR / "artifacts",
+        description="Where trial artifacts (weights, architecture JSON, metrics) are stored.",
+    )
+    data_dir: Path = Field(
+        default=STATE_DIR / "data", description="Where datasets are downloaded and cached."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_trials_per_search: int = Field(
+        default=1000, ge=1, description="The largest trial budget one search may ask for."
+    )
+    max_request_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Requests with a larger body are refused (413)."
+    )
+    read_open: bool = Field(
+        default=False,
+        description="Let callers without a token read (GET) searches and leaderboards.",
+    )
+
+    # Optional S3-compatible artifact store; artifacts stay in artifacts_dir when no bucket is set.
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str | None = None
+
+    @property
+    def s3_enabled(self) -> bool:
+        return bool(self.s3_bucket)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file when the database is SQLite on disk, else None."""
+        url = make_url(self.database_url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database)
+
+    def ensure_dirs(self) -> None:
+        """Create the local directories this configuration writes to (SQLite does not)."""
+        for directory in (self.artifacts_dir, self.data_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if self.sqlite_path is not None:
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once; tests call ``get_settings.cache_clear()``."""
+    return Settings()
