@@ -177,9 +177,13 @@ class ChannelGate(nn.Module):
                 out.append(torch.logsumexp(x.flatten(2), 2))
         return torch.stack(out)
 
+    def gate(self, x: Tensor) -> Tensor:
+        """The channel gate A, (B, C, 1, 1), in x's dtype."""
+        logits = self.logits(self.pool(x).to(self.fc1.weight.dtype))
+        return torch.sigmoid(logits).to(x.dtype)[:, :, None, None]
+
     def forward(self, x: Tensor) -> Tensor:
-        gate = torch.sigmoid(self.logits(self.pool(x).to(self.fc1.weight.dtype))).to(x.dtype)
-        return x * gate[:, :, None, None]
+        return x * self.gate(x)
 
 
 class SpatialGate(nn.Module):
@@ -236,9 +240,13 @@ class SpatialGate(nn.Module):
             )
         return F.batch_norm(z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
 
+    def gate(self, x: Tensor, update_stats: bool = True) -> Tensor:
+        """The spatial gate S, (B, 1, H, W), in x's dtype."""
+        logits = self.logits(self.pool(x).to(self.conv.weight.dtype), update_stats)
+        return torch.sigmoid(logits).to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        gate = torch.sigmoid(self.logits(self.pool(x).to(self.conv.weight.dtype))).to(x.dtype)
-        return x * gate
+        return x * self.gate(x)
 
 
 @dataclass
@@ -635,6 +643,28 @@ class CBAM(nn.Module):
             return out
         return _FusedGates.apply(x, self, *params)
 
+    @torch.no_grad()
+    def gates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The channel gate (B, C) and spatial gate (B, H, W) this module applies to ``x``.
+
+        For looking inside the attention (the dashboard's maps); leaves BatchNorm statistics alone.
+        """
+        channel, spatial = self.channel_gate, self.spatial_gate
+        arrangement = self.config.arrangement
+        gate_c = gate_s = None
+        if arrangement in ("channel-spatial", "parallel", "channel"):
+            gate_c = channel.gate(x)
+        if arrangement in ("spatial-channel", "parallel", "spatial"):
+            gate_s = spatial.gate(x, update_stats=False)
+        if arrangement == "channel-spatial":
+            gate_s = spatial.gate(x * gate_c, update_stats=False)
+        if arrangement == "spatial-channel":
+            gate_c = channel.gate(x * gate_s)
+        return (
+            gate_c.flatten(1) if gate_c is not None else None,
+            gate_s[:, 0] if gate_s is not None else None,
+        )
+
     def extra_repr(self) -> str:
         cfg = self.config
         return (
@@ -656,10 +686,7 @@ def reference_forward(module: CBAM, x: Tensor) -> Tensor:
         return spatial(channel(x))
     if arrangement == "spatial-channel":
         return channel(spatial(x))
-    pooled = channel.pool(x).to(channel.fc1.weight.dtype)
-    gate_c = torch.sigmoid(channel.logits(pooled)).to(x.dtype)
-    gate_s = torch.sigmoid(spatial.logits(spatial.pool(x).to(spatial.conv.weight.dtype)))
-    return x * gate_c[:, :, None, None] * gate_s.to(x.dtype)
+    return x * channel.gate(x) * spatial.gate(x)
 
 
 class SqueezeExcite(CBAM):
