@@ -1,13 +1,9 @@
 """CBAM (Woo et al., ECCV 2018), its knobs, and squeeze-and-excitation as the reference attention.
 
 ``CBAM`` computes ``out = x * A[b, c] * S[b, h, w]``: a channel gate ``A`` (the "what") and a
-spatial gate ``S`` (the "where"). Its cost is memory traffic, not arithmetic, so the module runs as
-one autograd function (:class:`_FusedGates`) that touches the full-size feature map only a
-handful of times: pooling in a few fused reductions and matrix-vector products, one gated multiply,
-and a backward pass that saves only ``x`` plus tiny tensors (pooled descriptors, gates, argmax
-indices). The small sub-networks (the shared MLP, the k x k spatial convolution and its BatchNorm)
-are recomputed in backward from the saved descriptors and differentiated by
-``torch.autograd.grad``.
+spatial gate ``S`` (the "where"). Its cost is memory traffic, not arithmetic, so training runs it
+as one autograd function (:mod:`search.cbam_fused`) that touches the full-size feature map a
+handful of times and keeps only ``x`` and tiny tensors for backward.
 ``reference_forward`` is the plain, line-by-line definition; tests hold the fused path to it in
 float64, forward and gradients.
 
@@ -33,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from search.cbam_fused import FusedGates, fused_forward, spatial_conv
 from search.errors import InvalidValue
 
 ARRANGEMENTS = ("channel-spatial", "spatial-channel", "parallel", "channel", "spatial")
@@ -43,8 +40,6 @@ ATTENTION_KINDS = ("none", "se", "cbam")
 
 # The authors' spatial BatchNorm: momentum 0.01, gamma and beta start at 0 (gate exactly 0.5).
 _AUTHORS_BN_MOMENTUM = 0.01
-# Widths up to this use the banded-matrix spatial convolution; wider maps use F.conv2d.
-_BANDED_CONV_MAX_WIDTH = 64
 
 
 def has_channel_gate(arrangement: str) -> bool:
@@ -103,43 +98,6 @@ class CBAMConfig:
         if self.timm_compat:
             return max(1, int(channels / self.reduction + 0.5))
         return max(1, channels // self.reduction)
-
-
-def _flat(x: Tensor) -> Tensor:
-    """A (B, C, H*W) view of a contiguous or channels_last 4-d tensor, without copying."""
-    b, c, h, w = x.shape
-    if x.is_contiguous():
-        return x.view(b, c, h * w)
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
-    return x.contiguous().view(b, c, h * w)
-
-
-def _banded_conv(maps: Tensor, weight: Tensor) -> Tensor:
-    """``F.conv2d(maps, weight, padding=k // 2)`` for a 1-output-channel conv over a few maps.
-
-    oneDNN's convolution is slow for 1-2 channels, above all in backward (several ms for a 7x7 on
-    64 maps of 32x32). Here the width direction is folded into a banded W x W matrix per (map, row
-    offset) and the conv becomes one matrix product over windows of k rows: dense BLAS work in both
-    directions, ~10x faster at CIFAR/ImageNet stage widths.
-    """
-    b, m, h, w = maps.shape
-    k = weight.shape[-1]
-    pad = k // 2
-    offsets = torch.arange(w, device=maps.device)
-    tap = offsets.view(w, 1) - offsets.view(1, w) + pad  # tap[w_in, w_out]
-    inside = (tap >= 0) & (tap < k)
-    band = weight[0][:, :, tap.clamp(0, k - 1)] * inside  # (m, k, w_in, w_out)
-    rows = F.pad(maps, (0, 0, pad, pad)).unfold(2, k, 1)  # (b, m, h, w_in, k)
-    windows = rows.permute(0, 2, 1, 4, 3).reshape(b * h, m * k * w)
-    out = windows @ band.reshape(m * k * w, w)
-    return out.view(b, h, 1, w).transpose(1, 2)
-
-
-def spatial_conv(maps: Tensor, weight: Tensor) -> Tensor:
-    if maps.shape[-1] <= _BANDED_CONV_MAX_WIDTH and weight.shape[-1] > 1:
-        return _banded_conv(maps, weight)
-    return F.conv2d(maps, weight, padding=weight.shape[-1] // 2)
 
 
 class ChannelGate(nn.Module):
@@ -249,356 +207,6 @@ class SpatialGate(nn.Module):
         return x * self.gate(x)
 
 
-@dataclass
-class _Saved:
-    """What the fused forward keeps for backward besides ``x``: only small tensors."""
-
-    gate_c: Tensor | None = None  # (B, C) float32
-    gate_s: Tensor | None = None  # (B, H*W) float32
-    pooled: Tensor | None = None  # (T, B, C) float32
-    maps: Tensor | None = None  # (B, M, H, W) float32
-    hw_argmax: Tensor | None = None  # (B, C) flat h*W+w of the max over H x W
-    c_argmax: Tensor | None = None  # (B, H*W) channel of the max over C
-    lp_norm: Tensor | None = None
-    lse: Tensor | None = None
-
-
-def _pool_hw(x: Tensor, channel: ChannelGate, saved: _Saved) -> Tensor:
-    """Channel-gate pooling with what backward needs; (T, B, C) in the gate's dtype."""
-    out = []
-    for p in channel.pool_types:
-        if p == "avg":
-            v = x.mean((2, 3))
-        elif p == "max":
-            v, idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
-            v, saved.hw_argmax = v.flatten(1), idx.flatten(1)
-        elif p == "lp":
-            v = saved.lp_norm = torch.linalg.vector_norm(x, 2, dim=(2, 3))
-        else:
-            v = saved.lse = torch.logsumexp(_flat(x), 2)
-        out.append(v.to(channel.fc1.weight.dtype))
-    return torch.stack(out)
-
-
-def _pool_c(y: Tensor, gate: SpatialGate, saved: _Saved) -> Tensor:
-    """Spatial-gate pooling across channels with what backward needs; (B, M, H, W), gate dtype."""
-    b, c, h, w = y.shape
-    dtype = gate.conv.weight.dtype
-    yf = _flat(y)
-    if gate.pool_conv is not None:
-        weight = gate.pool_conv.weight.view(1, 1, c).to(y.dtype).expand(b, 1, c)
-        return torch.bmm(weight, yf).view(b, 1, h, w).to(dtype)
-    # adaptive_max_pool1d over the (B, H*W, C) view: a vectorised max with indices for NCHW.
-    mx, idx = F.adaptive_max_pool1d(yf.transpose(1, 2), 1, return_indices=True)
-    saved.c_argmax = idx.view(b, h * w)
-    mx = mx.view(b, 1, h, w).to(dtype)
-    mean = y.mean(1, keepdim=True).to(dtype)
-    return torch.cat([mean, mx] if gate.mean_first else [mx, mean], 1)
-
-
-def _split_maps(d_maps: Tensor, gate: SpatialGate) -> tuple[Tensor | None, Tensor]:
-    """Gradient of the pooled maps -> (d_max, d_linear) as (B, H*W) each (d_max None for conv)."""
-    d = d_maps.flatten(2)
-    if gate.pool_conv is not None:
-        return None, d[:, 0]
-    d_mean, d_max = (d[:, 0], d[:, 1]) if gate.mean_first else (d[:, 1], d[:, 0])
-    return d_max, d_mean
-
-
-def _storage(t: Tensor) -> Tensor:
-    """A 1-d view of a dense tensor's storage (contiguous or channels_last), for flat offsets."""
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _offsets_hw(t: Tensor, hw_index: Tensor) -> Tensor:
-    """Storage offsets of t[b, c, hw_index[b, c]] (flat h*W+w), for either dense layout."""
-    b, c = hw_index.shape
-    sb, sc, _, sw = t.stride()
-    base = torch.arange(b, device=t.device).view(b, 1) * sb
-    return base + torch.arange(c, device=t.device).view(1, c) * sc + hw_index * sw
-
-
-def _offsets_c(t: Tensor, c_index: Tensor) -> Tensor:
-    """Storage offsets of t[b, c_index[b, n], n] (n = h*W+w), for either dense layout."""
-    b, n = c_index.shape
-    sb, sc, _, sw = t.stride()
-    base = torch.arange(b, device=t.device).view(b, 1) * sb
-    return base + c_index * sc + torch.arange(n, device=t.device).view(1, n) * sw
-
-
-def _scatter_add(t: Tensor, offsets: Tensor, values: Tensor) -> None:
-    _storage(t).index_add_(0, offsets.view(-1), values.reshape(-1).to(t.dtype))
-
-
-class _FusedGates(torch.autograd.Function):
-    """out = x * A * S for every arrangement, in few passes over x; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, module: CBAM, *params: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            out, saved = _fused_forward(x, module)
-        ctx.module = module
-        ctx.saved = saved
-        ctx.param_count = len(params)
-        ctx.save_for_backward(x)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, param_grads = _fused_backward(x, grad_out, ctx.module, ctx.saved)
-        grads = [param_grads.get(p) for p in ctx.module.fused_parameters()]
-        return (dx, None, *grads)
-
-
-def _channel_gate(channel: ChannelGate, pooled: Tensor) -> Tensor:
-    return torch.sigmoid(channel.logits(pooled))
-
-
-def _spatial_gate(spatial: SpatialGate, maps: Tensor, update_stats: bool) -> Tensor:
-    return torch.sigmoid(spatial.logits(maps, update_stats)).flatten(1)
-
-
-def _fused_forward(x: Tensor, m: CBAM) -> tuple[Tensor, _Saved]:
-    saved = _Saved()
-    b, c, h, w = x.shape
-    arrangement = m.config.arrangement
-    channel, spatial = m.channel_gate, m.spatial_gate
-    gate_c = gate_s = None
-    if arrangement in ("channel-spatial", "parallel", "channel"):
-        saved.pooled = _pool_hw(x, channel, saved)
-        gate_c = saved.gate_c = _channel_gate(channel, saved.pooled)
-    if arrangement == "channel-spatial":
-        y = x * gate_c.to(x.dtype).view(b, c, 1, 1)
-        saved.maps = _pool_c(y, spatial, saved)
-        gate_s = saved.gate_s = _spatial_gate(spatial, saved.maps, True)
-        return y.mul_(gate_s.to(x.dtype).view(b, 1, h, w)), saved
-    if arrangement in ("spatial-channel", "parallel", "spatial"):
-        saved.maps = _pool_c(x, spatial, saved)
-        gate_s = saved.gate_s = _spatial_gate(spatial, saved.maps, True)
-    if arrangement == "spatial-channel":
-        z = x * gate_s.to(x.dtype).view(b, 1, h, w)
-        saved.pooled = _pool_hw(z, channel, saved)
-        gate_c = saved.gate_c = _channel_gate(channel, saved.pooled)
-        return z.mul_(gate_c.to(x.dtype).view(b, c, 1, 1)), saved
-    if gate_c is None:
-        return x * gate_s.to(x.dtype).view(b, 1, h, w), saved
-    if gate_s is None:
-        return x * gate_c.to(x.dtype).view(b, c, 1, 1), saved
-    out = x * gate_c.to(x.dtype).view(b, c, 1, 1)
-    return out.mul_(gate_s.to(x.dtype).view(b, 1, h, w)), saved
-
-
-def _small_backward(
-    fn: Any, inp: Tensor, params: list[Tensor], grad: Tensor, grads: dict[Tensor, Tensor]
-) -> Tensor:
-    """Recompute a small sub-network from its saved input and backpropagate ``grad`` through it.
-
-    Returns the gradient of the input; parameter gradients are accumulated into ``grads``.
-    """
-    params = [p for p in params if p is not None and p.requires_grad]
-    with torch.enable_grad():
-        leaf = inp.detach().requires_grad_()
-        out = fn(leaf)
-        got = torch.autograd.grad(out, [leaf, *params], grad.to(out.dtype))
-    for p, g in zip(params, got[1:], strict=True):
-        grads[p] = grads[p] + g if p in grads else g
-    return got[0]
-
-
-def _channel_pool_grad_terms(
-    d_pooled: Tensor, pool_types: tuple[str, ...], saved: _Saved, hw: int
-) -> dict[str, Tensor]:
-    terms = dict(zip(pool_types, d_pooled, strict=True))
-    if "avg" in terms:
-        terms["avg"] = terms["avg"] / hw
-    if "lp" in terms:
-        norm = saved.lp_norm.to(terms["lp"].dtype)
-        terms["lp"] = torch.where(norm > 0, terms["lp"] / norm.clamp_min(1e-30), 0.0)
-    return terms
-
-
-def _fused_backward(
-    x: Tensor, g: Tensor, m: CBAM, saved: _Saved
-) -> tuple[Tensor, dict[Tensor, Tensor]]:
-    """dx and parameter gradients of ``out = x * A * S`` for the module's arrangement.
-
-    Reductions over channels run as (1 x C) @ (C x HW) products, reductions over positions as
-    sums of an in-place product; max pooling adds its gradient at the saved argmax offsets.
-    """
-    b, c, h, w = x.shape
-    dt = x.dtype
-    arrangement = m.config.arrangement
-    channel, spatial = m.channel_gate, m.spatial_gate
-    grads: dict[Tensor, Tensor] = {}
-    gate_c = saved.gate_c.to(dt).view(b, c, 1, 1) if saved.gate_c is not None else None
-    gate_s = saved.gate_s.to(dt).view(b, 1, h, w) if saved.gate_s is not None else None
-
-    def spatial_backward(d_gate_s: Tensor) -> tuple[Tensor | None, Tensor]:
-        d_maps = _small_backward(
-            lambda maps: _spatial_gate(spatial, maps, False),
-            saved.maps,
-            [spatial.conv.weight, *_bn_params(spatial)],
-            d_gate_s,
-            grads,
-        )
-        d_max, d_lin = _split_maps(d_maps, spatial)
-        return d_max, d_lin.to(dt).view(b, 1, h, w)
-
-    def channel_backward(d_gate_c: Tensor) -> dict[str, Tensor]:
-        d_pooled = _small_backward(
-            lambda pooled: _channel_gate(channel, pooled),
-            saved.pooled,
-            list(channel.parameters()),
-            d_gate_c,
-            grads,
-        )
-        return _channel_pool_grad_terms(d_pooled, channel.pool_types, saved, h * w)
-
-    def sum_c(t: Tensor, weight: Tensor) -> Tensor:
-        """sum_c t[b, c, hw] * weight[b, c] as (B, H*W)."""
-        return torch.bmm(weight.reshape(b, 1, c).to(dt), _flat(t)).view(b, h * w)
-
-    prod = torch.mul(g, x, out=torch.empty_like(x))
-    if arrangement == "channel":
-        terms = channel_backward(prod.sum((2, 3)))
-        dx = torch.mul(g, gate_c, out=prod)
-        return _finish_channel_terms(dx, x, terms, saved, None), grads
-    if arrangement == "spatial":
-        d_max, d_lin = spatial_backward(prod.sum(1).reshape(b, h * w))
-        dx = torch.mul(g, gate_s, out=prod)
-        _finish_spatial_terms(dx, x, d_max, d_lin, spatial, saved, grads)
-        return dx, grads
-
-    d_gate_s = sum_c(prod, gate_c)
-    if arrangement == "channel-spatial":
-        d_max, d_lin = spatial_backward(d_gate_s)
-        # Spatial pooling read y = x * A, so A also gets x * dy summed over positions, and
-        # dx = A * (G * S + dy) + the channel pooling's terms; t holds G * S + dy (dense part).
-        t = torch.empty_like(x)
-        if spatial.pool_conv is None:
-            torch.addcmul(d_lin / c, g, gate_s, out=t)
-        else:
-            pool_w = spatial.pool_conv.weight.view(1, c, 1, 1).to(dt)
-            torch.mul(g, gate_s, out=t).addcmul_(pool_w, d_lin)
-            q = (x * d_lin).sum((2, 3))
-            grads[spatial.pool_conv.weight] = (q * gate_c.view(b, c)).sum(0).view_as(pool_w)
-        d_gate_c = torch.mul(x, t, out=prod).sum((2, 3))
-        if d_max is not None:
-            offsets = _offsets_c(x, saved.c_argmax)
-            x_at = _storage(x)[offsets]
-            c_offsets = torch.arange(b, device=x.device).view(b, 1) * c + saved.c_argmax
-            d_gate_c.view(-1).index_add_(0, c_offsets.view(-1), (d_max.to(dt) * x_at).view(-1))
-        terms = channel_backward(d_gate_c)
-        dx = _finish_channel_terms(t, x, terms, saved, gate_c)
-        if d_max is not None:
-            gate_at = saved.gate_c.gather(1, saved.c_argmax)
-            _scatter_add(dx, offsets, d_max * gate_at)
-        return dx, grads
-
-    d_gate_c = prod.mul_(gate_s).sum((2, 3))
-    if arrangement == "spatial-channel":
-        terms = channel_backward(d_gate_c)
-        # Channel pooling read z = x * S, so S also gets x * dz summed over channels, and
-        # dx = S * (G * A + dz) + the spatial pooling's terms.
-        extra = _channel_extra_grad(x, terms, saved, gate_s)
-        if "avg" in terms:
-            d_gate_s = d_gate_s + sum_c(x, terms["avg"])
-        if "max" in terms:
-            offsets = _offsets_hw(x, saved.hw_argmax)
-            hw_offsets = torch.arange(b, device=x.device).view(b, 1) * (h * w) + saved.hw_argmax
-            x_at = _storage(x)[offsets]
-            d_gate_s.view(-1).index_add_(
-                0, hw_offsets.view(-1), (terms["max"].to(dt) * x_at).view(-1)
-            )
-        if extra is not None:
-            d_gate_s = d_gate_s + (extra * x).sum(1).view(b, h * w)
-        d_max, d_lin = spatial_backward(d_gate_s)
-        t = prod
-        if "avg" in terms:
-            torch.addcmul(terms["avg"].to(dt).view(b, c, 1, 1), g, gate_c, out=t)
-        else:
-            torch.mul(g, gate_c, out=t)
-        if extra is not None:
-            t.add_(extra)
-        dx = t.mul_(gate_s)
-        if "max" in terms:
-            gate_at = saved.gate_s.gather(1, saved.hw_argmax)
-            _scatter_add(dx, offsets, terms["max"] * gate_at)
-        _finish_spatial_terms(dx, x, d_max, d_lin, spatial, saved, grads)
-        return dx, grads
-
-    # parallel: both gates read x itself.
-    terms = channel_backward(d_gate_c)
-    d_max, d_lin = spatial_backward(d_gate_s)
-    dx = _finish_channel_terms(torch.mul(g, gate_s, out=prod), x, terms, saved, gate_c)
-    _finish_spatial_terms(dx, x, d_max, d_lin, spatial, saved, grads)
-    return dx, grads
-
-
-def _bn_params(spatial: SpatialGate) -> list[Tensor]:
-    return [spatial.bn.weight, spatial.bn.bias] if spatial.bn is not None else []
-
-
-def _channel_extra_grad(
-    x: Tensor, terms: dict[str, Tensor], saved: _Saved, scale: Tensor | None
-) -> Tensor | None:
-    """The full-size gradient terms of lp and lse pooling (of ``x * scale``), or None."""
-    if "lp" not in terms and "lse" not in terms:
-        return None
-    b, c = x.shape[:2]
-    z = x if scale is None else x * scale
-    extra = torch.zeros_like(x)
-    if "lp" in terms:
-        extra.addcmul_(z, terms["lp"].to(x.dtype).view(b, c, 1, 1))
-    if "lse" in terms:
-        soft = (z - saved.lse.to(x.dtype).view(b, c, 1, 1)).exp_()
-        extra.addcmul_(soft, terms["lse"].to(x.dtype).view(b, c, 1, 1))
-    return extra
-
-
-def _finish_channel_terms(
-    t: Tensor, x: Tensor, terms: dict[str, Tensor], saved: _Saved, gate_c: Tensor | None
-) -> Tensor:
-    """dx = t * A + (gradient of the channel pooling of x), written into ``t``."""
-    b, c = x.shape[:2]
-    avg = terms["avg"].to(x.dtype).view(b, c, 1, 1) if "avg" in terms else None
-    if gate_c is not None and avg is not None:
-        torch.addcmul(avg, t, gate_c, out=t)
-    elif gate_c is not None:
-        t.mul_(gate_c)
-    elif avg is not None:
-        t.add_(avg)
-    if "max" in terms:
-        _scatter_add(t, _offsets_hw(t, saved.hw_argmax), terms["max"])
-    extra = _channel_extra_grad(x, terms, saved, None)
-    if extra is not None:
-        t.add_(extra)
-    return t
-
-
-def _finish_spatial_terms(
-    dx: Tensor,
-    x: Tensor,
-    d_max: Tensor | None,
-    d_lin: Tensor,
-    spatial: SpatialGate,
-    saved: _Saved,
-    grads: dict[Tensor, Tensor],
-) -> None:
-    """dx += gradient of the spatial pooling of x itself (parallel, spatial-only, s->c)."""
-    c = x.shape[1]
-    if spatial.pool_conv is not None:
-        weight = spatial.pool_conv.weight
-        q = (x * d_lin).sum((2, 3))
-        grads[weight] = q.to(weight.dtype).sum(0).view_as(weight)
-        dx.addcmul_(weight.view(1, c, 1, 1).to(x.dtype), d_lin)
-        return
-    dx.add_(d_lin / c)
-    _scatter_add(dx, _offsets_c(dx, saved.c_argmax), d_max)
-
-
 class CBAM(nn.Module):
     """Convolutional Block Attention Module with every knob of :class:`CBAMConfig`."""
 
@@ -627,21 +235,18 @@ class CBAM(nn.Module):
                 authors_bn_init=not config.timm_compat,
             )
 
-    def fused_parameters(self) -> list[Tensor]:
-        return list(self.parameters())
-
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or torch.compiler.is_compiling():
             return reference_forward(self, x)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        params = self.fused_parameters()
+        params = list(self.parameters())
         if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in params)
         ):
-            out, _ = _fused_forward(x, self)
+            out, _ = fused_forward(x, self)
             return out
-        return _FusedGates.apply(x, self, *params)
+        return FusedGates.apply(x, self, *params)
 
     @torch.no_grad()
     def gates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
