@@ -1,0 +1,482 @@
+"""The search space: ``Architecture`` (one point) and ``SearchSpace`` (the allowed values per knob).
+
+An :class:`Architecture` names a backbone, an attention kind (``none``, ``se``, ``cbam``), every
+CBAM knob and the placement (which stages, which blocks within a stage). It normalises itself on
+construction: knobs that do not apply are ``None``, knobs that apply but are missing take the
+paper's default, ``stages`` is sorted and becomes ``None`` when it names every stage. Equal models
+therefore compare equal and share one :attr:`Architecture.id`.
+
+A :class:`SearchSpace` lists the values each knob may take (by default the whole space of
+cbam-spec.md) and draws architectures from an Optuna trial with conditional parameters: the
+channel-gate knobs are suggested only for arrangements with a channel gate, the spatial-gate knobs
+only for arrangements with a spatial gate, so a sampler never sees a knob that has no effect.
+Categorical choices are JSON primitives, the same for a parameter name in every trial: pool-type
+sets are encoded as ``"avg+max"`` and stage sets as ``"1+2+3"``.
+
+The search samples CBAM only; the reference architectures (:func:`reference_architectures`: no
+attention, SE, the paper's CBAM) lie outside the sampled space and are evaluated alongside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from search.backbones import BACKBONES, BackboneInfo, build_backbone
+from search.cbam import (
+    ARRANGEMENTS,
+    ATTENTION_KINDS,
+    KERNEL_SIZES,
+    POOL_TYPES,
+    SPATIAL_POOLS,
+    CBAMConfig,
+    create_attention,
+    has_channel_gate,
+    has_spatial_gate,
+)
+from search.errors import InvalidValue
+
+if TYPE_CHECKING:
+    from optuna.trial import BaseTrial
+
+BLOCK_CHOICES = ("all", "first", "last")
+REFERENCE_NAMES = ("none", "se", "cbam")
+_DEFAULT_CBAM = CBAMConfig()
+_ARROWS = {
+    "channel-spatial": "c->s",
+    "spatial-channel": "s->c",
+    "parallel": "c|s",
+    "channel": "c",
+    "spatial": "s",
+}
+
+
+# One validator per knob; each returns the normalised value or raises InvalidValue at ``field``.
+
+
+def _check_choice(value: Any, field: str, allowed: Sequence[Any]) -> Any:
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidValue(field, value, allowed)
+    return value
+
+
+def _check_arrangement(value: Any, field: str) -> str:
+    return _check_choice(value, field, ARRANGEMENTS)
+
+
+def _check_spatial_pool(value: Any, field: str) -> str:
+    return _check_choice(value, field, SPATIAL_POOLS)
+
+
+def _check_blocks(value: Any, field: str) -> str:
+    return _check_choice(value, field, BLOCK_CHOICES)
+
+
+def _check_reduction(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidValue(field, value, "an integer >= 1")
+    return value
+
+
+def _check_kernel_size(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in KERNEL_SIZES:
+        raise InvalidValue(field, value, "an odd integer from 1 to 9: 1, 3, 5, 7, 9")
+    return value
+
+
+def _check_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidValue(field, value, (True, False))
+    return value
+
+
+def _check_pool_types(value: Any, field: str) -> tuple[str, ...]:
+    """A non-empty subset of POOL_TYPES (a sequence or ``"avg+max"``), in POOL_TYPES order."""
+    allowed = f"a non-empty subset of {', '.join(POOL_TYPES)}"
+    items = value.split("+") if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not items:
+        raise InvalidValue(field, value, allowed)
+    for i, p in enumerate(items):
+        if not isinstance(p, str) or p not in POOL_TYPES:
+            raise InvalidValue(f"{field}[{i}]", p, POOL_TYPES)
+    if len(set(items)) != len(items):
+        raise InvalidValue(field, value, f"{allowed}, each at most once")
+    return tuple(p for p in POOL_TYPES if p in items)
+
+
+def _check_stage_set(value: Any, field: str, info: BackboneInfo | None = None) -> tuple[int, ...]:
+    """A non-empty set of stage numbers (a sequence or ``"1+2"``), sorted; checked against
+    ``info``'s stages when given."""
+    allowed = (
+        f"a non-empty subset of the stages of {info.name}: {', '.join(map(str, info.stages))}"
+        if info is not None
+        else "a non-empty list of stage numbers (1, 2, ...)"
+    )
+    items = value.split("+") if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
+        raise InvalidValue(field, value, allowed)
+    stages = []
+    for item in items:
+        stage = int(item) if isinstance(item, str) and item.isdigit() else item
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
+            raise InvalidValue(field, value, allowed)
+        if info is not None and stage not in info.stages:
+            raise InvalidValue(field, value, allowed)
+        stages.append(stage)
+    return tuple(sorted(set(stages)))
+
+
+def _backbone_info(value: Any, field: str = "backbone") -> BackboneInfo:
+    if not isinstance(value, str) or value not in BACKBONES:
+        raise InvalidValue(field, value, sorted(BACKBONES))
+    return BACKBONES[value]
+
+
+def _encode(values: Iterable[Any]) -> str:
+    return "+".join(str(v) for v in values)
+
+
+def _reject_unknown_keys(data: Any, known: Sequence[str], what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise InvalidValue(what, data, f"a JSON object with the fields {', '.join(known)}")
+    for key in data:
+        if key not in known:
+            raise InvalidValue(what, key, known)
+
+
+# -- Architecture ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One point of the space. ``stages=None`` means every stage of the backbone."""
+
+    backbone: str
+    attention: str = "cbam"
+    reduction: int | None = None
+    pool_types: tuple[str, ...] | None = None
+    kernel_size: int | None = None
+    spatial_pool: str | None = None
+    spatial_bn: bool | None = None
+    mlp_bias: bool | None = None
+    arrangement: str | None = None
+    stages: tuple[int, ...] | None = None
+    blocks: str = "all"
+
+    def __post_init__(self) -> None:
+        info = _backbone_info(self.backbone)
+        _check_choice(self.attention, "attention", ATTENTION_KINDS)
+        values: dict[str, Any] = dict.fromkeys(_CBAM_KNOBS)
+        stages, blocks = None, "all"
+        if self.attention != "none":
+            blocks = _check_blocks(self.blocks, "blocks")
+            if self.stages is not None:
+                stages = _check_stage_set(self.stages, "stages", info)
+                stages = None if stages == info.stages else stages
+        if self.attention == "se":
+            values["reduction"] = self._knob("reduction", 16, _check_reduction)
+        elif self.attention == "cbam":
+            arrangement = self._knob("arrangement", _DEFAULT_CBAM.arrangement, _check_arrangement)
+            values["arrangement"] = arrangement
+            knobs = (_CHANNEL_KNOBS if has_channel_gate(arrangement) else ()) + (
+                _SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()
+            )
+            for name in knobs:
+                values[name] = self._knob(name, getattr(_DEFAULT_CBAM, name), _VALIDATORS[name])
+        for name, value in {**values, "stages": stages, "blocks": blocks}.items():
+            object.__setattr__(self, name, value)
+
+    def _knob(self, name: str, default: Any, check: Callable[[Any, str], Any]) -> Any:
+        value = getattr(self, name)
+        return default if value is None else check(value, name)
+
+    @property
+    def info(self) -> BackboneInfo:
+        return BACKBONES[self.backbone]
+
+    def attends(self, stage: int, block: int) -> bool:
+        """Whether block ``block`` (from 0) of stage ``stage`` (from 1) holds attention."""
+        if self.attention == "none" or (self.stages is not None and stage not in self.stages):
+            return False
+        if self.blocks == "first":
+            return block == 0
+        if self.blocks == "last":
+            return block == self.info.blocks_per_stage[stage - 1] - 1
+        return True
+
+    def attention_slots(self) -> tuple[tuple[int, int], ...]:
+        """The (stage, block) pairs that hold an attention module."""
+        return tuple(
+            (stage, block)
+            for stage, count in enumerate(self.info.blocks_per_stage, start=1)
+            for block in range(count)
+            if self.attends(stage, block)
+        )
+
+    def cbam_config(self) -> CBAMConfig | None:
+        """The module configuration for ``attention="cbam"``; None otherwise."""
+        if self.attention != "cbam":
+            return None
+        knobs = {name: getattr(self, name) for name in _CBAM_KNOBS}
+        return CBAMConfig(**{k: v for k, v in knobs.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
+        _reject_unknown_keys(data, _ARCHITECTURE_FIELDS, "architecture")
+        if "backbone" not in data:
+            raise InvalidValue("backbone", None, sorted(BACKBONES))
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InvalidValue("architecture", text, f"a JSON object ({exc})") from None
+        return cls.from_dict(data)
+
+    @property
+    def id(self) -> str:
+        """10 hex characters of the SHA-256 of the canonical JSON: stable across processes."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:10]
+
+    def describe(self) -> str:
+        """A short label, e.g. ``"CBAM c->s r16 avg+max k7 @all"``."""
+        if self.attention == "none":
+            return "no attention"
+        if self.attention == "se":
+            parts = ["SE", f"r{self.reduction}"]
+        else:
+            parts = ["CBAM", _ARROWS[self.arrangement]]
+            if self.reduction is not None:
+                parts += [f"r{self.reduction}", _encode(self.pool_types)]
+                parts += [] if self.mlp_bias else ["no-bias"]
+            if self.kernel_size is not None:
+                parts.append(f"k{self.kernel_size}")
+                parts += ["conv-pool"] if self.spatial_pool == "conv" else []
+                parts += [] if self.spatial_bn else ["no-bn"]
+        where = "all" if self.stages is None else "s" + _encode(self.stages)
+        where += "" if self.blocks == "all" else f"/{self.blocks}"
+        return " ".join([*parts, f"@{where}"])
+
+
+_ARCHITECTURE_FIELDS = tuple(f.name for f in fields(Architecture))
+_CHANNEL_KNOBS = ("reduction", "pool_types", "mlp_bias")
+_SPATIAL_KNOBS = ("kernel_size", "spatial_pool", "spatial_bn")
+_CBAM_KNOBS = ("arrangement", *_CHANNEL_KNOBS, *_SPATIAL_KNOBS)
+_VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
+    "arrangement": _check_arrangement,
+    "reduction": _check_reduction,
+    "pool_types": _check_pool_types,
+    "mlp_bias": _check_bool,
+    "kernel_size": _check_kernel_size,
+    "spatial_pool": _check_spatial_pool,
+    "spatial_bn": _check_bool,
+}
+
+
+def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The backbone with attention modules exactly where ``architecture`` places them."""
+    if architecture.attention == "none":
+        return build_backbone(architecture.backbone, num_classes, in_channels)
+    config = architecture.cbam_config()
+    se_reduction = architecture.reduction or 16
+
+    def factory(stage: int, block: int, channels: int) -> nn.Module:
+        if not architecture.attends(stage, block):
+            return nn.Identity()
+        return create_attention(architecture.attention, channels, config, se_reduction)
+
+    return build_backbone(architecture.backbone, num_classes, in_channels, factory)
+
+
+def reference_architectures(backbone: str) -> dict[str, Architecture]:
+    """The baselines of every search: no attention, SE (r=16), the paper's CBAM in every block."""
+    return {
+        "none": Architecture(backbone, "none"),
+        "se": Architecture(backbone, "se", reduction=16),
+        "cbam": Architecture(backbone, "cbam"),
+    }
+
+
+# -- SearchSpace -------------------------------------------------------------------------------
+
+# SearchSpace field -> (Architecture field, validator of one value).
+_SPACE_KNOBS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "arrangements": ("arrangement", _check_arrangement),
+    "reductions": ("reduction", _check_reduction),
+    "pool_types": ("pool_types", _check_pool_types),
+    "mlp_bias": ("mlp_bias", _check_bool),
+    "kernel_sizes": ("kernel_size", _check_kernel_size),
+    "spatial_pools": ("spatial_pool", _check_spatial_pool),
+    "spatial_bn": ("spatial_bn", _check_bool),
+    "blocks": ("blocks", _check_blocks),
+}
+_ALL_POOL_SETS = tuple(
+    combo for n in range(1, len(POOL_TYPES) + 1) for combo in itertools.combinations(POOL_TYPES, n)
+)
+
+
+def _stage_subsets(stages: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(
+        combo for n in range(1, len(stages) + 1) for combo in itertools.combinations(stages, n)
+    )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The values each knob may take. ``stages=None`` allows every non-empty subset of the
+    backbone's stages; otherwise it lists the allowed stage sets.
+
+    Values are validated, normalised (pool-type sets in POOL_TYPES order, stage sets sorted) and
+    de-duplicated in their given order, so the Optuna choices stay the same from trial to trial.
+    """
+
+    arrangements: tuple[str, ...] = ARRANGEMENTS
+    reductions: tuple[int, ...] = (2, 4, 8, 16, 32)
+    pool_types: tuple[tuple[str, ...], ...] = _ALL_POOL_SETS
+    mlp_bias: tuple[bool, ...] = (True, False)
+    kernel_sizes: tuple[int, ...] = KERNEL_SIZES
+    spatial_pools: tuple[str, ...] = SPATIAL_POOLS
+    spatial_bn: tuple[bool, ...] = (True, False)
+    stages: tuple[tuple[int, ...], ...] | None = None
+    blocks: tuple[str, ...] = BLOCK_CHOICES
+
+    def __post_init__(self) -> None:
+        for name, (_, check) in _SPACE_KNOBS.items():
+            object.__setattr__(self, name, self._values(name, check))
+        if self.stages is not None:
+            object.__setattr__(self, "stages", self._values("stages", _check_stage_set))
+
+    def _values(self, name: str, check: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+        raw = getattr(self, name)
+        field = f"space.{name}"
+        if isinstance(raw, str | bytes) or not isinstance(raw, Sequence) or not raw:
+            raise InvalidValue(field, raw, "a non-empty list")
+        values = [check(value, f"{field}[{i}]") for i, value in enumerate(raw)]
+        return tuple(dict.fromkeys(values))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        _reject_unknown_keys(data, _SPACE_FIELDS, "space")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value: Any) -> Any:
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    def validate_for(self, backbone: str) -> BackboneInfo:
+        """Check the backbone and every stage set against it; returns the backbone's info."""
+        info = _backbone_info(backbone)
+        for i, stage_set in enumerate(self.stages or ()):
+            _check_stage_set(stage_set, f"space.stages[{i}]", info)
+        return info
+
+    def stage_choices(self, backbone: str) -> tuple[tuple[int, ...], ...]:
+        """The allowed stage sets for ``backbone``."""
+        info = self.validate_for(backbone)
+        return self.stages if self.stages is not None else _stage_subsets(info.stages)
+
+    def _choices(self, backbone: str) -> dict[str, tuple[Any, ...]]:
+        """Architecture field -> allowed values (stages as stage tuples)."""
+        choices = {knob: getattr(self, name) for name, (knob, _) in _SPACE_KNOBS.items()}
+        choices["stages"] = self.stage_choices(backbone)
+        return choices
+
+    def sample(self, trial: BaseTrial, backbone: str) -> Architecture:
+        """Draw a CBAM architecture through ``trial.suggest_categorical``.
+
+        Order: ``arrangement``; the channel knobs (``reduction``, ``pool_types``, ``mlp_bias``) if
+        the arrangement has a channel gate; the spatial knobs (``kernel_size``, ``spatial_pool``,
+        ``spatial_bn``) if it has a spatial gate; then ``stages`` and ``blocks``. A knob with a
+        single allowed value is fixed, not suggested.
+        """
+        choices = self._choices(backbone)
+
+        def pick(name: str) -> Any:
+            options = choices[name]
+            if len(options) == 1:
+                return options[0]
+            if name in ("pool_types", "stages"):
+                encoded = [_encode(o) for o in options]
+                return options[encoded.index(trial.suggest_categorical(name, encoded))]
+            return trial.suggest_categorical(name, list(options))
+
+        values = {name: pick(name) for name in self._knobs_for(pick("arrangement"))}
+        return Architecture(backbone, "cbam", **values)
+
+    @staticmethod
+    def _knobs_for(arrangement: str) -> tuple[str, ...]:
+        """The Architecture fields sampled after ``arrangement``, in suggestion order."""
+        return (
+            "arrangement",
+            *(_CHANNEL_KNOBS if has_channel_gate(arrangement) else ()),
+            *(_SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()),
+            "stages",
+            "blocks",
+        )
+
+    def _values_of(self, architecture: Architecture) -> dict[str, Any]:
+        """Architecture field -> value as the space lists it (stages as an explicit tuple)."""
+        values = {
+            name: getattr(architecture, name) for name in self._knobs_for(architecture.arrangement)
+        }
+        values["stages"] = architecture.stages or architecture.info.stages
+        return values
+
+    def contains(self, architecture: Architecture) -> bool:
+        """Whether ``sample`` can draw ``architecture`` (only CBAM architectures are sampled)."""
+        if architecture.attention != "cbam":
+            return False
+        choices = self._choices(architecture.backbone)
+        return all(v in choices[k] for k, v in self._values_of(architecture).items())
+
+    def to_params(self, architecture: Architecture) -> dict[str, Any]:
+        """The params ``sample`` would suggest for ``architecture`` (for ``enqueue_trial``)."""
+        if not self.contains(architecture):
+            raise InvalidValue(
+                "architecture",
+                architecture.describe(),
+                "a CBAM architecture inside the search space",
+            )
+        choices = self._choices(architecture.backbone)
+        return {
+            name: _encode(value) if name in ("pool_types", "stages") else value
+            for name, value in self._values_of(architecture).items()
+            if len(choices[name]) > 1
+        }
+
+    def size(self, backbone: str) -> int:
+        """The number of distinct architectures ``sample`` can draw for ``backbone``."""
+        choices = self._choices(backbone)
+
+        def product(names: Iterable[str]) -> int:
+            n = 1
+            for name in names:
+                n *= len(choices[name])
+            return n
+
+        return sum(
+            product(self._knobs_for(arrangement)[1:]) for arrangement in choices["arrangement"]
+        )
+
+
+_SPACE_FIELDS = tuple(f.name for f in fields(SearchSpace))
