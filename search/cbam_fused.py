@@ -19,6 +19,7 @@ oneDNN's convolution is slowest exactly there (one output channel, backward).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,7 @@ def _banded_conv(maps: Tensor, weight: Tensor) -> Tensor:
     """
     b, m, h, w = maps.shape
     k = weight.shape[-1]
-    band = weight.view(m * k, k) @ _band_selector(w, k, maps.device, maps.dtype).t()
+    band = weight.reshape(m * k, k) @ _band_selector(w, k, maps.device, maps.dtype).t()
     out = _windows(maps, k) @ band.view(m * k * w, w)
     return out.view(b, 1, h, w)
 
@@ -73,7 +74,7 @@ def _banded_conv_backward(d_out: Tensor, maps: Tensor, weight: Tensor) -> tuple[
     k = weight.shape[-1]
     pad = k // 2
     selector = _band_selector(w, k, maps.device, maps.dtype)
-    band = weight.view(m * k, k) @ selector.t()
+    band = weight.reshape(m * k, k) @ selector.t()
     d_rows = d_out.reshape(b * h, w)
     d_band = _windows(maps, k).t() @ d_rows
     d_weight = (d_band.view(m * k, w * w) @ selector).view_as(weight)
@@ -106,6 +107,27 @@ def _arange(n: int, step: int, device: torch.device) -> Tensor:
     return torch.arange(0, n * step, step, device=device)
 
 
+_workspaces = threading.local()
+
+
+def _workspace(like: Tensor) -> Tensor:
+    """A scratch tensor shaped and laid out like ``like``, reused across calls on this thread.
+
+    Fresh multi-megabyte CPU tensors are page-faulted in on every allocation (glibc hands them back
+    to the OS on free); one reused buffer per shape avoids that in the backward pass.
+    """
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    key = (like.shape, like.stride(), like.dtype, like.device)
+    buf = cache.get(key)
+    if buf is None:
+        if len(cache) >= 16:
+            cache.clear()
+        buf = cache[key] = torch.empty_like(like)
+    return buf
+
+
 def _storage(t: Tensor) -> Tensor:
     """A 1-d view of a dense tensor's storage (contiguous or channels_last), for flat offsets."""
     return t.as_strided((t.numel(),), (1,))
@@ -129,6 +151,22 @@ def _offsets_c(t: Tensor, c_index: Tensor) -> Tensor:
 
 def _scatter_add(t: Tensor, offsets: Tensor, values: Tensor) -> None:
     _storage(t).index_add_(0, offsets.view(-1), values.reshape(-1).to(t.dtype))
+
+
+def _max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Max over H x W with the flat index of the first maximum, (B, C) each.
+
+    Max-with-index over the contiguous dimension is slow on CPU (a scalar loop); for large NCHW
+    maps take row maxima first (vectorised), pick the row, then search that one row.
+    """
+    b, c, h, w = x.shape
+    if not x.is_contiguous() or h * w < 256 or x.device.type != "cpu":
+        v, idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
+        return v.flatten(1), idx.flatten(1)
+    v, row = x.amax(3).max(2)
+    rows = x.view(b * c, h, w)[_arange(b * c, 1, x.device), row.view(-1)]
+    col = rows.argmax(1).view(b, c)
+    return v, row.mul_(w).add_(col)
 
 
 @dataclass
@@ -164,8 +202,7 @@ def _channel_forward(x: Tensor, gate: ChannelGate) -> _ChannelState:
         if p == "avg":
             v = x.mean((2, 3))
         elif p == "max":
-            v, idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
-            v, state["hw_argmax"] = v.flatten(1), idx.flatten(1)
+            v, state["hw_argmax"] = _max_hw(x)
         elif p == "lp":
             v = state["lp_norm"] = torch.linalg.vector_norm(x, 2, dim=(2, 3))
         else:
@@ -391,43 +428,45 @@ def fused_backward(
         """sum_c t[b, c, hw] * weight[b, c] as (B, H*W)."""
         return torch.bmm(weight.reshape(b, 1, c).to(dt), flat(t)).view(b, h * w)
 
-    prod = torch.mul(g, x, out=torch.empty_like(x))
+    # prod = g * x in a reused buffer; dx is the only fresh full-size tensor of the backward.
+    prod = torch.mul(g, x, out=_workspace(x))
     if arrangement == "channel":
         terms = channel_grads(prod.sum((2, 3)))
-        dx = torch.mul(g, gate_c, out=prod)
-        return _spread_channel_terms(dx, x, terms, cs, None), grads
+        return _spread_channel_terms(g * gate_c, x, terms, cs, None), grads
     if arrangement == "spatial":
         d_max, d_lin = spatial_grads(prod.sum(1).reshape(b, h * w))
-        dx = torch.mul(g, gate_s, out=prod)
+        dx = g * gate_s
         _spread_spatial_terms(dx, x, d_max, d_lin, spatial, ss, grads)
         return dx, grads
 
     d_gate_s = sum_c(prod, gate_c)
+    d_gate_c_direct = prod.mul_(gate_s)  # g * x * S; summed over positions below
     if arrangement == "channel-spatial":
         d_max, d_lin = spatial_grads(d_gate_s)
         # Spatial pooling read y = x * A, so A also gets sum_hw x * dy, and
-        # dx = A * (G * S + dy) + the channel pooling's terms; t holds G * S + dy's dense part.
-        t = torch.empty_like(x)
+        # dx = A * (G * S + dy) + the channel pooling's terms.
         if spatial.pool_conv is None:
-            torch.addcmul(d_lin / c, g, gate_s, out=t)
+            d_gate_c = d_gate_c_direct.addcmul_(x, d_lin / c).sum((2, 3))
+            dx = torch.addcmul(d_lin / c, g, gate_s)
         else:
             pool_w = spatial.pool_conv.weight.view(1, c, 1, 1).to(dt)
-            torch.mul(g, gate_s, out=t).addcmul_(pool_w, d_lin)
-            q = (x * d_lin).sum((2, 3))
+            d_gate_c = d_gate_c_direct.sum((2, 3))
+            q = torch.mul(x, d_lin, out=prod).sum((2, 3))
+            d_gate_c = d_gate_c + pool_w.view(1, c) * q
             grads[spatial.pool_conv.weight] = (q * gate_c.view(b, c)).sum(0).view_as(pool_w)
-        d_gate_c = torch.mul(x, t, out=prod).sum((2, 3))
+            dx = (g * gate_s).addcmul_(pool_w, d_lin)
         if d_max is not None:
             offsets = _offsets_c(x, ss.c_argmax)
             at_max = d_max.to(dt) * _storage(x)[offsets]
             c_offsets = ss.c_argmax + _arange(b, c, x.device).view(b, 1)
             d_gate_c.view(-1).index_add_(0, c_offsets.view(-1), at_max.view(-1))
         terms = channel_grads(d_gate_c)
-        dx = _spread_channel_terms(t, x, terms, cs, gate_c)
+        dx = _spread_channel_terms(dx, x, terms, cs, gate_c)
         if d_max is not None:
-            _scatter_add(dx, offsets, d_max * cs.gate.gather(1, ss.c_argmax))
+            _scatter_add(dx, _offsets_c(dx, ss.c_argmax), d_max * cs.gate.gather(1, ss.c_argmax))
         return dx, grads
 
-    d_gate_c = prod.mul_(gate_s).sum((2, 3))
+    d_gate_c = d_gate_c_direct.sum((2, 3))
     if arrangement == "spatial-channel":
         terms = channel_grads(d_gate_c)
         # Channel pooling read z = x * S, so S also gets sum_c x * dz, and
@@ -441,25 +480,24 @@ def fused_backward(
             hw_offsets = cs.hw_argmax + _arange(b, h * w, x.device).view(b, 1)
             d_gate_s.view(-1).index_add_(0, hw_offsets.view(-1), at_max.view(-1))
         if dense is not None:
-            d_gate_s = d_gate_s + (dense * x).sum(1).view(b, h * w)
+            d_gate_s = d_gate_s + torch.mul(dense, x, out=prod).sum(1).view(b, h * w)
         d_max, d_lin = spatial_grads(d_gate_s)
-        t = prod
+        dx = g * gate_c
         if terms.avg is not None:
-            torch.addcmul(terms.avg.to(dt).view(b, c, 1, 1), g, gate_c, out=t)
-        else:
-            torch.mul(g, gate_c, out=t)
+            dx.add_(terms.avg.to(dt).view(b, c, 1, 1))
         if dense is not None:
-            t.add_(dense)
-        dx = t.mul_(gate_s)
+            dx.add_(dense)
+        dx.mul_(gate_s)
         if terms.max is not None:
-            _scatter_add(dx, offsets, terms.max * ss.gate.gather(1, cs.hw_argmax))
+            gate_at = ss.gate.gather(1, cs.hw_argmax)
+            _scatter_add(dx, _offsets_hw(dx, cs.hw_argmax), terms.max * gate_at)
         _spread_spatial_terms(dx, x, d_max, d_lin, spatial, ss, grads)
         return dx, grads
 
     # parallel: both gates read x itself.
     terms = channel_grads(d_gate_c)
     d_max, d_lin = spatial_grads(d_gate_s)
-    dx = _spread_channel_terms(torch.mul(g, gate_s, out=prod), x, terms, cs, gate_c)
+    dx = _spread_channel_terms(g * gate_s, x, terms, cs, gate_c)
     _spread_spatial_terms(dx, x, d_max, d_lin, spatial, ss, grads)
     return dx, grads
 
@@ -470,11 +508,9 @@ def _spread_channel_terms(
     """dx = t * A + (gradient of the channel pooling of x itself), written into ``t``."""
     b, c = x.shape[:2]
     avg = terms.avg.to(x.dtype).view(b, c, 1, 1) if terms.avg is not None else None
-    if gate_c is not None and avg is not None:
-        torch.addcmul(avg, t, gate_c, out=t)
-    elif gate_c is not None:
+    if gate_c is not None:
         t.mul_(gate_c)
-    elif avg is not None:
+    if avg is not None:
         t.add_(avg)
     if terms.max is not None:
         _scatter_add(t, _offsets_hw(t, state.hw_argmax), terms.max)

@@ -105,10 +105,13 @@ def test_float32_fused_is_close_to_float64_reference() -> None:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_large_maps_use_the_regular_convolution_path() -> None:
-    got, want = _fused_and_reference(CBAMConfig(), shape=(2, 4, 3, 70))
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (2, 4, 5, 70)], ids=["two-stage-max", "conv2d"])
+def test_large_maps_take_the_other_kernels(shape: tuple[int, int, int, int]) -> None:
+    # >= 256 positions: the row-then-column max over H x W; wider than 64: oneDNN's convolution.
+    for arrangement in ("channel-spatial", "spatial-channel"):
+        got, want = _fused_and_reference(CBAMConfig(arrangement=arrangement), shape=shape)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7, 9])
@@ -142,7 +145,8 @@ def test_shape_kept_and_gates_in_unit_interval(arrangement: str) -> None:
 
 def test_output_keeps_channels_last() -> None:
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    out = CBAM(16)(x.requires_grad_())
+    module = CBAM(16, CBAMConfig(spatial_pool="conv")).to(memory_format=torch.channels_last)
+    out = module(x.requires_grad_())
     assert out.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
     assert x.grad.shape == x.shape
