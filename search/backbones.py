@@ -105,7 +105,9 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         # Out of place: the attention module may have saved its output for backward.
-        return self.relu(self.attn(out) + identity)
+        out = self.attn(out)
+        out += identity
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -141,7 +143,9 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(self.attn(out) + identity)
+        out = self.attn(out)
+        out += identity
+        return self.relu(out)
 
 
 ResidualBlock = type[BasicBlock] | type[Bottleneck]
