@@ -440,17 +440,16 @@ def fused_backward(
         return dx, grads
 
     d_gate_s = sum_c(prod, gate_c)
-    d_gate_c_direct = prod.mul_(gate_s)  # g * x * S; summed over positions below
     if arrangement == "channel-spatial":
         d_max, d_lin = spatial_grads(d_gate_s)
-        # Spatial pooling read y = x * A, so A also gets sum_hw x * dy, and
-        # dx = A * (G * S + dy) + the channel pooling's terms.
+        # Spatial pooling read y = x * A, so dx = A * t + (channel pooling terms) with
+        # t = G * S + dy, and A gets sum_hw x * t; t becomes dx in place.
         if spatial.pool_conv is None:
-            d_gate_c = d_gate_c_direct.addcmul_(x, d_lin / c).sum((2, 3))
             dx = torch.addcmul(d_lin / c, g, gate_s)
+            d_gate_c = torch.mul(x, dx, out=prod).sum((2, 3))
         else:
             pool_w = spatial.pool_conv.weight.view(1, c, 1, 1).to(dt)
-            d_gate_c = d_gate_c_direct.sum((2, 3))
+            d_gate_c = prod.mul_(gate_s).sum((2, 3))
             q = torch.mul(x, d_lin, out=prod).sum((2, 3))
             d_gate_c = d_gate_c + pool_w.view(1, c) * q
             grads[spatial.pool_conv.weight] = (q * gate_c.view(b, c)).sum(0).view_as(pool_w)
@@ -466,7 +465,7 @@ def fused_backward(
             _scatter_add(dx, _offsets_c(dx, ss.c_argmax), d_max * cs.gate.gather(1, ss.c_argmax))
         return dx, grads
 
-    d_gate_c = d_gate_c_direct.sum((2, 3))
+    d_gate_c = prod.mul_(gate_s).sum((2, 3))
     if arrangement == "spatial-channel":
         terms = channel_grads(d_gate_c)
         # Channel pooling read z = x * S, so S also gets sum_c x * dz, and
