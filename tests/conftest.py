@@ -1,13 +1,32 @@
-"""Shared fixtures: every test gets its own state directory, never the checkout's ./.cbam-nas."""
+"""Shared fixtures: every test gets its own state directory, never the checkout's ./.cbam-nas.
+
+Databases: ``database_url`` gives each test a fresh, empty database, once on SQLite and once on
+PostgreSQL (``-k sqlite`` / ``-k postgresql`` pick one). PostgreSQL is the server named by
+``CBAM_NAS_TEST_DATABASE_URL`` (its role needs CREATEDB), else a throwaway server started with
+``scripts/postgres.sh`` for the session (port ``CBAM_NAS_TEST_PG_PORT``, else the first free
+one from 55439). Without PostgreSQL's binaries those tests are skipped, except under CI: they fail.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
+import socket
+import subprocess
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 
+from search.db import normalise_url
 from search.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_DEFAULT_PORT = 55439
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +51,78 @@ def settings(
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+def _free_port(start: int) -> int:
+    for port in range(start, start + 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 99}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a PostgreSQL database for this session (see the module docstring)."""
+    url = os.environ.get("CBAM_NAS_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        reason = (
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin): apt-get install postgresql"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must install it (.ci/run)")
+        pytest.skip(reason)
+    port = os.environ.get("CBAM_NAS_TEST_PG_PORT") or str(_free_port(PG_DEFAULT_PORT))
+    # Directly under the system temp dir: the server (the postgres user when we are root) must
+    # reach it, and its socket path must stay short.
+    pgtmp = tempfile.mkdtemp(prefix="cbam-nas-pg-")
+    env = {**os.environ, "PGTMP": pgtmp, "PGPORT_CI": port}
+    script = [str(ROOT / "scripts" / "postgres.sh")]
+    try:
+        started = subprocess.run(
+            [*script, "start"], env=env, capture_output=True, text=True, timeout=120
+        )
+        if started.returncode != 0:
+            pytest.fail(f"scripts/postgres.sh start failed:\n{started.stderr}")
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[str]:
+    """A fresh, empty database (not migrated), also set as CBAM_NAS_DATABASE_URL.
+
+    On PostgreSQL a database of its own (CREATE DATABASE), dropped after the test.
+    """
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'cbam-nas.db'}"
+        monkeypatch.setenv("CBAM_NAS_DATABASE_URL", url)
+        get_settings.cache_clear()
+        yield url
+        return
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin_url = normalise_url(request.getfixturevalue("postgres_url"))
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = admin_url.set(database=name).render_as_string(hide_password=False)
+        monkeypatch.setenv("CBAM_NAS_DATABASE_URL", url)
+        get_settings.cache_clear()
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
