@@ -244,7 +244,7 @@ class CBAM(nn.Module):
         if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in params)
         ):
-            out, _ = fused_forward(x, self)
+            out, _ = fused_forward(x, self, for_backward=False)
             return out
         return FusedGates.apply(x, self, *params)
 

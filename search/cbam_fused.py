@@ -153,20 +153,17 @@ def _scatter_add(t: Tensor, offsets: Tensor, values: Tensor) -> None:
     _storage(t).index_add_(0, offsets.view(-1), values.reshape(-1).to(t.dtype))
 
 
-def _max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Max over H x W with the flat index of the first maximum, (B, C) each.
+def _max_with_index(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Max and argmax over the last dimension of a (N, K, L) view, as (N, K) each.
 
-    Max-with-index over the contiguous dimension is slow on CPU (a scalar loop); for large NCHW
-    maps take row maxima first (vectorised), pick the row, then search that one row.
+    CPU kernels find a max with its index fast only when the reduced dimension is strided and
+    the kept one contiguous (a vectorised pooling kernel); reducing along the contiguous
+    dimension runs a scalar loop ~10x slower than a full copy. So lay the data out that way first.
     """
-    b, c, h, w = x.shape
-    if not x.is_contiguous() or h * w < 256 or x.device.type != "cpu":
-        v, idx = F.adaptive_max_pool2d(x, 1, return_indices=True)
-        return v.flatten(1), idx.flatten(1)
-    v, row = x.amax(3).max(2)
-    rows = x.view(b * c, h, w)[_arange(b * c, 1, x.device), row.view(-1)]
-    col = rows.argmax(1).view(b, c)
-    return v, row.mul_(w).add_(col)
+    if v.stride(-1) == 1 and v.shape[-1] > 1 and v.device.type == "cpu":
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    mx, idx = F.adaptive_max_pool1d(v, 1, return_indices=True)
+    return mx.squeeze(-1), idx.squeeze(-1)
 
 
 @dataclass
@@ -194,7 +191,7 @@ class _SpatialState:
     bn_training: bool = False
 
 
-def _channel_forward(x: Tensor, gate: ChannelGate) -> _ChannelState:
+def _channel_forward(x: Tensor, gate: ChannelGate, indices: bool = True) -> _ChannelState:
     dtype = gate.fc1.weight.dtype
     state: dict[str, Tensor] = {}
     pooled = []
@@ -202,7 +199,10 @@ def _channel_forward(x: Tensor, gate: ChannelGate) -> _ChannelState:
         if p == "avg":
             v = x.mean((2, 3))
         elif p == "max":
-            v, state["hw_argmax"] = _max_hw(x)
+            if indices:
+                v, state["hw_argmax"] = _max_with_index(flat(x))
+            else:
+                v = x.amax((2, 3))
         elif p == "lp":
             v = state["lp_norm"] = torch.linalg.vector_norm(x, 2, dim=(2, 3))
         else:
@@ -237,8 +237,11 @@ def _channel_backward(
     return d_hidden @ fc1.weight
 
 
-def _spatial_forward(y: Tensor, gate: SpatialGate, update_stats: bool = True) -> _SpatialState:
-    """Pool y across channels, conv, BatchNorm, sigmoid; keeps what backward needs."""
+def _spatial_forward(y: Tensor, gate: SpatialGate, indices: bool = True) -> _SpatialState:
+    """Pool y across channels, conv, BatchNorm, sigmoid; keeps what backward needs.
+
+    ``indices=False`` (no backward will follow) skips the argmax, which costs more than the max.
+    """
     b, c, h, w = y.shape
     dtype = gate.conv.weight.dtype
     c_argmax = None
@@ -247,9 +250,10 @@ def _spatial_forward(y: Tensor, gate: SpatialGate, update_stats: bool = True) ->
         weight = gate.pool_conv.weight.view(1, 1, c).to(y.dtype).expand(b, 1, c)
         maps = torch.bmm(weight, yf).view(b, 1, h, w).to(dtype)
     else:
-        # adaptive_max_pool1d over the (B, H*W, C) view: a vectorised max with indices (NCHW).
-        mx, idx = F.adaptive_max_pool1d(yf.transpose(1, 2), 1, return_indices=True)
-        c_argmax = idx.view(b, h * w)
+        if indices:
+            mx, c_argmax = _max_with_index(yf.transpose(1, 2))
+        else:
+            mx = y.amax(1, keepdim=True)
         mean = y.mean(1, keepdim=True)
         pair = (mean, mx.view(b, 1, h, w)) if gate.mean_first else (mx.view(b, 1, h, w), mean)
         maps = torch.cat(pair, 1).to(dtype)
@@ -260,7 +264,7 @@ def _spatial_forward(y: Tensor, gate: SpatialGate, update_stats: bool = True) ->
     if bn is not None:
         state.bn_training = bn.training
         if bn.training:
-            track = update_stats and bn.running_mean is not None
+            track = bn.running_mean is not None
             if track:
                 bn.num_batches_tracked.add_(1)
             logits, state.bn_mean, state.bn_invstd = torch.native_batch_norm(
@@ -376,24 +380,25 @@ class Saved:
     spatial: _SpatialState | None = None
 
 
-def fused_forward(x: Tensor, m: CBAM, update_stats: bool = True) -> tuple[Tensor, Saved]:
+def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor, Saved]:
+    """``out = x * A * S``; with ``for_backward=False`` (inference) no argmax is kept."""
     b, c, h, w = x.shape
     arrangement = m.config.arrangement
     saved = Saved()
     if arrangement in ("channel-spatial", "parallel", "channel"):
-        saved.channel = _channel_forward(x, m.channel_gate)
+        saved.channel = _channel_forward(x, m.channel_gate, for_backward)
     gate_c = saved.channel.gate.to(x.dtype).view(b, c, 1, 1) if saved.channel else None
     if arrangement == "channel-spatial":
         y = x * gate_c
-        saved.spatial = _spatial_forward(y, m.spatial_gate, update_stats)
+        saved.spatial = _spatial_forward(y, m.spatial_gate, for_backward)
         return y.mul_(saved.spatial.gate.to(x.dtype).view(b, 1, h, w)), saved
     if arrangement == "channel":
         return x * gate_c, saved
-    saved.spatial = _spatial_forward(x, m.spatial_gate, update_stats)
+    saved.spatial = _spatial_forward(x, m.spatial_gate, for_backward)
     gate_s = saved.spatial.gate.to(x.dtype).view(b, 1, h, w)
     if arrangement == "spatial-channel":
         z = x * gate_s
-        saved.channel = _channel_forward(z, m.channel_gate)
+        saved.channel = _channel_forward(z, m.channel_gate, for_backward)
         return z.mul_(saved.channel.gate.to(x.dtype).view(b, c, 1, 1)), saved
     if arrangement == "spatial":
         return x * gate_s, saved
