@@ -1,0 +1,260 @@
+"""The study of a search: objectives, samplers, references, retries, early-stopping policies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.db import Database, open_database
+from search.records import ResultState, Search, TrialResult
+from search.searches import create_search
+from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_architectures
+from search.spec import SearchSpec
+from search.study import (
+    EpochContext,
+    NoStopping,
+    OptunaPruning,
+    SuccessiveHalving,
+    architecture_for,
+    constraint_value,
+    directions,
+    early_stopping_policy,
+    frozen_trial,
+    grid_space,
+    load_study,
+    make_sampler,
+    objective_names,
+    objective_values,
+    promoted,
+    retry_trial,
+    set_constraint,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _spec(**overrides: Any) -> SearchSpec:
+    data: dict[str, Any] = {
+        "backbone": "cifar_resnet20",
+        "dataset": {"name": "synthetic"},
+        "budget": {"trials": 6},
+        "training": {"epochs": 9},
+    }
+    data.update(overrides)
+    return SearchSpec.from_dict(data)
+
+
+CONSTRAINED = {"overheads": ["params"], "constraint_overhead": "params", "constraint_max_pct": 1.0}
+
+
+@pytest.fixture
+def db(settings: Any) -> Iterator[Database]:
+    database = open_database()
+    database.migrate()
+    yield database
+    database.close()
+
+
+def test_objectives_multi_and_constrained() -> None:
+    spec = _spec(objectives={"overheads": ["params", "latency"]})
+    assert objective_names(spec) == ["val_accuracy", "params_pct", "latency_pct"]
+    assert directions(spec) == ["maximize", "minimize", "minimize"]
+    values = objective_values(spec, 0.9, {"params_pct": 1.5, "latency_pct": None})
+    assert values == [0.9, 1.5, 0.0]
+    assert constraint_value(spec, {"params_pct": 1.5}) is None
+
+    constrained = _spec(objectives=CONSTRAINED)
+    assert directions(constrained) == ["maximize"]
+    assert objective_values(constrained, 0.9, {"params_pct": 1.5}) == [0.9]
+    assert constraint_value(constrained, {"params_pct": 1.5}) == pytest.approx(0.5)
+    assert constraint_value(constrained, {"params_pct": 0.0}) == pytest.approx(-1.0)
+
+
+def test_create_search_enqueues_the_references_first(db: Database) -> None:
+    spec = _spec()
+    search = create_search(db, spec)
+    with db.session() as session:
+        row = session.get(Search, search.id)
+        assert row.state.value == "queued" and row.budget_trials == 6 and row.claimed == 0
+        assert SearchSpec.from_dict(row.spec) == spec
+    study = load_study(db, search)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_accuracy", "params_pct"]
+    seen = []
+    for _ in range(4):
+        trial = study.ask()
+        architecture, reference = architecture_for(trial, spec)
+        seen.append((architecture, reference))
+        study.tell(trial, [0.5, 1.0])
+    references = reference_architectures(spec.backbone)
+    assert seen[:3] == [(references[name], name) for name in REFERENCE_NAMES]
+    assert seen[3][1] is None and spec.space.contains(seen[3][0])
+    # The paper's CBAM is inside the default space: its parameters are recorded in the trial.
+    assert frozen_trial(study, 2).params == spec.space.to_params(references["cbam"])
+    # Loading by study name gives the same study.
+    assert len(load_study(db, search.study_name).trials) == 4
+
+
+def test_small_budget_enqueues_fewer_references(db: Database) -> None:
+    search = create_search(db, _spec(budget={"trials": 1}))
+    study = load_study(db, search)
+    assert [t.user_attrs for t in study.trials] == [{"reference": "none"}]
+
+
+def test_idempotency_key_returns_the_same_search(db: Database) -> None:
+    first = create_search(db, _spec(), idempotency_key="k1")
+    again = create_search(db, _spec(), idempotency_key="k1")
+    assert again.id == first.id
+    assert len(optuna.get_all_study_names(db.optuna_storage())) == 1
+
+
+def test_reference_outside_a_narrow_space_has_no_params(db: Database) -> None:
+    spec = _spec(space={"arrangements": ["spatial"], "kernel_sizes": [3]})
+    search = create_search(db, spec)
+    study = load_study(db, search)
+    for _ in range(3):
+        trial = study.ask()
+        architecture, reference = architecture_for(trial, spec)
+        assert architecture == reference_architectures(spec.backbone)[reference]
+        study.tell(trial, [0.5, 0.0])
+    assert all(t.params == {} for t in study.trials)
+
+
+def test_seed_offsets_draw_different_architectures(db: Database) -> None:
+    spec = _spec(budget={"trials": 1}, sampler="random")
+    search = create_search(db, spec)
+    load_study(db, search).ask()  # the reference
+    drawn = set()
+    for offset in range(1, 6):
+        study = load_study(db, search, seed_offset=offset)
+        drawn.add(architecture_for(study.ask(), spec)[0])
+    assert len(drawn) == 5
+    # Same offset, same draw: searches are reproducible.
+    space = SearchSpace()
+    one = space.sample(optuna.create_study(sampler=make_sampler(spec, 3)).ask(), "cifar_resnet20")
+    two = space.sample(optuna.create_study(sampler=make_sampler(spec, 3)).ask(), "cifar_resnet20")
+    assert one == two
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "grid"])
+def test_every_sampler_runs_a_study(db: Database, sampler: str) -> None:
+    space = {"arrangements": ["channel", "spatial"], "reductions": [4, 16], "kernel_sizes": [3, 7]}
+    spec = _spec(sampler=sampler, space=space, budget={"trials": 8})
+    search = create_search(db, spec)
+    for offset in range(8):
+        study = load_study(db, search, seed_offset=offset)
+        trial = study.ask()
+        architecture, _ = architecture_for(trial, spec)
+        study.tell(trial, [0.5 + 0.01 * offset, float(architecture.reduction or 0)])
+    assert len(load_study(db, search).trials) == 8
+
+
+def test_grid_space_lists_every_parameter() -> None:
+    space = SearchSpace(arrangements=("channel", "spatial"), reductions=(4, 16), kernel_sizes=(3,))
+    grid = grid_space(space, "cifar_resnet20")
+    assert grid["arrangement"] == ["channel", "spatial"]
+    assert grid["reduction"] == [4, 16]
+    assert "kernel_size" not in grid  # one value: fixed, not suggested
+    assert "spatial_pool" in grid and "pool_types" in grid and "stages" in grid
+
+
+def test_constrained_study_uses_constraints(db: Database) -> None:
+    spec = _spec(objectives=CONSTRAINED, early_stopping={"policy": "median"})
+    search = create_search(db, spec)
+    study = load_study(db, search)
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    assert len(study.directions) == 1
+    for pct, accuracy in ((0.0, 0.5), (5.0, 0.9), (0.5, 0.7)):
+        trial = study.ask()
+        set_constraint(trial, constraint_value(spec, {"params_pct": pct}))
+        study.tell(trial, accuracy)
+    # The most accurate trial is infeasible: the best feasible one wins.
+    assert study.best_trial.number == 2
+    hyperband = _spec(objectives=CONSTRAINED, early_stopping={"policy": "hyperband"})
+    assert isinstance(load_study(db, search, hyperband).pruner, optuna.pruners.HyperbandPruner)
+
+
+def test_retry_trial_has_the_same_params_and_attrs(db: Database) -> None:
+    spec = _spec()
+    search = create_search(db, spec)
+    study = load_study(db, search)
+    drawn = []
+    for _ in range(4):
+        trial = study.ask()
+        drawn.append(architecture_for(trial, spec))
+        study.tell(trial, state=TrialState.FAIL)
+    for number in (2, 3):  # the CBAM reference and a sampled trial
+        previous = frozen_trial(study, number)
+        again = retry_trial(load_study(db, search, seed_offset=99), previous)
+        assert again.number != previous.number
+        assert again.params == previous.params and again.user_attrs == previous.user_attrs
+        assert architecture_for(again, spec) == drawn[number]
+
+
+# -- early stopping --------------------------------------------------------------------------
+
+
+def test_promoted_keeps_the_top_fraction() -> None:
+    assert promoted(0.9, [0.5, 0.6], 3)
+    assert not promoted(0.5, [0.9, 0.6], 3)
+    assert promoted(0.6, [0.9, 0.6, 0.1, 0.2, 0.3], 3)  # top 2 of 6, ties go on
+    assert not promoted(0.3, [0.9, 0.6, 0.1, 0.2, 0.5], 3)
+
+
+def test_policies_from_the_spec() -> None:
+    assert isinstance(early_stopping_policy(_spec(early_stopping={"policy": "none"})), NoStopping)
+    halving = early_stopping_policy(_spec())
+    assert isinstance(halving, SuccessiveHalving)
+    assert halving.rungs() == [1, 3]  # 9 epochs, reduction factor 3: no rung at the last epoch
+    spec = _spec(training={"epochs": 20}, early_stopping={"min_epochs": 2, "reduction_factor": 2})
+    assert early_stopping_policy(spec).rungs() == [2, 4, 8, 16]
+    constrained = _spec(objectives=CONSTRAINED, early_stopping={"policy": "hyperband"})
+    assert isinstance(early_stopping_policy(constrained), OptunaPruning)
+
+
+def _row(search_id: str, number: int, curve: list[float], state: ResultState) -> TrialResult:
+    architecture = Architecture("cifar_resnet20", "none")
+    return TrialResult(
+        search_id=search_id,
+        number=number,
+        attempt=0,
+        architecture=architecture.to_dict(),
+        arch_id=architecture.id,
+        state=state,
+        epochs_run=len(curve),
+        learning_curve=[{"epoch": i + 1, "val_accuracy": a} for i, a in enumerate(curve)],
+    )
+
+
+def test_successive_halving_compares_at_the_same_epoch(db: Database) -> None:
+    search = create_search(db, _spec())
+    with db.session() as session:
+        session.add_all(
+            [
+                _row(search.id, 0, [0.50, 0.60, 0.70], ResultState.completed),
+                _row(search.id, 1, [0.40, 0.45, 0.50], ResultState.pruned),
+                _row(search.id, 2, [0.30], ResultState.running),
+                _row(search.id, 3, [0.99, 0.99], ResultState.requeued),  # not counted
+                _row(search.id, 4, [], ResultState.running),  # the trial being judged
+            ]
+        )
+    with db.session() as session:
+        me = session.query(TrialResult).filter_by(search_id=search.id, number=4).one().id
+    policy = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=3, epochs=9)
+
+    def stop(epoch: int, accuracy: float, policy: SuccessiveHalving = policy) -> bool:
+        context = EpochContext(db, search.id, me, None, epoch, accuracy)  # type: ignore[arg-type]
+        return policy.should_stop(context)
+
+    # Epoch 1: others 0.50, 0.40, 0.30; top 1 of 4 goes on.
+    assert not stop(1, 0.55)
+    assert stop(1, 0.45)
+    assert not stop(2, 0.0)  # not a rung
+    # Epoch 3: only one other trial got there: too few to judge.
+    assert not stop(3, 0.0)
+    lenient = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=1, epochs=9)
+    assert stop(3, 0.6, lenient) and not stop(3, 0.7, lenient)
