@@ -166,6 +166,20 @@ def _max_with_index(v: Tensor) -> tuple[Tensor, Tensor]:
     return mx.squeeze(-1), idx.squeeze(-1)
 
 
+def _max_hw(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Max over H x W with the flat index of its first occurrence, (B, C) each.
+
+    On large contiguous NCHW maps the transposing copy costs more than a two-step search: row
+    maxima (vectorised, no index), the best row, then the one row that holds the maximum.
+    """
+    b, c, h, w = x.shape
+    if not (x.is_contiguous() and h * w >= 256 and x.device.type == "cpu"):
+        return _max_with_index(flat(x))
+    v, row = x.amax(3).max(2)
+    rows = x.view(b * c, h, w)[_arange(b * c, 1, x.device), row.view(-1)]
+    return v, row.mul_(w).add_(rows.argmax(1).view(b, c))
+
+
 @dataclass
 class _ChannelState:
     """Forward results of the channel gate that its backward needs (all (T|1, B, C|hidden))."""
@@ -200,7 +214,7 @@ def _channel_forward(x: Tensor, gate: ChannelGate, indices: bool = True) -> _Cha
             v = x.mean((2, 3))
         elif p == "max":
             if indices:
-                v, state["hw_argmax"] = _max_with_index(flat(x))
+                v, state["hw_argmax"] = _max_hw(x)
             else:
                 v = x.amax((2, 3))
         elif p == "lp":
