@@ -49,10 +49,10 @@ check-docker: $(STAMP)
 	VENV=$(VENV) bash scripts/check-docker.sh
 
 bench: $(STAMP)
-	for script in benchmarks/*.py; do \
-		[ -e "$$script" ] || { echo "no benchmarks yet"; break; }; \
-		echo "== $$script"; \
-		$(BIN)/python "$$script"; \
+	for script in benchmarks/[!_]*.py; do \
+		name=$$(basename "$$script" .py); \
+		echo "== $$name"; \
+		$(BIN)/python -m "benchmarks.$$name"; \
 	done
 
 # Build outputs and caches only; .cbam-nas/ (your database, artifacts and data) is left alone.

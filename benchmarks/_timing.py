@@ -3,6 +3,7 @@ turn, so that a slow spell on a shared machine hits all of them alike; medians a
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -41,3 +42,15 @@ def interleaved_medians(
             sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def parse_args(parser: argparse.ArgumentParser, rounds: int) -> argparse.Namespace:
+    """The flags every timing script takes (--rounds, --threads, --device), applied."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device)
+    return args

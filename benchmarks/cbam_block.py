@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from timm.layers.cbam import CbamModule
 
-from benchmarks._timing import interleaved_medians, machine
+from benchmarks._timing import interleaved_medians, machine, parse_args
 from search.cbam import CBAM, reference_forward
 
 SHAPES = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8)]
@@ -53,13 +53,8 @@ def _candidates(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args = parse_args(parser, rounds=15)
+    device = args.device
     print(f"CBAM block, fp32, {machine()}")
     print(
         f"{'shape':>18} {'layout':>6} {'pass':>8} {'ours ms':>8} {'timm ms':>8} {'ref ms':>8} "

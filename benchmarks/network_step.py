@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers.cbam import CbamModule
 from torch import nn
 
-from benchmarks._timing import interleaved_medians, machine
+from benchmarks._timing import interleaved_medians, machine, parse_args
 from search.backbones import build_backbone
 from search.cbam import CBAM, SqueezeExcite, reference_forward
 
@@ -62,14 +62,9 @@ def _step(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args = parse_args(parser, rounds=10)
+    device = args.device
     print(f"CIFAR ResNet-20 training step, batch {args.batch}, fp32, {machine()}")
     print(f"{'layout':>6} " + " ".join(f"{name:>10}" for name in ATTENTION) + "   (ms; ratio)")
     for layout in (torch.contiguous_format, torch.channels_last):

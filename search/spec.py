@@ -164,7 +164,7 @@ class DatasetSpec(_Section):
 
 @dataclass(frozen=True)
 class TrainingSpec(_Section):
-    """How one trial trains. ``mixed_precision`` and ``channels_last`` apply on CUDA only."""
+    """How one trial trains: ``channels_last`` on CPU and CUDA, ``mixed_precision`` on CUDA."""
 
     path: ClassVar[str] = "training"
 
