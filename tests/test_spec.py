@@ -199,3 +199,11 @@ def test_sections_constructed_directly_use_their_paths() -> None:
         TrainingSpec(batch_size=-1)
     with pytest.raises(InvalidValue, match=r"^dataset\.name: 'svhn'"):
         DatasetSpec("svhn")
+
+
+def test_the_bundled_examples_are_valid_specs() -> None:
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        spec = SearchSpec.from_yaml(path).validate()
+        assert spec.dataset.name in DATASETS
