@@ -79,10 +79,11 @@ def _banded_conv_backward(d_out: Tensor, maps: Tensor, weight: Tensor) -> tuple[
     d_band = _windows(maps, k).t() @ d_rows
     d_weight = (d_band.view(m * k, w * w) @ selector).view_as(weight)
     d_windows = (d_rows @ band.view(m * k * w, w).t()).view(b, h, m, k, w)
-    d_padded = torch.ops.aten.unfold_backward(
-        d_windows.permute(0, 2, 1, 4, 3), [b, m, h + 2 * pad, w], 2, k, 1
-    )
-    return d_padded[:, :, pad : pad + h], d_weight
+    # Fold the k row windows back: k strided adds beat aten's generic unfold_backward ~5x here.
+    d_padded = maps.new_zeros(b, h + 2 * pad, m, w)
+    for i in range(k):
+        d_padded[:, i : i + h].add_(d_windows[:, :, :, i])
+    return d_padded[:, pad : pad + h].permute(0, 2, 1, 3), d_weight
 
 
 def spatial_conv(maps: Tensor, weight: Tensor) -> Tensor:
@@ -475,7 +476,7 @@ def fused_backward(
             dx = (g * gate_s).addcmul_(pool_w, d_lin)
         if d_max is not None:
             offsets = _offsets_c(x, ss.c_argmax)
-            at_max = d_max.to(dt) * _storage(x)[offsets]
+            at_max = d_max.to(dt) * _storage(x).index_select(0, offsets.view(-1)).view_as(offsets)
             c_offsets = ss.c_argmax + _arange(b, c, x.device).view(b, 1)
             d_gate_c.view(-1).index_add_(0, c_offsets.view(-1), at_max.view(-1))
         terms = channel_grads(d_gate_c)
@@ -494,7 +495,9 @@ def fused_backward(
             d_gate_s = d_gate_s + sum_c(x, terms.avg)
         if terms.max is not None:
             offsets = _offsets_hw(x, cs.hw_argmax)
-            at_max = terms.max.to(dt) * _storage(x)[offsets]
+            at_max = terms.max.to(dt) * _storage(x).index_select(0, offsets.view(-1)).view_as(
+                offsets
+            )
             hw_offsets = cs.hw_argmax + _arange(b, h * w, x.device).view(b, 1)
             d_gate_s.view(-1).index_add_(0, hw_offsets.view(-1), at_max.view(-1))
         if dense is not None:
