@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from search.db import normalise_url
+from search.db import Database, normalise_url, open_database
 from search.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +126,22 @@ def database_url(
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def _migrated(url: str | None) -> Iterator[Database]:
+    database = open_database(url)
+    database.migrate()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def any_db(database_url: str) -> Iterator[Database]:
+    """A migrated, empty database: SQLite and PostgreSQL in turn."""
+    yield from _migrated(database_url)
+
+
+@pytest.fixture
+def sqlite_db(settings: Settings) -> Iterator[Database]:
+    """The migrated SQLite database of the test's settings."""
+    yield from _migrated(None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -36,11 +35,8 @@ OUR_TABLES = {"searches", "trial_results", "api_tokens", "workers"}
 
 
 @pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = open_database(database_url)
-    database.migrate()
-    yield database
-    database.close()
+def db(any_db: Database) -> Database:
+    return any_db
 
 
 def _schema_diff(database: Database, metadata: MetaData) -> list:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.db import Database, open_database
+from search.db import Database
 from search.records import ResultState, Search, TrialResult
 from search.searches import create_search
 from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_architectures
@@ -52,11 +51,8 @@ CONSTRAINED = {"overheads": ["params"], "constraint_overhead": "params", "constr
 
 
 @pytest.fixture
-def db(settings: Any) -> Iterator[Database]:
-    database = open_database()
-    database.migrate()
-    yield database
-    database.close()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 def test_objectives_multi_and_constrained() -> None:

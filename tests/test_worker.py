@@ -82,22 +82,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def sqlite_db(settings: Settings) -> Iterator[Database]:
-    database = open_database()
-    database.migrate()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def any_db(database_url: str) -> Iterator[Database]:
-    database = open_database(database_url)
-    database.migrate()
-    yield database
-    database.close()
-
-
 def _options(search_id: str, **overrides: Any) -> WorkerOptions:
     values: dict[str, Any] = {"latency_repeats": 1, "threads": 1, **FAST, **overrides}
     return WorkerOptions(search_id=search_id, **values)
