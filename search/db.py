@@ -169,6 +169,14 @@ class Database:
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             return context.get_current_revision()
 
+    def head_revision(self) -> str:
+        """The newest revision of our migrations (what :meth:`migrate` brings the schema to)."""
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+        assert head is not None, "search/migrations holds no revision"
+        return head
+
     def alembic_config(self, connection: Connection | None = None) -> Config:
         """An Alembic configuration for this database, built in code (no alembic.ini).
 

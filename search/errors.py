@@ -20,3 +20,16 @@ class InvalidValue(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field}: {value!r} is not allowed; allowed: {allowed}")
+
+
+class NotFound(LookupError):
+    """No such search, trial or artifact; ``what`` names it (``search 1f3c...``)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"{what} not found")
+
+
+class Conflict(RuntimeError):
+    """A change the current state does not allow (cancelling a finished search, deleting a
+    running one); the message says what the state is and what would be needed."""

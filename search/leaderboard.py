@@ -60,35 +60,92 @@ def _goodness(entry: Mapping[str, Any], overheads: Sequence[str]) -> list[float]
 
 
 def pareto_flags(entries: Sequence[Mapping[str, Any]], overheads: Sequence[str]) -> list[bool]:
-    """For each entry, whether no other entry dominates it."""
-    return [
-        not any(dominates(other, entry, overheads) for other in entries if other is not entry)
-        for entry in entries
-    ]
+    """For each entry, whether no other entry dominates it.
+
+    Entries are visited best first (lexicographically by :func:`_goodness`), so a dominator is
+    always visited before what it dominates and only the front found so far has to be checked:
+    O(n log n) for one overhead (a staircase: the lowest overhead seen so far), O(n * front)
+    with more. Optuna's ``_is_pareto_front`` needs every objective finite and a numpy array per
+    call; this takes rows as they are, missing figures included.
+    """
+    goodness = [tuple(_goodness(entry, overheads)) for entry in entries]
+    order = sorted(range(len(entries)), key=lambda i: goodness[i], reverse=True)
+    flags = [False] * len(entries)
+    if len(overheads) == 1:
+        best: tuple[float, ...] | None = None  # the visited point with the lowest overhead
+        for i in order:
+            point = goodness[i]
+            # Visited points have accuracy >= this one's; one dominates iff its overhead is
+            # lower, or equal with a higher accuracy.
+            if best is None or best[1] < point[1] or (best[1] == point[1] and best == point):
+                flags[i] = True
+            if best is None or point[1] > best[1]:
+                best = point
+        return flags
+    front: list[tuple[float, ...]] = []
+    for i in order:
+        point = goodness[i]
+        if not any(_better_or_equal_and_better(f, point) for f in front):
+            flags[i] = True
+            front.append(point)
+    return flags
 
 
-def reference_accuracies(entries: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Reference name -> its best completed validation accuracy."""
-    out: dict[str, float] = {}
+def _better_or_equal_and_better(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+
+def reference_entries(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Reference name -> its completed entry with the best validation accuracy."""
+    out: dict[str, Mapping[str, Any]] = {}
     for entry in entries:
         name = entry.get("reference")
         name = getattr(name, "value", name)
         accuracy = entry.get(ACCURACY)
         if name is None or accuracy is None or _state(entry) not in RANKED_STATES:
             continue
-        out[name] = max(accuracy, out.get(name, accuracy))
+        if name not in out or accuracy > out[name][ACCURACY]:
+            out[name] = entry
     return out
 
 
-def deltas(entry: Mapping[str, Any], references: Mapping[str, float]) -> dict[str, float | None]:
-    """``delta_vs_<reference>``: accuracy minus the reference's, in percentage points."""
+def reference_accuracies(entries: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Reference name -> its best completed validation accuracy."""
+    return {name: entry[ACCURACY] for name, entry in reference_entries(entries).items()}
+
+
+def deltas(
+    entry: Mapping[str, Any],
+    references: Mapping[str, Mapping[str, Any] | float],
+    overheads: Sequence[str] = ("params",),
+) -> dict[str, float | None]:
+    """Against each reference: ``delta_vs_<reference>``, accuracy minus the reference's in
+    percentage points, and ``<overhead>_delta_vs_<reference>``, the overhead's change over the
+    reference's in percent (as the paper's tables put them). ``references`` maps a name to its
+    entry, or to its accuracy alone (then no overhead deltas)."""
+    out: dict[str, float | None] = {}
     accuracy = entry.get(ACCURACY)
-    return {
-        f"delta_vs_{name}": None
-        if accuracy is None or name not in references
-        else 100.0 * (accuracy - references[name])
-        for name in REFERENCE_NAMES
-    }
+    for name in REFERENCE_NAMES:
+        reference = references.get(name)
+        ref_entry = reference if isinstance(reference, Mapping) else None
+        ref_accuracy = ref_entry.get(ACCURACY) if ref_entry is not None else reference
+        out[f"delta_vs_{name}"] = (
+            None if accuracy is None or ref_accuracy is None else 100.0 * (accuracy - ref_accuracy)
+        )
+        for overhead in overheads:
+            column = OVERHEAD_COLUMNS[overhead][0]
+            value = entry.get(column)
+            base = ref_entry.get(column) if ref_entry is not None else None
+            out[f"{overhead}_delta_vs_{name}"] = (
+                None if value is None or not base else 100.0 * (value - base) / base
+            )
+    return out
+
+
+def rank_key(entry: Mapping[str, Any]) -> tuple[float, float, int]:
+    """Best first: higher accuracy, then fewer parameters, then the lower trial number."""
+    params = entry.get("params")
+    return (-entry[ACCURACY], float("inf") if params is None else params, entry.get("number") or 0)
 
 
 def leaderboard(
@@ -96,21 +153,19 @@ def leaderboard(
     overheads: Sequence[str] = ("params",),
     states: Sequence[str] = RANKED_STATES,
 ) -> list[Entry]:
-    """The rows in ``states``, best first: by accuracy, then fewer parameters, then number.
+    """The rows in ``states``, best first (:func:`rank_key`).
 
     Each entry gains ``rank`` (from 1), ``pareto`` (on the front of accuracy against
-    ``overheads``, among the ranked entries) and the ``delta_vs_*`` of :func:`deltas`.
+    ``overheads``, among the ranked entries) and the deltas of :func:`deltas`.
     """
     all_entries = [as_entry(row) for row in rows]
-    references = reference_accuracies(all_entries)
+    references = reference_entries(all_entries)
     entries = [e for e in all_entries if _state(e) in states and e.get(ACCURACY) is not None]
-    entries.sort(
-        key=lambda e: (-e[ACCURACY], e.get("params") or float("inf"), e.get("number") or 0)
-    )
+    entries.sort(key=rank_key)
     for rank, (entry, pareto) in enumerate(
         zip(entries, pareto_flags(entries, overheads), strict=True), start=1
     ):
-        entry.update(rank=rank, pareto=pareto, **deltas(entry, references))
+        entry.update(rank=rank, pareto=pareto, **deltas(entry, references, overheads))
     return entries
 
 

@@ -210,6 +210,7 @@ class TrialResult(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     learning_curve: Mapped[list[Any]] = mapped_column(default=list)
+    artifacts: Mapped[dict[str, Any] | None]  # file name -> artifact id, once stored
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

@@ -33,6 +33,21 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=STATE_DIR / "data", description="Where datasets are downloaded and cached."
     )
+    cache_dir: Path = Field(
+        default=STATE_DIR / "cache",
+        description="Files made on demand from artifacts (ONNX exports), safe to delete.",
+    )
+    token_file: Path = Field(
+        default=STATE_DIR / "token",
+        description="The admin token `cbam-nas serve` creates on first start (mode 0600); "
+        "the CLI reads it when no token is given.",
+    )
+    token: SecretStr | None = Field(
+        default=None, description="The API token the CLI sends (else the token file's)."
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="The server the CLI's client commands call."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_trials_per_search: int = Field(
@@ -67,7 +82,7 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         """Create the local directories this configuration writes to (SQLite does not)."""
-        for directory in (self.artifacts_dir, self.data_dir):
+        for directory in (self.artifacts_dir, self.data_dir, self.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if self.sqlite_path is not None:
             self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,10 @@ def settings(
     state = tmp_path / "cbam-nas"
     monkeypatch.setenv("CBAM_NAS_DATABASE_URL", f"sqlite:///{state / 'cbam-nas.db'}")
     monkeypatch.setenv("CBAM_NAS_ARTIFACTS_DIR", str(state / "artifacts"))
+    monkeypatch.setenv("CBAM_NAS_CACHE_DIR", str(state / "cache"))
+    monkeypatch.setenv("CBAM_NAS_TOKEN_FILE", str(state / "token"))
+    monkeypatch.delenv("CBAM_NAS_TOKEN", raising=False)
+    monkeypatch.delenv("CBAM_NAS_API_URL", raising=False)
     monkeypatch.setenv("CBAM_NAS_DATA_DIR", str(shared_data_dir))
     get_settings.cache_clear()
     yield get_settings()

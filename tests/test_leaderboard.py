@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -97,3 +98,26 @@ def test_accepts_trial_result_objects() -> None:
     board = leaderboard(rows)
     assert [e["number"] for e in board] == [1, 0]
     assert board[0]["state"] == "completed"
+
+
+@pytest.mark.parametrize("overheads", [["params"], ["params", "latency"]])
+def test_fast_front_matches_pairwise_definition(overheads: list[str]) -> None:
+    rng = random.Random(3)
+    rows = [
+        _row(
+            i,
+            rng.choice([None, *(round(rng.random(), 2) for _ in range(5))]),
+            rng.randrange(100, 120),
+            latency_ms=float(rng.randrange(1, 4)),
+        )
+        for i in range(400)
+    ]
+    expected = [not any(dominates(o, r, overheads) for o in rows if o is not r) for r in rows]
+    assert pareto_flags(rows, overheads) == expected
+
+
+def test_overhead_deltas_against_each_reference() -> None:
+    best = leaderboard(ROWS, ["params", "latency"])[0]
+    assert best["params_delta_vs_none"] == pytest.approx(5.0)
+    assert best["params_delta_vs_se"] == pytest.approx(100.0 * (105 - 110) / 110)
+    assert best["latency_delta_vs_cbam"] == pytest.approx(0.0)

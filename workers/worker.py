@@ -47,6 +47,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased
 
+from search.artifacts import ARTIFACT_FILES, artifact_store
 from search.db import Database, open_database
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, check_device, measure
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cbam_nas.worker")
 
-ARTIFACT_FILES = ("weights.safetensors", "architecture.json", "metrics.json")
 ARTIFACTS_ATTR = "artifacts"
 LOST_REASON = "worker lost"
 STOPPED_REASON = "worker stopped"
@@ -392,32 +392,6 @@ def _fail_search(db: Database, search_id: str, error: str) -> None:
 
 
 # -- artifacts -------------------------------------------------------------------------------
-
-
-def artifact_store(settings: Settings, artifacts_dir: Path | None = None) -> Any:
-    """An S3-compatible store when the settings name a bucket, else files in ``artifacts_dir``
-    (default: the settings')."""
-    from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
-
-    if settings.s3_enabled:
-        try:
-            import boto3
-        except ImportError as exc:
-            raise InvalidValue(
-                "s3_bucket", settings.s3_bucket, "unset (boto3 is not installed)"
-            ) from exc
-        secret = settings.s3_secret_access_key
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=secret.get_secret_value() if secret else None,
-            region_name=settings.s3_region,
-        )
-        return Boto3ArtifactStore(settings.s3_bucket or "", client=client)
-    directory = Path(artifacts_dir or settings.artifacts_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(directory)
 
 
 def store_artifacts(
@@ -798,9 +772,9 @@ class Worker:
             return self._end(claim, trial, ResultState.pruned, None, TrialState.PRUNED)
         if self._store is None:
             self._store = artifact_store(self.settings, self.options.artifacts_dir)
-        store_artifacts(self._store, trial, architecture, result, overhead)
+        artifacts = store_artifacts(self._store, trial, architecture, result, overhead)
         values = objective_values(claim.spec, result.best_val_accuracy, overhead.to_dict())
-        _update_row(self.db, claim.row_id, **common)
+        _update_row(self.db, claim.row_id, artifacts=artifacts, **common)
         return self._end(claim, trial, ResultState.completed, None, values=values)
 
     def _end(

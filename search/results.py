@@ -1,0 +1,354 @@
+"""Reads of a search's trial-result rows for the API and the CLI: progress, pages, leaderboards.
+
+Every answer comes from our own indexed ``trial_results`` rows; nothing here reads the Optuna
+study. The leaderboard ranks a search's completed rows from a narrow column query (a few
+milliseconds at 10,000 trials) and then loads only the page it returns in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, func, select
+
+from search.errors import InvalidValue, NotFound
+from search.leaderboard import (
+    OVERHEAD_COLUMNS,
+    deltas,
+    pareto_flags,
+    rank_key,
+    reference_entries,
+)
+from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
+
+if TYPE_CHECKING:
+    from search.db import Database
+
+# Columns a trial list may be sorted by (every number a trial has), and the default.
+SORT_COLUMNS = (
+    "number",
+    "val_accuracy",
+    "final_val_accuracy",
+    "test_accuracy",
+    "params",
+    "macs",
+    "attention_ops",
+    "latency_ms",
+    "train_step_ms",
+    "peak_memory_bytes",
+    "params_pct",
+    "macs_pct",
+    "latency_pct",
+    "epochs_run",
+    "wall_time_s",
+    "images_per_s",
+    "created_at",
+    "finished_at",
+)
+# Big per-row values that lists leave out; a single trial's answer has them.
+_DETAIL_ONLY = ("learning_curve", "artifacts")
+_FINISHED = (ResultState.completed, ResultState.pruned, ResultState.over_budget, ResultState.failed)
+# Columns the ranking needs: identity, accuracy, overheads, reference.
+_RANK_COLUMNS = (
+    TrialResult.id,
+    TrialResult.number,
+    TrialResult.val_accuracy,
+    TrialResult.params,
+    TrialResult.macs,
+    TrialResult.latency_ms,
+    TrialResult.reference,
+    TrialResult.state,
+)
+
+
+def get_search(db: Database, search_id: str) -> Search:
+    with db.session() as session:
+        search = session.get(Search, search_id)
+    if search is None:
+        raise NotFound(f"search {search_id}")
+    return search
+
+
+def list_searches(
+    db: Database, *, state: SearchState | None = None, limit: int = 50, offset: int = 0
+) -> tuple[int, list[Search]]:
+    """Newest first; returns the total (in ``state``) and the page."""
+    query = select(Search)
+    if state is not None:
+        query = query.where(Search.state == state)
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(
+            query.order_by(Search.created_at.desc(), Search.id).limit(limit).offset(offset)
+        ).all()
+    return total, list(rows)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a search stands. Counts are of trial attempts; ``done`` of budget slots finished.
+
+    ``eta_s`` extrapolates the mean time per finished slot since the search started; None
+    before the first slot finishes or once the search is over.
+    """
+
+    budget: int
+    done: int
+    completed: int
+    running: int
+    pruned: int
+    failed: int
+    over_budget: int
+    requeued: int
+    eta_s: float | None
+    best: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def progress(db: Database, search: Search) -> Progress:
+    with db.session() as session:
+        counts = dict(
+            session.execute(
+                select(TrialResult.state, func.count())
+                .where(TrialResult.search_id == search.id)
+                .group_by(TrialResult.state)
+            ).all()
+        )
+        done = session.scalar(
+            select(func.count(TrialResult.number.distinct())).where(
+                TrialResult.search_id == search.id, TrialResult.state.in_(_FINISHED)
+            )
+        )
+        best = session.scalars(
+            select(TrialResult)
+            .where(
+                TrialResult.search_id == search.id,
+                TrialResult.state == ResultState.completed,
+                TrialResult.val_accuracy.is_not(None),
+            )
+            .order_by(TrialResult.val_accuracy.desc(), TrialResult.params, TrialResult.number)
+            .limit(1)
+        ).one_or_none()
+    done = min(done or 0, search.budget_trials)
+    return Progress(
+        budget=search.budget_trials,
+        done=done,
+        **{state.value: counts.get(state, 0) for state in ResultState},
+        eta_s=_eta(search, done),
+        best=None if best is None else _summary(best),
+    )
+
+
+def _eta(search: Search, done: int) -> float | None:
+    if search.state not in (SearchState.queued, SearchState.running):
+        return None
+    if search.started_at is None or done == 0:
+        return None
+    elapsed = (utcnow() - search.started_at).total_seconds()
+    return max(0.0, elapsed / done * (search.budget_trials - done))
+
+
+def _summary(row: TrialResult) -> dict[str, Any]:
+    return {
+        "number": row.number,
+        "label": row.label,
+        "val_accuracy": row.val_accuracy,
+        "params": row.params,
+        "params_pct": row.params_pct,
+    }
+
+
+def _listed(row: TrialResult) -> dict[str, Any]:
+    entry = row.to_dict()
+    for key in _DETAIL_ONLY:
+        entry.pop(key, None)
+    return entry
+
+
+def trials_page(
+    db: Database,
+    search_id: str,
+    *,
+    sort: str = "number",
+    descending: bool = False,
+    state: ResultState | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[int, list[dict[str, Any]]]:
+    """One page of a search's trial attempts sorted by ``sort`` (missing values last); returns
+    the total and the rows (without learning curves)."""
+    if sort not in SORT_COLUMNS:
+        raise InvalidValue("sort", sort, SORT_COLUMNS)
+    get_search(db, search_id)
+    column = getattr(TrialResult, sort)
+    query: Select[Any] = select(TrialResult).where(TrialResult.search_id == search_id)
+    if state is not None:
+        query = query.where(TrialResult.state == state)
+    order = column.desc() if descending else column.asc()
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(
+            query.order_by(column.is_(None), order, TrialResult.number, TrialResult.attempt)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    return total, [_listed(row) for row in rows]
+
+
+def trial(db: Database, search_id: str, number: int, attempt: int | None = None) -> TrialResult:
+    """The latest attempt at slot ``number`` (or the given ``attempt``)."""
+    get_search(db, search_id)
+    query = select(TrialResult).where(
+        TrialResult.search_id == search_id, TrialResult.number == number
+    )
+    if attempt is not None:
+        query = query.where(TrialResult.attempt == attempt)
+    with db.session() as session:
+        row = session.scalars(query.order_by(TrialResult.attempt.desc()).limit(1)).one_or_none()
+    if row is None:
+        what = f"trial {number}" + (f" attempt {attempt}" if attempt is not None else "")
+        raise NotFound(f"{what} of search {search_id}")
+    return row
+
+
+def _check_overhead(overhead: str) -> str:
+    if overhead not in OVERHEAD_COLUMNS:
+        raise InvalidValue("overhead", overhead, list(OVERHEAD_COLUMNS))
+    return overhead
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A search's completed rows, best first, as narrow entries with their rank and flag."""
+
+    entries: list[dict[str, Any]]
+    references: dict[str, dict[str, Any]]
+
+
+def ranking(db: Database, search_id: str, overhead: str = "params") -> Ranking:
+    """Rank every completed row and flag the Pareto front of accuracy against ``overhead``."""
+    _check_overhead(overhead)
+    with db.session() as session:
+        found = session.scalar(select(Search.id).where(Search.id == search_id))
+        if found is None:
+            raise NotFound(f"search {search_id}")
+        result = session.execute(
+            select(*_RANK_COLUMNS).where(
+                TrialResult.search_id == search_id,
+                TrialResult.state == ResultState.completed,
+                TrialResult.val_accuracy.is_not(None),
+            )
+        )
+        keys = list(result.keys())
+        entries = [dict(zip(keys, values, strict=True)) for values in result]
+    for entry in entries:
+        entry["state"] = entry["state"].value
+        entry["reference"] = entry["reference"].value if entry["reference"] else None
+    entries.sort(key=rank_key)
+    for rank, (entry, pareto) in enumerate(
+        zip(entries, pareto_flags(entries, [overhead]), strict=True), start=1
+    ):
+        entry["rank"], entry["pareto"] = rank, pareto
+    references = {name: dict(e) for name, e in reference_entries(entries).items()}
+    return Ranking(entries, references)
+
+
+def leaderboard_page(
+    db: Database,
+    search_id: str,
+    *,
+    overhead: str = "params",
+    limit: int = 20,
+    offset: int = 0,
+    pareto_only: bool = False,
+) -> dict[str, Any]:
+    """Ranked completed trials with the Pareto flag (accuracy against ``overhead``) and the
+    deltas against the references; ``references`` holds those the search has completed."""
+    ranked = ranking(db, search_id, overhead)
+    entries = [e for e in ranked.entries if e["pareto"]] if pareto_only else ranked.entries
+    page = entries[offset : offset + limit]
+    full = _rows_by_id(db, [e["id"] for e in page])
+    rows = []
+    for entry in page:
+        row = {**_listed(full[entry["id"]]), "rank": entry["rank"], "pareto": entry["pareto"]}
+        row.update(deltas(row, ranked.references, [overhead]))
+        rows.append(row)
+    return {
+        "search_id": search_id,
+        "overhead": overhead,
+        "total": len(entries),
+        "offset": offset,
+        "limit": limit,
+        "references": ranked.references,
+        "entries": rows,
+    }
+
+
+def _rows_by_id(db: Database, ids: list[int]) -> dict[int, TrialResult]:
+    if not ids:
+        return {}
+    with db.session() as session:
+        rows = session.scalars(select(TrialResult).where(TrialResult.id.in_(ids)))
+        return {row.id: row for row in rows}
+
+
+def best_trial(
+    db: Database, search_id: str, *, overhead: str = "params", max_pct: float | None = None
+) -> TrialResult:
+    """The completed trial with the highest validation accuracy (ties: fewer parameters, then
+    the lower number); with ``max_pct``, among those whose ``overhead`` is at most that many
+    percent over the no-attention baseline."""
+    _check_overhead(overhead)
+    get_search(db, search_id)
+    pct = getattr(TrialResult, OVERHEAD_COLUMNS[overhead][1])
+    query = select(TrialResult).where(
+        TrialResult.search_id == search_id,
+        TrialResult.state == ResultState.completed,
+        TrialResult.val_accuracy.is_not(None),
+    )
+    if max_pct is not None:
+        query = query.where(pct.is_not(None), pct <= max_pct)
+    with db.session() as session:
+        row = session.scalars(
+            query.order_by(
+                TrialResult.val_accuracy.desc(), TrialResult.params, TrialResult.number
+            ).limit(1)
+        ).one_or_none()
+    if row is None:
+        within = f" within {max_pct:g}% {overhead} overhead" if max_pct is not None else ""
+        raise NotFound(f"a completed trial{within} in search {search_id}")
+    return row
+
+
+def counts_by_state(db: Database) -> tuple[dict[str, int], dict[str, int]]:
+    """Searches by state and trial attempts by state, over the whole database."""
+    with db.session() as session:
+        searches = session.execute(select(Search.state, func.count()).group_by(Search.state))
+        trials = session.execute(
+            select(TrialResult.state, func.count()).group_by(TrialResult.state)
+        )
+        return (
+            {state.value: n for state, n in searches},
+            {state.value: n for state, n in trials},
+        )
+
+
+def completed_since(db: Database, since: datetime) -> int:
+    with db.session() as session:
+        return (
+            session.scalar(
+                select(func.count()).where(
+                    TrialResult.state == ResultState.completed, TrialResult.finished_at >= since
+                )
+            )
+            or 0
+        )
+
+
+def workers_seen_since(db: Database, since: datetime) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.count()).where(WorkerSeen.last_seen >= since)) or 0
