@@ -1,0 +1,71 @@
+"""FastAPI dependencies: the app's database, settings and artifact store, and the caller.
+
+Every route of the API router depends on :func:`read_access` (reads) or :func:`write_access`
+(everything that changes state); ``tests/test_api_auth.py`` enumerates the routes to hold that.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from search.db import Database
+from search.records import ApiToken
+from search.settings import Settings
+from service.auth import verify_token
+
+_bearer = HTTPBearer(auto_error=False, description="An API token: cbam-nas token create")
+
+
+def database(request: Request) -> Database:
+    return request.app.state.db
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def artifact_store(request: Request) -> Any:
+    return request.app.state.store
+
+
+DB = Annotated[Database, Depends(database)]
+AppSettings = Annotated[Settings, Depends(settings)]
+Store = Annotated[Any, Depends(artifact_store)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _caller(db: Database, credentials: HTTPAuthorizationCredentials | None) -> ApiToken:
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing token: send Authorization: Bearer <token> (cbam-nas token create)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    token = verify_token(db, credentials.credentials)
+    if token is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return token
+
+
+def write_access(db: DB, credentials: Credentials) -> ApiToken:
+    """A valid token, always."""
+    return _caller(db, credentials)
+
+
+def read_access(db: DB, app_settings: AppSettings, credentials: Credentials) -> ApiToken | None:
+    """A valid token, unless the server opened reads (``read_open``): then anyone, though a
+    token that is sent must still be valid."""
+    if app_settings.read_open and credentials is None:
+        return None
+    return _caller(db, credentials)
+
+
+Reader = Depends(read_access)
+Writer = Depends(write_access)

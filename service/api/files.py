@@ -1,0 +1,114 @@
+"""Downloads of a trial's files: the stored artifacts, and ONNX exported on demand.
+
+The ONNX file is made from the stored weights on first request and kept under the cache
+directory (per search, removed with it); a lock per file keeps two requests from exporting it
+twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, StreamingResponse
+
+from search.artifacts import MEDIA_TYPES, open_artifact, read_artifact
+from search.errors import Conflict, NotFound
+from search.records import TrialResult
+from search.results import trial
+from search.settings import Settings
+from service.api.deps import DB, AppSettings, Reader, Store
+
+router = APIRouter(prefix="/searches/{search_id}", tags=["downloads"], dependencies=[Reader])
+
+FileName = Enum("FileName", {name: name for name in MEDIA_TYPES}, type=str)  # type: ignore[misc]
+_CHUNK = 1 << 20
+_export_locks: dict[Path, threading.Lock] = {}
+_export_locks_guard = threading.Lock()
+
+
+def export_dir(settings: Settings, search_id: str) -> Path:
+    return settings.cache_dir / "onnx" / search_id
+
+
+@router.get(
+    "/trials/{number}/files/{name}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+)
+def download(
+    db: DB,
+    settings: AppSettings,
+    store: Store,
+    search_id: str,
+    number: int,
+    name: FileName,  # type: ignore[valid-type]
+    attempt: int | None = None,
+) -> Any:
+    """``weights.safetensors``, ``architecture.json``, ``metrics.json`` or ``model.onnx`` (made
+    from the weights on first request) of a completed trial."""
+    row = trial(db, search_id, number, attempt)
+    artifacts = row.artifacts or {}
+    if not artifacts:
+        raise Conflict(
+            f"trial {number} of search {search_id} is {row.state.value}: only completed "
+            "trials have files"
+        )
+    filename = f"{search_id[:8]}-trial{number}-{name.value}"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    if name.value == "model.onnx":
+        path = _onnx(settings, store, row)
+        return FileResponse(path, media_type=MEDIA_TYPES[name.value], headers=headers)
+    artifact_id = artifacts.get(name.value)
+    what = f"{name.value} of trial {number} of search {search_id}"
+    if artifact_id is None:
+        raise NotFound(what)
+    # Opened before the response starts, so that a missing file is a 404, not a broken stream.
+    context = open_artifact(store, artifact_id, what)
+    stream = context.__enter__()
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while chunk := stream.read(_CHUNK):
+                yield chunk
+        finally:
+            context.__exit__(None, None, None)
+
+    return StreamingResponse(chunks(), media_type=MEDIA_TYPES[name.value], headers=headers)
+
+
+def _onnx(settings: Settings, store: Any, row: TrialResult) -> Path:
+    path = export_dir(settings, row.search_id) / f"{row.number}-{row.attempt}.onnx"
+    with _export_locks_guard:
+        lock = _export_locks.setdefault(path, threading.Lock())
+    with lock:
+        if path.exists():
+            return path
+        from safetensors.torch import load as load_safetensors
+
+        from search.export import export_onnx
+        from search.space import Architecture
+
+        artifacts = row.artifacts or {}
+        what = f"files of trial {row.number} of search {row.search_id}"
+        weights = load_safetensors(read_artifact(store, artifacts["weights.safetensors"], what))
+        metrics = json.loads(read_artifact(store, artifacts["metrics.json"], what))
+        input_shape = (metrics.get("overhead") or {}).get("input_shape")
+        model = export_onnx(
+            Architecture.from_dict(row.architecture),
+            weights,
+            input_size=input_shape[-1] if input_shape else None,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model)
+        os.replace(tmp, path)
+    return path

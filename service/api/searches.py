@@ -1,0 +1,101 @@
+"""``/searches``: submit, list, look at, cancel and delete searches."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Response, status
+
+from search.errors import Conflict
+from search.records import SearchState
+from search.results import get_search, list_searches, progress
+from search.searches import cancel_search, create_search, delete_search, find_by_idempotency_key
+from search.spec import SearchSpec
+from service.api.deps import DB, AppSettings, Reader, Store, Writer
+from service.api.files import export_dir
+from service.schemas import Page, SearchOut
+
+router = APIRouter(prefix="/searches", tags=["searches"])
+
+_EXAMPLE_SPEC = {
+    "name": "cluttered digits, ResNet-20",
+    "backbone": "cifar_resnet20",
+    "dataset": {"name": "cluttered-digits"},
+    "space": {"arrangements": ["channel-spatial", "parallel"], "kernel_sizes": [3, 7]},
+    "objectives": {"overheads": ["params"]},
+    "budget": {"trials": 12},
+    "training": {"epochs": 6},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Writer],
+    responses={200: {"description": "The search an earlier request with this key created."}},
+)
+def submit(
+    db: DB,
+    settings: AppSettings,
+    response: Response,
+    spec: Annotated[dict[str, Any], Body(examples=[_EXAMPLE_SPEC])],
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=200, description="Repeat a submit safely: the same key, one search."),
+    ] = None,
+) -> SearchOut:
+    """Create a search from a SearchSpec; workers start on it at once."""
+    parsed = SearchSpec.from_dict(spec).validate(settings.max_trials_per_search)
+    if idempotency_key is not None:
+        existing = find_by_idempotency_key(db, idempotency_key)
+        if existing is not None:
+            _check_same_spec(existing.spec, parsed, idempotency_key)
+            response.status_code = status.HTTP_200_OK
+            return SearchOut.of(existing, progress(db, existing))
+    search = create_search(
+        db, parsed, idempotency_key=idempotency_key, max_trials=settings.max_trials_per_search
+    )
+    return SearchOut.of(search, progress(db, search))
+
+
+def _check_same_spec(stored: dict[str, Any], spec: SearchSpec, key: str) -> None:
+    if stored != spec.to_dict():
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different search spec")
+
+
+@router.get("", dependencies=[Reader])
+def list_all(
+    db: DB,
+    state: SearchState | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[SearchOut]:
+    """Searches, newest first, with their progress."""
+    total, rows = list_searches(db, state=state, limit=limit, offset=offset)
+    items = [SearchOut.of(row, progress(db, row)) for row in rows]
+    return Page[SearchOut](total=total, offset=offset, limit=limit, items=items)
+
+
+@router.get("/{search_id}", dependencies=[Reader])
+def show(db: DB, search_id: str) -> SearchOut:
+    """A search: state, progress (completed, running, pruned, failed of the budget), ETA and
+    the best trial so far."""
+    search = get_search(db, search_id)
+    return SearchOut.of(search, progress(db, search))
+
+
+@router.post("/{search_id}/cancel", dependencies=[Writer])
+def cancel(db: DB, search_id: str) -> SearchOut:
+    """Cancel a queued or running search (409 once it has finished). Running trials stop at
+    their next epoch boundary."""
+    search = cancel_search(db, search_id)
+    return SearchOut.of(search, progress(db, search))
+
+
+@router.delete("/{search_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Writer])
+def delete(db: DB, settings: AppSettings, store: Store, search_id: str) -> Response:
+    """Delete a finished search: its study, trial rows and stored files (409 while it runs)."""
+    delete_search(db, search_id, store)
+    shutil.rmtree(export_dir(settings, search_id), ignore_errors=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,179 @@
+"""The FastAPI application: the API under ``/api/v1``, operations endpoints, error mapping.
+
+``create_app`` builds one app around one opened database; ``cbam-nas serve`` runs it with
+uvicorn. Domain errors map onto HTTP here and only here: :class:`InvalidValue` -> 422 (with the
+field's path in the body and the allowed values), :class:`NotFound` -> 404, :class:`Conflict`
+-> 409; bodies over ``max_request_bytes`` -> 413.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from search.artifacts import artifact_store
+from search.db import Database, open_database
+from search.errors import Conflict, InvalidValue, NotFound
+from search.settings import Settings, get_settings
+from service.api import files, ops, searches, trials
+
+API_PREFIX = "/api/v1"
+_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
+def field_location(field: str) -> list[str | int]:
+    """``space.kernel_sizes[1]`` -> ``["body", "space", "kernel_sizes", 1]``."""
+    location: list[str | int] = ["body"]
+    for part in field.split("."):
+        match = _INDEX.match(part)
+        if match:
+            location += [match.group(1), int(match.group(2))]
+        elif part != "spec":
+            location.append(part)
+    return location
+
+
+def _invalid(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidValue)
+    detail = {
+        "loc": field_location(exc.field),
+        "msg": str(exc),
+        "type": "value_error",
+        "field": exc.field,
+        "allowed": exc.allowed,
+    }
+    return JSONResponse({"detail": [detail]}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _not_found(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+
+def _conflict(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, before the route reads them.
+
+    A declared Content-Length over the limit is refused at once; a streamed body is counted
+    as it arrives (it is buffered: the limit is small) and refused when it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.limit} bytes (max_request_bytes)"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+        await response(scope, receive, send)
+
+
+class RequestTimer:
+    """Observe each request's latency by method, route template and status."""
+
+    def __init__(self, app: ASGIApp, histogram: Any) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status_code = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.histogram.labels(scope["method"], template, str(status_code)).observe(
+                time.perf_counter() - start
+            )
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    """The app around ``db`` (default: the settings' database, opened here and closed when the
+    app shuts down). The schema must be migrated already (``cbam-nas serve`` does it)."""
+    settings = settings or get_settings()
+    owns_db = db is None
+    database = db or open_database(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_db:
+            database.close()
+
+    app = FastAPI(
+        title="cbam-nas",
+        summary="Search where and how to put CBAM attention into a CNN.",
+        version="1",
+        lifespan=lifespan,
+    )
+    registry, latency = ops.metrics_registry(database)
+    app.state.db = database
+    app.state.settings = settings
+    app.state.store = artifact_store(settings)
+    app.state.metrics = registry
+    app.state.schema_head = database.head_revision()
+
+    for router in (searches.router, trials.router, files.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(ops.router)
+    app.add_exception_handler(InvalidValue, _invalid)
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(Conflict, _conflict)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestTimer, histogram=latency)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app

@@ -1,0 +1,83 @@
+"""Response models of the API (what /docs shows). Request bodies are the domain's own
+``SearchSpec`` mapping, validated by the domain so the API and the CLI give the same messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+from search.records import Search, SearchState
+from search.results import Progress
+
+Item = TypeVar("Item")
+
+
+class ProgressOut(BaseModel):
+    budget: int = Field(description="Trial slots the search may use.")
+    done: int = Field(description="Slots finished (completed, pruned, over budget or failed).")
+    completed: int
+    running: int
+    pruned: int
+    failed: int
+    over_budget: int
+    requeued: int
+    eta_s: float | None = Field(description="Seconds left, extrapolated; None when unknown.")
+    best: dict[str, Any] | None = Field(description="The best completed trial so far.")
+
+
+class SearchOut(BaseModel):
+    id: str
+    name: str
+    state: SearchState
+    spec: dict[str, Any]
+    budget_trials: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    progress: ProgressOut | None = None
+
+    @classmethod
+    def of(cls, search: Search, progress: Progress | None = None) -> SearchOut:
+        return cls(
+            id=search.id,
+            name=search.name,
+            state=search.state,
+            spec=search.spec,
+            budget_trials=search.budget_trials,
+            created_at=search.created_at,
+            updated_at=search.updated_at,
+            started_at=search.started_at,
+            finished_at=search.finished_at,
+            error=search.error,
+            progress=None if progress is None else ProgressOut(**progress.to_dict()),
+        )
+
+
+class Page(BaseModel, Generic[Item]):
+    total: int
+    offset: int
+    limit: int
+    items: list[Item]
+
+
+class LeaderboardOut(BaseModel):
+    search_id: str
+    overhead: str
+    total: int
+    offset: int
+    limit: int
+    references: dict[str, dict[str, Any]] = Field(
+        description="The best completed run of each reference (none, se, cbam) the search has."
+    )
+    entries: list[dict[str, Any]] = Field(
+        description="Trials best first, with rank, pareto and delta_vs_<reference> (accuracy "
+        "points) and <overhead>_delta_vs_<reference> (percent)."
+    )
+
+
+class ErrorOut(BaseModel):
+    detail: Any
