@@ -1,4 +1,5 @@
 # The commands the README names. Every target that needs Python sets up .venv itself.
+#   make demo                       the service + a local worker on SQLite, running a small search
 #   make test                       lint, check the Docker files, run the tests
 #   make test TORCH_SPEC="torch torchvision"   pick your own torch build on the first install
 #   make test PYTEST_ARGS="-k cbam -x"         pass arguments to pytest
@@ -20,7 +21,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
 .PHONY: $(STAMP)
 endif
 
-.PHONY: install test pytest lint format check-docker bench clean distclean
+.PHONY: install demo test pytest lint format check-docker bench clean distclean
 
 install: $(STAMP)
 
@@ -31,6 +32,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	spec='$(TORCH_SPEC)'; $(BIN)/python -m pip install $$spec
 	$(BIN)/python -m pip install -e '.[dev]'
 	echo '$(TORCH_SPEC)' > $@
+
+# State lives in ./.cbam-nas; running it again resumes the same search (same spec, same key).
+DEMO_SPEC ?= examples/cluttered-digits.yaml
+DEMO_PORT ?= 8000
+demo: $(STAMP)
+	$(BIN)/cbam-nas serve --port $(DEMO_PORT) --workers 1 --device cpu --submit $(DEMO_SPEC)
 
 test: lint check-docker pytest
 

@@ -47,6 +47,8 @@ SORT_COLUMNS = (
     "created_at",
     "finished_at",
 )
+# What a leaderboard may be ordered by: its rank (accuracy) or a figure of the ranking.
+LEADERBOARD_SORTS = ("rank", "number", "val_accuracy", "params", "macs", "latency_ms")
 # Big per-row values that lists leave out; a single trial's answer has them.
 _DETAIL_ONLY = ("learning_curve", "artifacts")
 _FINISHED = (ResultState.completed, ResultState.pruned, ResultState.over_budget, ResultState.failed)
@@ -265,11 +267,22 @@ def leaderboard_page(
     limit: int = 20,
     offset: int = 0,
     pareto_only: bool = False,
+    sort: str = "rank",
+    descending: bool = False,
 ) -> dict[str, Any]:
     """Ranked completed trials with the Pareto flag (accuracy against ``overhead``) and the
-    deltas against the references; ``references`` holds those the search has completed."""
+    deltas against the references; ``references`` holds those the search has completed.
+
+    The page is in rank order unless ``sort`` names another of :data:`LEADERBOARD_SORTS`
+    (ties, and missing values last, in rank order)."""
+    if sort not in LEADERBOARD_SORTS:
+        raise InvalidValue("sort", sort, LEADERBOARD_SORTS)
     ranked = ranking(db, search_id, overhead)
     entries = [e for e in ranked.entries if e["pareto"]] if pareto_only else ranked.entries
+    if sort != "rank" or descending:
+        present = [e for e in entries if e[sort] is not None]
+        present.sort(key=lambda e: e[sort], reverse=descending)
+        entries = present + [e for e in entries if e[sort] is None]
     page = entries[offset : offset + limit]
     full = _rows_by_id(db, [e["id"] for e in page])
     rows = []

@@ -15,14 +15,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from search.artifacts import artifact_store
 from search.db import Database, open_database
 from search.errors import Conflict, InvalidValue, NotFound
 from search.settings import Settings, get_settings
-from service.api import files, ops, searches, trials
+from service.api import attention, files, meta, ops, searches, trials
+from service.dashboard import routes as dashboard
 
 API_PREFIX = "/api/v1"
 _INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
@@ -49,7 +50,7 @@ def _invalid(_request: Request, exc: Exception) -> JSONResponse:
         "field": exc.field,
         "allowed": exc.allowed,
     }
-    return JSONResponse({"detail": [detail]}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse({"detail": [detail]}, status_code=422)
 
 
 def _not_found(_request: Request, exc: Exception) -> JSONResponse:
@@ -102,7 +103,7 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
             {"detail": f"request body over {self.limit} bytes (max_request_bytes)"},
-            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            status_code=413,
         )
         await response(scope, receive, send)
 
@@ -163,7 +164,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.metrics = registry
     app.state.schema_head = database.head_revision()
 
-    for router in (searches.router, trials.router, files.router):
+    for router in (searches.router, trials.router, files.router, meta.router, attention.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(ops.router)
     app.add_exception_handler(InvalidValue, _invalid)
@@ -172,8 +173,6 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestTimer, histogram=latency)
 
-    @app.get("/", include_in_schema=False)
-    def index() -> RedirectResponse:
-        return RedirectResponse("/docs")
-
+    app.include_router(dashboard.router)
+    app.mount("/static", dashboard.static_files(), name="static")
     return app

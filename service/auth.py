@@ -84,7 +84,7 @@ def list_tokens(db: Database) -> list[ApiToken]:
 def read_token_file(path: Path) -> str | None:
     try:
         token = path.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing or unreadable: no token, and the server will say 401
         return None
     return token or None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from search.db import Database
 from search.records import ApiToken
@@ -17,6 +17,11 @@ from search.settings import Settings
 from service.auth import verify_token
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: cbam-nas token create")
+# The dashboard keeps the token in a session cookie too, so that plain links (downloads) work.
+# Reads only: a cookie rides along with cross-site requests, a Bearer header never does, so
+# nothing that changes state accepts it (no CSRF).
+TOKEN_COOKIE = "cbam_nas_token"
+_cookie = APIKeyCookie(name=TOKEN_COOKIE, auto_error=False, description="Reads only.")
 
 
 def database(request: Request) -> Database:
@@ -37,14 +42,15 @@ Store = Annotated[Any, Depends(artifact_store)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _caller(db: Database, credentials: HTTPAuthorizationCredentials | None) -> ApiToken:
+def _caller(db: Database, credentials: HTTPAuthorizationCredentials | str | None) -> ApiToken:
     if credentials is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing token: send Authorization: Bearer <token> (cbam-nas token create)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    token = verify_token(db, credentials.credentials)
+    presented = credentials if isinstance(credentials, str) else credentials.credentials
+    token = verify_token(db, presented)
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -59,12 +65,18 @@ def write_access(db: DB, credentials: Credentials) -> ApiToken:
     return _caller(db, credentials)
 
 
-def read_access(db: DB, app_settings: AppSettings, credentials: Credentials) -> ApiToken | None:
-    """A valid token, unless the server opened reads (``read_open``): then anyone, though a
-    token that is sent must still be valid."""
-    if app_settings.read_open and credentials is None:
+def read_access(
+    db: DB,
+    app_settings: AppSettings,
+    credentials: Credentials,
+    cookie: Annotated[str | None, Depends(_cookie)],
+) -> ApiToken | None:
+    """A valid token (header, or the dashboard's cookie), unless the server opened reads
+    (``read_open``): then anyone, though a token that is sent must still be valid."""
+    presented = credentials if credentials is not None else cookie
+    if app_settings.read_open and presented is None:
         return None
-    return _caller(db, credentials)
+    return _caller(db, presented)
 
 
 Reader = Depends(read_access)

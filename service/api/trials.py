@@ -9,14 +9,28 @@ from fastapi import APIRouter, Query
 
 from search.leaderboard import OVERHEAD_COLUMNS
 from search.records import ResultState
-from search.results import SORT_COLUMNS, best_trial, leaderboard_page, trial, trials_page
+from search.results import (
+    LEADERBOARD_SORTS,
+    SORT_COLUMNS,
+    best_trial,
+    leaderboard_page,
+    trial,
+    trials_page,
+)
 from service.api.deps import DB, Reader
 from service.schemas import LeaderboardOut, Page
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["trials"], dependencies=[Reader])
 
-SortColumn = Enum("SortColumn", {name: name for name in SORT_COLUMNS}, type=str)  # type: ignore[misc]
-Overhead = Enum("Overhead", {name: name for name in OVERHEAD_COLUMNS}, type=str)  # type: ignore[misc]
+
+def _choices(name: str, values: tuple[str, ...] | dict[str, object]) -> type[Enum]:
+    """A str Enum of ``values``, so that FastAPI validates the query and lists the choices."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+
+
+SortColumn = _choices("SortColumn", SORT_COLUMNS)
+LeaderboardSort = _choices("LeaderboardSort", LEADERBOARD_SORTS)
+Overhead = _choices("Overhead", OVERHEAD_COLUMNS)
 
 
 class Order(str, Enum):
@@ -26,7 +40,8 @@ class Order(str, Enum):
 
 def _trial_out(row: Any) -> dict[str, Any]:
     out = row.to_dict()
-    out["files"] = sorted((row.artifacts or {}).keys()) + (["model.onnx"] if row.artifacts else [])
+    stored = sorted((row.artifacts or {}).keys())
+    out["files"] = stored + (["model.onnx"] if "weights.safetensors" in stored else [])
     return out
 
 
@@ -70,6 +85,8 @@ def leaderboard(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
     pareto_only: bool = False,
+    sort: LeaderboardSort = LeaderboardSort("rank"),  # type: ignore[valid-type]
+    order: Order = Order.asc,
 ) -> LeaderboardOut:
     """Completed trials ranked by validation accuracy, flagged when on the Pareto front of
     accuracy against ``overhead``, with deltas against the none / SE / CBAM references."""
@@ -80,6 +97,8 @@ def leaderboard(
         limit=limit,
         offset=offset,
         pareto_only=pareto_only,
+        sort=sort.value,
+        descending=order is Order.desc,
     )
     return LeaderboardOut(**page)
 

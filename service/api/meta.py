@@ -1,0 +1,44 @@
+"""``/choices``: what a SearchSpec may hold, for forms and clients (the dashboard's new-search
+form is built from it, so it never lists a value the server would refuse)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from search.backbones import BACKBONES
+from search.cbam import ARRANGEMENTS, KERNEL_SIZES, POOL_TYPES, SPATIAL_POOLS
+from search.space import BLOCK_CHOICES
+from search.spec import DATASETS, EARLY_STOPPING, OVERHEADS, SAMPLERS, SearchSpec
+from service.api.deps import AppSettings, Reader
+
+router = APIRouter(tags=["searches"], dependencies=[Reader])
+
+
+@router.get("/choices")
+def choices(settings: AppSettings) -> dict[str, Any]:
+    """Allowed values of the spec's fields, the backbones' stages, the defaults and the
+    server's trial limit."""
+    return {
+        "backbones": {
+            name: {
+                "family": info.family,
+                "stages": list(info.stages),
+                "stage_channels": list(info.stage_channels),
+                "input_size": info.input_size,
+            }
+            for name, info in sorted(BACKBONES.items())
+        },
+        "datasets": list(DATASETS),
+        "arrangements": list(ARRANGEMENTS),
+        "pool_types": list(POOL_TYPES),
+        "kernel_sizes": list(KERNEL_SIZES),
+        "spatial_pools": list(SPATIAL_POOLS),
+        "blocks": list(BLOCK_CHOICES),
+        "overheads": list(OVERHEADS),
+        "samplers": list(SAMPLERS),
+        "early_stopping": list(EARLY_STOPPING),
+        "max_trials": settings.max_trials_per_search,
+        "defaults": SearchSpec().to_dict(),
+    }
