@@ -1,0 +1,530 @@
+// The dashboard's scripts: read the API with the session's token, draw tables and plotly charts.
+// No build step and no framework: one page function per template, chosen by <body data-page>.
+"use strict";
+
+const TOKEN_KEY = "cbamNasToken";
+const TOKEN_COOKIE = "cbam_nas_token";
+const REFRESH_MS = 3000;
+const SLOW_REFRESH_MS = 15000;
+const ACTIVE = new Set(["queued", "running"]);
+const PLOT_CONFIG = { displaylogo: false, responsive: true };
+
+// ---- helpers -----------------------------------------------------------------------------
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+const fmt = {
+  pct: (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(2)),
+  signed: (x, digits = 2) =>
+    x === null || x === undefined ? "–" : (x > 0 ? "+" : "") + x.toFixed(digits),
+  si(x) {
+    if (x === null || x === undefined) return "–";
+    for (const [f, p] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+      if (Math.abs(x) >= f) return (x / f).toFixed(3) + " " + p;
+    }
+    return String(Math.round(x * 1000) / 1000);
+  },
+  ms: (x) => (x === null || x === undefined ? "–" : x.toFixed(2) + " ms"),
+  time: (iso) => (iso ? new Date(iso).toLocaleString() : "–"),
+  duration(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    const s = Math.round(seconds);
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  },
+};
+
+// Overhead name -> [absolute column, percent column, axis title, formatter]
+const OVERHEADS = {
+  params: ["params", "params_pct", "parameters", fmt.si],
+  macs: ["macs", "macs_pct", "multiply-accumulates", fmt.si],
+  latency: ["latency_ms", "latency_pct", "latency (ms)", fmt.ms],
+};
+
+function showAlert(message) {
+  const box = $("#alert");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// ---- the API and the token ----------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(ApiError.describe(detail));
+    this.status = status;
+    this.detail = detail;
+  }
+  static describe(detail) {
+    if (Array.isArray(detail)) return detail.map((d) => d.msg || JSON.stringify(d)).join("\n");
+    return typeof detail === "string" ? detail : JSON.stringify(detail);
+  }
+}
+
+const auth = {
+  get token() {
+    return sessionStorage.getItem(TOKEN_KEY);
+  },
+  set(token) {
+    sessionStorage.setItem(TOKEN_KEY, token);
+    // For plain links (downloads): the server accepts this cookie for reads only.
+    document.cookie = `${TOKEN_COOKIE}=${encodeURIComponent(token)}; path=/; SameSite=Strict`;
+  },
+  clear() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    document.cookie = `${TOKEN_COOKIE}=; path=/; max-age=0; SameSite=Strict`;
+  },
+  // Reads need a token unless the server opened them; pages wait for one instead of failing.
+  get usable() {
+    return Boolean(this.token) || document.body.dataset.readOpen === "true";
+  },
+};
+
+async function api(path, { method = "GET", body, params } = {}) {
+  const url = new URL("/api/v1" + path, location.origin);
+  for (const [key, value] of Object.entries(params || {})) {
+    if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, value);
+  }
+  const headers = {};
+  if (auth.token) headers.Authorization = "Bearer " + auth.token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(url, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      detail = (await response.json()).detail;
+    } catch (_) {
+      /* not JSON: keep the status text */
+    }
+    if (response.status === 401) {
+      auth.clear();
+      askForToken("The token was refused: " + ApiError.describe(detail));
+    }
+    throw new ApiError(response.status, detail);
+  }
+  return response.status === 204 ? null : response.json();
+}
+
+function askForToken(message) {
+  $("#token-form").hidden = false;
+  $("#token-state").textContent = "";
+  if (message) showAlert(message);
+}
+
+function setUpToken(start) {
+  const form = $("#token-form");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("#token-input").value.trim();
+    if (!value) return;
+    auth.set(value);
+    form.hidden = true;
+    showAlert("");
+    $("#token-state").textContent = "token set";
+    start();
+  });
+  if (auth.usable) {
+    $("#token-state").textContent = auth.token ? "token set" : "reads open";
+    start();
+  } else {
+    askForToken("Enter an API token to see the searches (cbam-nas serve printed one).");
+  }
+}
+
+// Run `task` now and every `ms` while `keepGoing()` holds; errors show in the alert box.
+function every(ms, task, keepGoing = () => true) {
+  let timer = null;
+  const run = async () => {
+    try {
+      await task();
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 401)) showAlert(String(error.message));
+    }
+    if (keepGoing()) timer = setTimeout(run, document.hidden ? ms * 3 : ms);
+  };
+  run();
+  return () => clearTimeout(timer);
+}
+
+function progressBar(progress) {
+  const width = (n) => `${(100 * n) / Math.max(1, progress.budget)}%`;
+  const bar = el("div", { class: "progress", title: progressText(progress) });
+  for (const key of ["completed", "pruned", "failed", "running"]) {
+    const n = key === "failed" ? progress.failed + progress.over_budget : progress[key];
+    if (n > 0) bar.append(el("span", { class: key, style: `width:${width(n)}` }));
+  }
+  return bar;
+}
+
+function progressText(p) {
+  return (
+    `${p.done}/${p.budget} done · ${p.completed} completed · ${p.running} running · ` +
+    `${p.pruned} pruned · ${p.failed + p.over_budget} failed`
+  );
+}
+
+function pager(container, { total, offset, limit }, go) {
+  container.replaceChildren(
+    el("button", { type: "button", disabled: offset <= 0, onclick: () => go(Math.max(0, offset - limit)) }, "‹ previous"),
+    el("span", { class: "muted" }, total ? `${offset + 1}–${Math.min(total, offset + limit)} of ${total}` : "none"),
+    el("button", { type: "button", disabled: offset + limit >= total, onclick: () => go(offset + limit) }, "next ›"),
+  );
+}
+
+// ---- page: searches -----------------------------------------------------------------------
+
+function searchesPage() {
+  const limit = 20;
+  let offset = 0;
+  const filter = $("#state-filter");
+
+  async function refresh() {
+    const page = await api("/searches", { params: { state: filter.value, limit, offset } });
+    const rows = page.items.map((s) =>
+      el(
+        "tr",
+        { "data-id": s.id },
+        el("td", {}, el("a", { href: `/searches/${s.id}` }, s.name || s.id.slice(0, 8)),
+          " ", el("span", { class: "muted small" }, s.id.slice(0, 8))),
+        el("td", {}, el("span", { class: `state ${s.state}` }, s.state)),
+        el("td", {}, progressBar(s.progress), el("span", { class: "muted small" }, progressText(s.progress))),
+        el("td", {}, s.progress.best ? fmt.pct(s.progress.best.val_accuracy) : "–"),
+        el("td", {}, fmt.time(s.started_at)),
+        el("td", {}, fmt.duration(s.progress.eta_s)),
+        el("td", {}, ACTIVE.has(s.state)
+          ? el("button", { type: "button", class: "cancel", onclick: () => cancel(s.id) }, "Cancel")
+          : ""),
+      ),
+    );
+    $("#searches tbody").replaceChildren(...rows);
+    pager($("#searches-pager"), page, (next) => { offset = next; refresh(); });
+  }
+
+  async function cancel(id) {
+    if (!confirm(`Cancel search ${id.slice(0, 8)}? Running trials stop at their next epoch.`)) return;
+    try {
+      await api(`/searches/${id}/cancel`, { method: "POST" });
+    } catch (error) {
+      showAlert(error.message);
+    }
+    refresh();
+  }
+
+  filter.addEventListener("change", () => { offset = 0; refresh(); });
+  setUpToken(async () => {
+    every(REFRESH_MS, refresh);
+    newSearchForm(await api("/choices"));
+  });
+}
+
+function fillSelect(select, values, selected) {
+  select.replaceChildren(...values.map((v) => el("option", { value: v, selected: v === selected }, v)));
+}
+
+function fillChecks(container, name, values, checked) {
+  container.replaceChildren(
+    ...values.map((v) =>
+      el("label", {}, el("input", { type: "checkbox", name, value: v, checked: checked.includes(v) }), v),
+    ),
+  );
+}
+
+// "3, 7" -> [3, 7]; anything that is not a number is sent as typed, for the server to name.
+function numbers(text) {
+  return text.split(/[\s,]+/).filter(Boolean).map((t) => (/^-?\d+$/.test(t) ? Number(t) : t));
+}
+
+function newSearchForm(choices) {
+  const form = $("#new-search");
+  const d = choices.defaults;
+  fillSelect(form.backbone, Object.keys(choices.backbones), d.backbone);
+  fillSelect(form.dataset, choices.datasets, "cluttered-digits");
+  fillSelect(form.sampler, choices.samplers, d.sampler);
+  fillSelect(form.early_stopping, choices.early_stopping, d.early_stopping.policy);
+  fillChecks($("#arrangements"), "arrangements", choices.arrangements, choices.arrangements);
+  fillChecks($("#blocks"), "blocks", choices.blocks, choices.blocks);
+  fillChecks($("#overheads"), "overheads", choices.overheads, ["params"]);
+  form.trials.max = choices.max_trials;
+
+  const checked = (name) => [...form.querySelectorAll(`input[name=${name}]:checked`)].map((i) => i.value);
+
+  function spec() {
+    const dataset = { name: form.dataset.value };
+    const options = form.dataset_options.value.trim();
+    if (options) {
+      try {
+        dataset.options = JSON.parse(options);
+      } catch (error) {
+        throw new ApiError(422, [{ field: "dataset.options", msg: `dataset.options: not JSON (${error.message})` }]);
+      }
+    }
+    return {
+      name: form.name.value,
+      backbone: form.backbone.value,
+      dataset,
+      space: {
+        arrangements: checked("arrangements"),
+        reductions: numbers(form.reductions.value),
+        pool_types: form.pool_types.value.split(",").map((s) => s.trim()).filter(Boolean)
+          .map((s) => s.split("+").map((p) => p.trim())),
+        kernel_sizes: numbers(form.kernel_sizes.value),
+        blocks: checked("blocks"),
+      },
+      objectives: { overheads: checked("overheads") },
+      budget: { trials: numbers(form.trials.value)[0] },
+      training: { epochs: numbers(form.epochs.value)[0] },
+      sampler: form.sampler.value,
+      early_stopping: { policy: form.early_stopping.value },
+      seed: numbers(form.seed.value)[0],
+    };
+  }
+
+  function clearErrors() {
+    for (const field of form.querySelectorAll(".field")) {
+      field.classList.remove("invalid");
+      $(".error", field).textContent = "";
+    }
+  }
+
+  // The API names the field as a dotted path ("space.kernel_sizes[0]"); show the message next
+  // to the form field for the nearest enclosing path.
+  function showErrors(detail) {
+    const items = Array.isArray(detail) ? detail : [{ msg: String(detail) }];
+    for (const item of items) {
+      let path = item.field || (item.loc || []).filter((p) => p !== "body" && typeof p === "string").join(".");
+      path = (path || "spec").replace(/\[\d+\]/g, "");
+      let field = null;
+      for (let p = path; p && !field; p = p.includes(".") ? p.slice(0, p.lastIndexOf(".")) : "") {
+        field = form.querySelector(`.field[data-field="${p}"]`);
+      }
+      field = field || form.querySelector('.field[data-field="spec"]');
+      field.classList.add("invalid");
+      const error = $(".error", field);
+      error.textContent = (error.textContent ? error.textContent + "\n" : "") + item.msg;
+    }
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearErrors();
+    $("#submit-result").textContent = "";
+    try {
+      const created = await api("/searches", { method: "POST", body: spec() });
+      $("#submit-result").replaceChildren(
+        "created ", el("a", { href: `/searches/${created.id}` }, created.id.slice(0, 8)),
+      );
+      location.assign(`/searches/${created.id}`);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 422) showErrors(error.detail);
+      else if (error instanceof ApiError) showErrors(error.detail);
+      else showAlert(error.message);
+    }
+  });
+}
+
+// ---- page: one search ---------------------------------------------------------------------
+
+function searchPage() {
+  const id = document.body.dataset.search;
+  const view = { overhead: "params", sort: "rank", order: "asc", offset: 0, limit: 20, state: null };
+  const overheadSelect = $("#overhead");
+
+  const active = () => view.state === null || ACTIVE.has(view.state);
+
+  async function header() {
+    const search = await api(`/searches/${id}`);
+    const wasActive = active();
+    view.state = search.state;
+    document.title = `${search.name || id.slice(0, 8)} · cbam-nas`;
+    $("#search-title").textContent = search.name || `Search ${id.slice(0, 8)}`;
+    const state = $("#search-state");
+    state.textContent = search.state;
+    state.className = `state ${search.state}`;
+    $("#cancel").hidden = !ACTIVE.has(search.state);
+    const p = search.progress;
+    $("#progress").replaceChildren(
+      progressBar(p),
+      el("span", {}, progressText(p)),
+      el("span", {}, "best: ", p.best ? `${fmt.pct(p.best.val_accuracy)} (trial ${p.best.number}, ${p.best.label})` : "–"),
+      el("span", {}, "ETA: ", fmt.duration(p.eta_s)),
+      el("span", { class: "muted" }, `${search.spec.backbone} on ${search.spec.dataset.name}`),
+    );
+    if (wasActive && !active()) refreshAnalysis();  // once more with the final trials
+  }
+
+  async function leaderboard() {
+    const [absolute, pctKey, , format] = OVERHEADS[view.overhead];
+    const sort = view.sort === "overhead" ? absolute : view.sort;
+    const board = await api(`/searches/${id}/leaderboard`, {
+      params: { overhead: view.overhead, limit: view.limit, offset: view.offset, sort, order: view.order },
+    });
+    const o = view.overhead;
+    const rows = board.entries.map((e) =>
+      el(
+        "tr",
+        { class: e.reference ? "reference" : "", "data-number": e.number },
+        el("td", {}, e.rank),
+        el("td", {}, el("a", { href: `/searches/${id}/trials/${e.number}` }, e.number)),
+        el("td", {}, e.label, e.reference ? el("span", { class: "muted" }, ` (${e.reference})`) : ""),
+        el("td", { class: "acc" }, fmt.pct(e.val_accuracy)),
+        el("td", {}, fmt.signed(e.delta_vs_none)),
+        el("td", {}, fmt.signed(e.delta_vs_se)),
+        el("td", {}, fmt.signed(e.delta_vs_cbam)),
+        el("td", { class: "overhead" }, format(e[absolute])),
+        el("td", {}, e[pctKey] === null ? "–" : fmt.signed(e[pctKey]) + "%"),
+        el("td", {}, e[`${o}_delta_vs_se`] === null ? "–" : fmt.signed(e[`${o}_delta_vs_se`]) + "%"),
+        el("td", {}, e.epochs_run),
+        el("td", {}, e.pareto ? "★" : ""),
+      ),
+    );
+    $("#leaderboard tbody").replaceChildren(...rows);
+    $("#overhead-header").textContent = OVERHEADS[view.overhead][2];
+    for (const th of document.querySelectorAll("#leaderboard th[data-sort]")) {
+      th.classList.toggle("sorted-asc", th.dataset.sort === view.sort && view.order === "asc");
+      th.classList.toggle("sorted-desc", th.dataset.sort === view.sort && view.order === "desc");
+    }
+    pager($("#leaderboard-pager"), board, (next) => { view.offset = next; leaderboard(); });
+  }
+
+  for (const th of document.querySelectorAll("#leaderboard th[data-sort]")) {
+    th.addEventListener("click", () => {
+      const key = th.dataset.sort;
+      // A new column starts with its best first: accuracy high to low, the rest low to high.
+      if (view.sort === key) view.order = view.order === "asc" ? "desc" : "asc";
+      else view.order = key === "val_accuracy" ? "desc" : "asc";
+      view.sort = key;
+      view.offset = 0;
+      leaderboard().catch((error) => showAlert(error.message));
+    });
+  }
+
+  async function fast() {
+    await header();
+    await Promise.all([leaderboard(), scatterPlot(id, view.overhead)]);
+  }
+
+  function refreshAnalysis() {
+    return Promise.all([
+      knobsPlot(id), importancePlot(id), ablationTables(id, view.overhead), curvesPlot(id),
+    ]).catch((error) => showAlert(error.message));
+  }
+
+  overheadSelect.addEventListener("change", () => {
+    view.overhead = overheadSelect.value;
+    leaderboard();
+    scatterPlot(id, view.overhead);
+    ablationTables(id, view.overhead);
+  });
+  $("#cancel").addEventListener("click", async () => {
+    if (!confirm("Cancel this search? Running trials stop at their next epoch.")) return;
+    try {
+      await api(`/searches/${id}/cancel`, { method: "POST" });
+    } catch (error) {
+      showAlert(error.message);
+    }
+    header();
+  });
+  setUpToken(() => {
+    every(REFRESH_MS, fast, active);
+    every(SLOW_REFRESH_MS, refreshAnalysis, active);
+  });
+}
+
+// ---- page: one trial ----------------------------------------------------------------------
+
+function trialPage() {
+  const id = document.body.dataset.search;
+  const number = document.body.dataset.trial;
+
+  async function load() {
+    const t = await api(`/searches/${id}/trials/${number}`);
+    const state = $("#trial-state");
+    state.textContent = t.state;
+    state.className = `state ${t.state}`;
+    $("#trial-label").textContent = t.label + (t.reference ? ` (reference: ${t.reference})` : "");
+    if (t.failure_reason) {
+      $("#failure").hidden = false;
+      $("#failure").textContent = "Failure: " + t.failure_reason;
+    }
+    const rows = [
+      ["validation accuracy (best)", fmt.pct(t.val_accuracy)],
+      ["validation accuracy (final)", fmt.pct(t.final_val_accuracy)],
+      ["test accuracy", fmt.pct(t.test_accuracy)],
+      ["parameters", `${fmt.si(t.params)} (${fmt.signed(t.params_pct)}%)`],
+      ["multiply-accumulates", `${fmt.si(t.macs)} (${fmt.signed(t.macs_pct)}%)`],
+      ["latency", `${fmt.ms(t.latency_ms)} (${fmt.signed(t.latency_pct)}%)`],
+      ["training step", fmt.ms(t.train_step_ms)],
+      ["peak memory", t.peak_memory_bytes ? (t.peak_memory_bytes / 2 ** 20).toFixed(1) + " MiB" : "–"],
+      ["epochs run", t.epochs_run],
+      ["wall time", fmt.duration(t.wall_time_s)],
+      ["images / s", t.images_per_s ? t.images_per_s.toFixed(0) : "–"],
+      ["device", t.device || "–"],
+      ["worker", t.worker || "–"],
+      ["attempt", t.attempt],
+    ];
+    $("#metrics").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v))));
+    $("#architecture").textContent = JSON.stringify(t.architecture, null, 2);
+    $("#downloads").replaceChildren(
+      ...(t.files.length
+        ? t.files.map((name) =>
+            el("li", {}, el("a", { href: `/api/v1/searches/${id}/trials/${number}/files/${name}`, download: name, class: "download" }, name)),
+          )
+        : [el("li", { class: "muted" }, "no files: only completed trials store them")]),
+    );
+    curvePlot(t.learning_curve);
+    if (t.files.length) attention(id, number);
+    else $("#attention").replaceChildren(el("p", { class: "muted" }, "Only completed trials have stored weights."));
+  }
+
+  setUpToken(() => load().catch((error) => showAlert(error.message)));
+}
+
+function curvePlot(curve) {
+  const epochs = curve.map((c) => c.epoch);
+  const line = (name, key, axis, scale = 1) => ({
+    name, x: epochs, y: curve.map((c) => c[key] * scale), yaxis: axis, mode: "lines+markers",
+  });
+  Plotly.react(
+    "curve",
+    [
+      line("val accuracy %", "val_accuracy", "y", 100),
+      line("train accuracy %", "train_accuracy", "y", 100),
+      line("val loss", "val_loss", "y2"),
+      line("train loss", "train_loss", "y2"),
+    ],
+    {
+      margin: { t: 20 },
+      xaxis: { title: { text: "epoch" }, dtick: 1 },
+      yaxis: { title: { text: "accuracy (%)" } },
+      yaxis2: { title: { text: "loss" }, overlaying: "y", side: "right" },
+      legend: { orientation: "h" },
+    },
+    PLOT_CONFIG,
+  );
+}
+
+// ---- start --------------------------------------------------------------------------------
+
+const PAGES = { searches: searchesPage, search: searchPage, trial: trialPage };
+document.addEventListener("DOMContentLoaded", () => PAGES[document.body.dataset.page]());
