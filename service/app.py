@@ -22,7 +22,7 @@ from search.artifacts import artifact_store
 from search.db import Database, open_database
 from search.errors import Conflict, InvalidValue, NotFound
 from search.settings import Settings, get_settings
-from service.api import attention, files, meta, ops, searches, trials
+from service.api import analysis, attention, files, meta, ops, searches, trials
 from service.dashboard import routes as dashboard
 
 API_PREFIX = "/api/v1"
@@ -131,11 +131,20 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.histogram.labels(scope["method"], template, str(status_code)).observe(
+            self.histogram.labels(scope["method"], route_template(scope), str(status_code)).observe(
                 time.perf_counter() - start
             )
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route as a template (``/api/v1/searches/{search_id}``), from the path and
+    its path parameters: FastAPI's ``scope["route"]`` of an included router lacks the prefix.
+    Unmatched paths share one label, so that probing does not grow the metric without bound."""
+    if scope.get("route") is None:
+        return "unmatched"
+    names = {str(value): name for name, value in (scope.get("path_params") or {}).items()}
+    segments = scope["path"].split("/")
+    return "/".join(f"{{{names[s]}}}" if s in names else s for s in segments)
 
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
@@ -164,7 +173,14 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.metrics = registry
     app.state.schema_head = database.head_revision()
 
-    for router in (searches.router, trials.router, files.router, meta.router, attention.router):
+    for router in (
+        searches.router,
+        trials.router,
+        files.router,
+        meta.router,
+        attention.router,
+        analysis.router,
+    ):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(ops.router)
     app.add_exception_handler(InvalidValue, _invalid)

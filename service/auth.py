@@ -22,7 +22,8 @@ from search.errors import InvalidValue
 from search.records import ApiToken, utcnow
 
 PREFIX = "cbn"
-_TOKEN = re.compile(rf"^{PREFIX}_(\d+)_([A-Za-z0-9_-]{{20,}})$")
+# Ids fit a 32-bit integer column: longer digit strings are not tokens (and never reach SQL).
+_TOKEN = re.compile(rf"^{PREFIX}_(\d{{1,9}})_([A-Za-z0-9_-]{{20,}})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 # last_used_at is refreshed at most this often, so reads do not each write to the database.
 _TOUCH_EVERY = timedelta(minutes=1)

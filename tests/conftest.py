@@ -149,3 +149,27 @@ def any_db(database_url: str) -> Iterator[Database]:
 def sqlite_db(settings: Settings) -> Iterator[Database]:
     """The migrated SQLite database of the test's settings."""
     yield from _migrated(None)
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
+    """pytest-playwright drives the system's Chromium (``apt-get install chromium``); Playwright's
+    own browser download cannot work offline. Missing Chromium skips, except under CI."""
+    path = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+    if not os.path.exists(path):
+        reason = f"Chromium not found at {path}: apt-get install chromium (or set CHROMIUM_PATH)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must install it (.ci/run)")
+        pytest.skip(reason)
+    return {**browser_type_launch_args, "executable_path": path, "args": CHROMIUM_ARGS}

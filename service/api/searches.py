@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
-from search.records import SearchState
+from search.records import ApiToken, SearchState
 from search.results import get_search, list_searches, progress
 from search.searches import cancel_search, create_search, delete_search, find_by_idempotency_key
 from search.spec import SearchSpec
-from service.api.deps import DB, AppSettings, Reader, Store, Writer
+from service.api.deps import DB, AppSettings, Reader, Store, Writer, write_access
 from service.api.files import export_dir
 from service.schemas import Page, SearchOut
 
@@ -29,17 +31,48 @@ _EXAMPLE_SPEC = {
 }
 
 
+async def spec_body(
+    request: Request, _caller: Annotated[ApiToken, Depends(write_access)]
+) -> dict[str, Any]:
+    """The JSON body as a mapping, parsed only once the caller is known: FastAPI parses a
+    declared body before any dependency runs, which would answer strangers with validation
+    errors instead of 401."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {exc}"}]
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestValidationError(
+            [{"type": "dict_type", "loc": ("body",), "msg": "a SearchSpec must be a JSON object"}]
+        )
+    return data
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     dependencies=[Writer],
     responses={200: {"description": "The search an earlier request with this key created."}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "title": "SearchSpec"},
+                    "example": _EXAMPLE_SPEC,
+                }
+            },
+        }
+    },
 )
 def submit(
     db: DB,
     settings: AppSettings,
     response: Response,
-    spec: Annotated[dict[str, Any], Body(examples=[_EXAMPLE_SPEC])],
+    spec: Annotated[dict[str, Any], Depends(spec_body)],
     idempotency_key: Annotated[
         str | None,
         Header(max_length=200, description="Repeat a submit safely: the same key, one search."),

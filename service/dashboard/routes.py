@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
@@ -36,20 +37,24 @@ def plotly_bundle() -> FileResponse:
     return FileResponse(plotly_js(), media_type="text/javascript", headers=_VENDOR_CACHE)
 
 
+def _render(request: Request, page: str, **context: Any) -> HTMLResponse:
+    """A page shell; ``read_open`` tells its script whether reads work without a token."""
+    read_open = request.app.state.settings.read_open
+    return templates.TemplateResponse(
+        request, f"{page}.html", {"page": page, "read_open": read_open, **context}
+    )
+
+
 @router.get("/", response_class=HTMLResponse)
 def searches_page(request: Request) -> HTMLResponse:
-    return templates.TemplateResponse(request, "searches.html", {"page": "searches"})
+    return _render(request, "searches")
 
 
 @router.get("/searches/{search_id}", response_class=HTMLResponse)
 def search_page(request: Request, search_id: str) -> HTMLResponse:
-    return templates.TemplateResponse(
-        request, "search.html", {"page": "search", "search_id": search_id}
-    )
+    return _render(request, "search", search_id=search_id)
 
 
 @router.get("/searches/{search_id}/trials/{number}", response_class=HTMLResponse)
 def trial_page(request: Request, search_id: str, number: int) -> HTMLResponse:
-    return templates.TemplateResponse(
-        request, "trial.html", {"page": "trial", "search_id": search_id, "number": number}
-    )
+    return _render(request, "trial", search_id=search_id, number=number)
