@@ -112,37 +112,64 @@ class Progress:
 
 
 def progress(db: Database, search: Search) -> Progress:
+    return progress_of(db, [search])[search.id]
+
+
+def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
+    """The progress of several searches in three queries, whatever their number."""
+    ids = [search.id for search in searches]
+    counts: dict[str, dict[ResultState, int]] = {search_id: {} for search_id in ids}
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=TrialResult.search_id,
+            order_by=(TrialResult.val_accuracy.desc(), TrialResult.params, TrialResult.number),
+        )
+        .label("rank")
+    )
+    ranked = (
+        select(TrialResult.id, rank)
+        .where(
+            TrialResult.search_id.in_(ids),
+            TrialResult.state == ResultState.completed,
+            TrialResult.val_accuracy.is_not(None),
+        )
+        .subquery()
+    )
     with db.session() as session:
-        counts = dict(
+        for search_id, state, n in session.execute(
+            select(TrialResult.search_id, TrialResult.state, func.count())
+            .where(TrialResult.search_id.in_(ids))
+            .group_by(TrialResult.search_id, TrialResult.state)
+        ):
+            counts[search_id][state] = n
+        done = dict(
             session.execute(
-                select(TrialResult.state, func.count())
-                .where(TrialResult.search_id == search.id)
-                .group_by(TrialResult.state)
+                select(TrialResult.search_id, func.count(TrialResult.number.distinct()))
+                .where(TrialResult.search_id.in_(ids), TrialResult.state.in_(_FINISHED))
+                .group_by(TrialResult.search_id)
             ).all()
         )
-        done = session.scalar(
-            select(func.count(TrialResult.number.distinct())).where(
-                TrialResult.search_id == search.id, TrialResult.state.in_(_FINISHED)
+        best = {
+            row.search_id: row
+            for row in session.scalars(
+                select(TrialResult)
+                .join(ranked, TrialResult.id == ranked.c.id)
+                .where(ranked.c.rank == 1)
             )
+        }
+    out = {}
+    for search in searches:
+        finished = min(done.get(search.id, 0), search.budget_trials)
+        top = best.get(search.id)
+        out[search.id] = Progress(
+            budget=search.budget_trials,
+            done=finished,
+            **{state.value: counts[search.id].get(state, 0) for state in ResultState},
+            eta_s=_eta(search, finished),
+            best=None if top is None else _summary(top),
         )
-        best = session.scalars(
-            select(TrialResult)
-            .where(
-                TrialResult.search_id == search.id,
-                TrialResult.state == ResultState.completed,
-                TrialResult.val_accuracy.is_not(None),
-            )
-            .order_by(TrialResult.val_accuracy.desc(), TrialResult.params, TrialResult.number)
-            .limit(1)
-        ).one_or_none()
-    done = min(done or 0, search.budget_trials)
-    return Progress(
-        budget=search.budget_trials,
-        done=done,
-        **{state.value: counts.get(state, 0) for state in ResultState},
-        eta_s=_eta(search, done),
-        best=None if best is None else _summary(best),
-    )
+    return out
 
 
 def _eta(search: Search, done: int) -> float | None:

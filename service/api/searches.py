@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
 from search.records import ApiToken, SearchState
-from search.results import get_search, list_searches, progress
+from search.results import get_search, list_searches, progress, progress_of
 from search.searches import cancel_search, create_search, delete_search, find_by_idempotency_key
 from search.spec import SearchSpec
 from service.api.deps import DB, AppSettings, Reader, Store, Writer, write_access
@@ -106,7 +106,8 @@ def list_all(
 ) -> Page[SearchOut]:
     """Searches, newest first, with their progress."""
     total, rows = list_searches(db, state=state, limit=limit, offset=offset)
-    items = [SearchOut.of(row, progress(db, row)) for row in rows]
+    progresses = progress_of(db, rows)
+    items = [SearchOut.of(row, progresses[row.id]) for row in rows]
     return Page[SearchOut](total=total, offset=offset, limit=limit, items=items)
 
 
