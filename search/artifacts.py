@@ -1,8 +1,9 @@
 """Where trial artifacts live: Optuna's artifact stores, on a file system or S3-compatible.
 
-Each completed trial stores ``weights.safetensors``, ``architecture.json`` and ``metrics.json``;
-their artifact ids are kept on the trial-result row (``TrialResult.artifacts``) so that downloads
-need no Optuna reads.
+Each completed trial stores ``weights.safetensors``, ``architecture.json``, ``metrics.json`` and
+``samples.safetensors`` (a few validation images with their labels and the normalisation's mean
+and std, for the attention pictures; trials stored before it have none); their artifact ids are
+kept on the trial-result row (``TrialResult.artifacts``) so that downloads need no Optuna reads.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import IO, Any
 from search.errors import InvalidValue, NotFound
 from search.settings import Settings
 
-ARTIFACT_FILES = ("weights.safetensors", "architecture.json", "metrics.json")
+SAMPLES_FILE = "samples.safetensors"
+ARTIFACT_FILES = ("weights.safetensors", "architecture.json", "metrics.json", SAMPLES_FILE)
 MEDIA_TYPES = {
     "weights.safetensors": "application/octet-stream",
     "architecture.json": "application/json",
     "metrics.json": "application/json",
+    SAMPLES_FILE: "application/octet-stream",
     "model.onnx": "application/octet-stream",
 }
 

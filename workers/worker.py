@@ -47,7 +47,8 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased
 
-from search.artifacts import ARTIFACT_FILES, artifact_store
+from search.artifacts import ARTIFACT_FILES, SAMPLES_FILE, artifact_store
+from search.attention_maps import NORMALISATION
 from search.db import Database, open_database
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, check_device, measure
@@ -75,6 +76,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cbam_nas.worker")
 
 ARTIFACTS_ATTR = "artifacts"
+SAMPLE_IMAGES = 8
+"""How many validation images are stored with each completed trial (the dashboard's attention
+pictures are computed from them)."""
 LOST_REASON = "worker lost"
 STOPPED_REASON = "worker stopped"
 CANCELLED_REASON = "search cancelled"
@@ -394,15 +398,48 @@ def _fail_search(db: Database, search_id: str, error: str) -> None:
 # -- artifacts -------------------------------------------------------------------------------
 
 
+def validation_samples(
+    data: DatasetTensors | StreamingData, count: int = SAMPLE_IMAGES
+) -> dict[str, Any] | None:
+    """The first ``count`` validation images (the test set's when there is no validation set) as
+    ``images`` (uint8 NCHW), ``labels`` (int64) and the per-channel ``mean`` and ``std`` (float32,
+    [0, 1] units) that training normalises with: ``(images / 255 - mean) / std``. None when
+    there are no such images."""
+    import torch
+
+    if isinstance(data, StreamingData):
+        files = data.val if len(data.val) else data.test
+        if files is None or not len(files):
+            return None
+        decoded = [files[i] for i in range(min(count, len(files)))]
+        images = torch.stack([image for image, _ in decoded])
+        labels = torch.tensor([label for _, label in decoded], dtype=torch.int64)
+    else:
+        x, y = data.val_x, data.val_y
+        if not len(y) and data.test_x is not None and data.test_y is not None:
+            x, y = data.test_x, data.test_y
+        if not len(y):
+            return None
+        images, labels = x[:count], y[:count]
+    return {
+        "images": images.to(torch.uint8).contiguous().clone(),
+        "labels": labels.to(torch.int64).contiguous().clone(),
+        "mean": torch.tensor(data.mean, dtype=torch.float32),
+        "std": torch.tensor(data.std, dtype=torch.float32),
+    }
+
+
 def store_artifacts(
     store: Any,
     trial: optuna.Trial,
     architecture: Architecture,
     result: TrainResult,
     overhead: OverheadReport,
+    samples: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Upload weights, architecture and metrics; returns file name -> artifact id (also set as
-    the trial's user attribute ``artifacts``)."""
+    """Upload weights, architecture, metrics and (when given) the sample images of
+    :func:`validation_samples`; returns file name -> artifact id (also set as the trial's user
+    attribute ``artifacts``)."""
     from optuna.artifacts import upload_artifact
     from safetensors.torch import save_file
 
@@ -417,7 +454,13 @@ def store_artifacts(
         (folder / "architecture.json").write_text(architecture.to_json())
         metrics = {**result.metrics(), "overhead": overhead.to_dict()}
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if samples is not None:
+            save_file(
+                samples, str(folder / SAMPLES_FILE), metadata={"normalisation": NORMALISATION}
+            )
         for name in ARTIFACT_FILES:
+            if not (folder / name).exists():
+                continue
             ids[name] = upload_artifact(
                 artifact_store=store, file_path=str(folder / name), study_or_trial=trial
             )
@@ -691,7 +734,7 @@ class Worker:
             on_epoch=on_epoch,
             threads=self.options.threads,
         )
-        return self._finish(claim, trial, architecture, overhead, result)
+        return self._finish(claim, trial, architecture, overhead, result, data)
 
     def _on_epoch(
         self, claim: Claim, trial: optuna.Trial, reference: str | None, progress: _Progress
@@ -750,6 +793,7 @@ class Worker:
         architecture: Architecture,
         overhead: OverheadReport,
         result: TrainResult,
+        data: DatasetTensors | StreamingData | None = None,
     ) -> ResultState | None:
         common = {
             "val_accuracy": result.best_val_accuracy,
@@ -772,7 +816,13 @@ class Worker:
             return self._end(claim, trial, ResultState.pruned, None, TrialState.PRUNED)
         if self._store is None:
             self._store = artifact_store(self.settings, self.options.artifacts_dir)
-        artifacts = store_artifacts(self._store, trial, architecture, result, overhead)
+        samples = None
+        if data is not None:
+            try:
+                samples = validation_samples(data)
+            except Exception:  # the pictures are optional: never lose a trained trial to them
+                log.warning("%s: no sample images stored", claim.label, exc_info=True)
+        artifacts = store_artifacts(self._store, trial, architecture, result, overhead, samples)
         values = objective_values(claim.spec, result.best_val_accuracy, overhead.to_dict())
         _update_row(self.db, claim.row_id, artifacts=artifacts, **common)
         return self._end(claim, trial, ResultState.completed, None, values=values)

@@ -14,6 +14,7 @@ from search.records import ApiToken, SearchState
 from search.results import get_search, list_searches, progress, progress_of
 from search.searches import cancel_search, create_search, delete_search, find_by_idempotency_key
 from search.spec import SearchSpec
+from service.api.attention import attention_dir
 from service.api.deps import DB, AppSettings, Reader, Store, Writer, write_access
 from service.api.files import export_dir
 from service.schemas import Page, SearchOut
@@ -131,5 +132,6 @@ def cancel(db: DB, search_id: str) -> SearchOut:
 def delete(db: DB, settings: AppSettings, store: Store, search_id: str) -> Response:
     """Delete a finished search: its study, trial rows and stored files (409 while it runs)."""
     delete_search(db, search_id, store)
-    shutil.rmtree(export_dir(settings, search_id), ignore_errors=True)
+    for cache in (export_dir(settings, search_id), attention_dir(settings, search_id)):
+        shutil.rmtree(cache, ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
