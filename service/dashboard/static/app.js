@@ -144,6 +144,7 @@ function setUpToken(start) {
     $("#token-state").textContent = "token set";
     start();
   });
+  if (auth.token) auth.set(auth.token);  // the cookie lives as long as the browser session
   if (auth.usable) {
     $("#token-state").textContent = auth.token ? "token set" : "reads open";
     start();
@@ -385,7 +386,7 @@ function searchPage() {
         "tr",
         { class: e.reference ? "reference" : "", "data-number": e.number },
         el("td", {}, e.rank),
-        el("td", {}, el("a", { href: `/searches/${id}/trials/${e.number}` }, e.number)),
+        el("td", { class: "number" }, el("a", { href: `/searches/${id}/trials/${e.number}` }, e.number)),
         el("td", {}, e.label, e.reference ? el("span", { class: "muted" }, ` (${e.reference})`) : ""),
         el("td", { class: "acc" }, fmt.pct(e.val_accuracy)),
         el("td", {}, fmt.signed(e.delta_vs_none)),
@@ -449,6 +450,136 @@ function searchPage() {
     every(REFRESH_MS, fast, active);
     every(SLOW_REFRESH_MS, refreshAnalysis, active);
   });
+}
+
+// ---- the search page's charts ---------------------------------------------------------------
+
+const REFERENCE_STYLE = {
+  none: { symbol: "square", color: "#444", label: "no attention" },
+  se: { symbol: "diamond", color: "#d08a00", label: "SE" },
+  cbam: { symbol: "star", color: "#c8413b", label: "paper CBAM" },
+};
+
+// One point per completed trial, split into traces (each trace's points tagged "trial"):
+// the Pareto front, the other trials, and each reference with its own marker; plus the front's
+// line. Hover shows the architecture and the metrics; a click opens the trial.
+async function scatterPlot(id, overhead) {
+  const data = await api(`/searches/${id}/scatter`, { params: { overhead } });
+  const [, , title, format] = OVERHEADS[overhead];
+  const hover = (p) =>
+    `trial ${p.number}: ${p.label}<br>val acc ${fmt.pct(p.val_accuracy)}%<br>` +
+    `${title} ${format(p.overhead)} (${fmt.signed(p.overhead_pct)}%)`;
+  const trace = (name, points, marker, extra = {}) => ({
+    name, type: "scatter", mode: "markers", meta: "trial",
+    x: points.map((p) => p.overhead), y: points.map((p) => 100 * p.val_accuracy),
+    customdata: points.map((p) => p.number), text: points.map(hover),
+    hovertemplate: "%{text}<extra></extra>", marker, ...extra,
+  });
+  const plain = data.points.filter((p) => !p.reference);
+  const front = data.points.filter((p) => p.pareto);
+  const traces = [
+    { name: "Pareto front", type: "scatter", mode: "lines", meta: "front", hoverinfo: "skip",
+      x: front.map((p) => p.overhead), y: front.map((p) => 100 * p.val_accuracy),
+      line: { shape: "hv", color: "#2e9d5b", width: 1.5 } },
+    trace("trials", plain.filter((p) => !p.pareto), { color: "#7d8fa3", size: 7, opacity: 0.7 }),
+    trace("on the front", plain.filter((p) => p.pareto), { color: "#2e9d5b", size: 9 }),
+    ...Object.entries(REFERENCE_STYLE).map(([name, style]) =>
+      trace(style.label, data.points.filter((p) => p.reference === name),
+        { symbol: style.symbol, color: style.color, size: 13, line: { width: 1, color: "#fff" } }),
+    ),
+  ];
+  const div = $("#pareto");
+  await Plotly.react(div, traces, {
+    margin: { t: 30 },
+    xaxis: { title: { text: title } },
+    yaxis: { title: { text: "validation accuracy (%)" } },
+    legend: { orientation: "h", y: 1.12 },
+    uirevision: overhead,
+  }, PLOT_CONFIG);
+  if (!div.dataset.clicks) {
+    div.dataset.clicks = "1";
+    div.on("plotly_click", (event) => {
+      const number = event.points[0] && event.points[0].customdata;
+      if (number !== undefined) location.assign(`/searches/${id}/trials/${number}`);
+    });
+  }
+  $("#scatter-note").textContent =
+    `${data.total} completed trials` + (data.downsampled ? `, ${data.shown} drawn (every Pareto point and reference kept)` : "") +
+    (data.missing ? `; ${data.missing} without this figure` : "");
+}
+
+async function knobsPlot(id) {
+  const data = await api(`/searches/${id}/knobs`);
+  if (!data.rows.length) {
+    $("#knobs").replaceChildren(el("p", { class: "muted" }, "No completed trials yet."));
+    return;
+  }
+  // Categorical knobs become integer axes with their values as tick labels; a knob that does
+  // not apply to a trial (e.g. kernel size of channel-only) sits on an extra "n/a" tick.
+  const dimensions = data.columns.map((column) => {
+    const values = data.rows.map((r) => r[column.name]);
+    if (column.kind === "categorical" || (column.values && column.role === "knob")) {
+      const ticks = column.values.map(String);
+      const hasMissing = values.some((v) => v === null);
+      if (hasMissing) ticks.push("n/a");
+      return {
+        label: column.name, tickvals: ticks.map((_, i) => i), ticktext: ticks,
+        values: values.map((v) => (v === null ? ticks.length - 1 : ticks.indexOf(String(v)))),
+        range: [0, Math.max(1, ticks.length - 1)],
+      };
+    }
+    const scale = column.name === "val_accuracy" ? 100 : 1;
+    return {
+      label: column.name === "val_accuracy" ? "val acc (%)" : column.name,
+      values: values.map((v) => (v === null ? null : v * scale)),
+    };
+  });
+  const accuracy = data.rows.map((r) => 100 * r.val_accuracy);
+  Plotly.react("knobs", [{
+    type: "parcoords", dimensions, labelangle: -20,
+    line: { color: accuracy, colorscale: "Viridis", showscale: true, colorbar: { title: { text: "acc %" } } },
+  }], { margin: { t: 70, l: 70, r: 70 } }, PLOT_CONFIG);
+}
+
+async function importancePlot(id) {
+  const data = await api(`/searches/${id}/importance`);
+  const entries = Object.entries(data.importances).sort((a, b) => a[1] - b[1]);
+  $("#importance-note").textContent = entries.length
+    ? `${data.evaluator} over ${data.trials} completed trials, for validation accuracy`
+    : data.reason || "no importances yet";
+  Plotly.react("importance", entries.length ? [{
+    type: "bar", orientation: "h", x: entries.map((e) => e[1]), y: entries.map((e) => e[0]),
+    marker: { color: "#2f6fdb" }, hovertemplate: "%{y}: %{x:.3f}<extra></extra>",
+  }] : [], { margin: { t: 10, l: 110 }, xaxis: { title: { text: "importance" } } }, PLOT_CONFIG);
+}
+
+async function ablationTables(id, overhead) {
+  const data = await api(`/searches/${id}/ablation`, { params: { overhead } });
+  const meanStd = (mean, std, scale = 1, digits = 2) =>
+    mean === null ? "–" : (scale * mean).toFixed(digits) + (std === null ? "" : " ± " + (scale * std).toFixed(digits));
+  const table = (title, rows) =>
+    el("table", { class: "grid ablation-table" },
+      el("caption", {}, title),
+      el("thead", {}, el("tr", {}, ["value", "n", "val acc (%)", "best (%)", `${overhead} overhead (%)`].map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows.map((r) => el("tr", {},
+        el("td", {}, String(r.value)), el("td", {}, r.n),
+        el("td", {}, meanStd(r.accuracy_mean, r.accuracy_std, 100)),
+        el("td", {}, r.accuracy_max === null ? "–" : (100 * r.accuracy_max).toFixed(2)),
+        el("td", {}, meanStd(r.overhead_pct_mean, r.overhead_pct_std))))));
+  const tables = data.tables.filter((t) => t.rows.length).map((t) => table(t.title, t.rows));
+  if (data.baselines.length) tables.unshift(table("References", data.baselines));
+  $("#ablation").replaceChildren(...(tables.length ? tables : [el("p", { class: "muted" }, "No completed trials yet.")]));
+}
+
+async function curvesPlot(id) {
+  const curves = await api(`/searches/${id}/curves`, { params: { top: 5 } });
+  Plotly.react("curves", curves.map((c) => ({
+    name: `#${c.number} ${c.label}`, x: c.curve.epoch, y: c.curve.val_accuracy.map((v) => (v === null ? null : 100 * v)),
+    mode: "lines+markers",
+  })), {
+    margin: { t: 10 }, xaxis: { title: { text: "epoch" }, dtick: 1 },
+    yaxis: { title: { text: "validation accuracy (%)" } }, legend: { orientation: "h", y: -0.25 },
+  }, PLOT_CONFIG);
 }
 
 // ---- page: one trial ----------------------------------------------------------------------
@@ -518,10 +649,87 @@ function curvePlot(curve) {
       xaxis: { title: { text: "epoch" }, dtick: 1 },
       yaxis: { title: { text: "accuracy (%)" } },
       yaxis2: { title: { text: "loss" }, overlaying: "y", side: "right" },
-      legend: { orientation: "h" },
+      legend: { orientation: "h", y: -0.25 },
     },
     PLOT_CONFIG,
   );
+}
+
+// The attention pictures of a trial: per image, the image itself, each module's spatial map
+// and Grad-CAM as heat maps over it (maps come at their own resolution; plotly stretches and
+// smooths them over the image), and the channel gates of every module.
+async function attention(id, number) {
+  const box = $("#attention");
+  let report;
+  try {
+    report = await api(`/searches/${id}/trials/${number}/attention`);
+  } catch (error) {
+    box.replaceChildren(el("p", { class: "muted" }, error.message));
+    return;
+  }
+  const [height, width] = report.image_size;
+  const draws = [];
+  const figures = report.images.map((image) => {
+    const figure = el("div", { class: "attention-image", "data-index": image.index });
+    figure.append(
+      el("div", { class: "caption" },
+        `validation image ${image.index}: label ${image.label}, predicted ${image.prediction} ` +
+        `(${(100 * image.probability).toFixed(1)}%)`),
+    );
+    const panels = [
+      { title: "image", map: null },
+      ...image.spatial.map((s) => ({ title: `spatial gate ${s.module}`, map: s })),
+      { title: `Grad-CAM ${image.grad_cam.module}`, map: image.grad_cam },
+    ];
+    for (const panel of panels) {
+      const cell = el("div", { class: "cell" + (panel.map ? " heatmap-cell" : "") });
+      figure.append(cell);
+      draws.push(() => overlay(cell, image.image, panel, width, height));
+    }
+    if (image.channel.length) {
+      const gates = el("div", { class: "gates" });
+      figure.append(gates);
+      draws.push(() => channelGates(gates, image.channel));
+    }
+    return figure;
+  });
+  if (!figures.length) figures.push(el("p", { class: "muted" }, "No sample images were stored."));
+  if (report.images.length && !report.modules.length) {
+    figures.unshift(el("p", { class: "muted" }, "This architecture has no attention modules: Grad-CAM only."));
+  }
+  box.replaceChildren(...figures);
+  for (const draw of draws) draw();
+}
+
+function overlay(cell, source, panel, width, height) {
+  const traces = [];
+  if (panel.map) {
+    const [h, w] = panel.map.size;
+    traces.push({
+      type: "heatmap", z: panel.map.map, x0: width / w / 2, dx: width / w, y0: height / h / 2,
+      // Each map on its own scale: gates sit near 0.5 after BatchNorm, and the picture is
+      // about where they differ (the hover shows the absolute values).
+      dy: height / h, zauto: true, colorscale: "Jet", opacity: 0.5, zsmooth: "best",
+      showscale: false, hovertemplate: "%{z:.3f}<extra></extra>",
+    });
+  }
+  Plotly.newPlot(cell, traces, {
+    title: { text: panel.title, font: { size: 11 } },
+    margin: { l: 4, r: 4, t: 26, b: 4 },
+    xaxis: { range: [0, width], visible: false },
+    yaxis: { range: [height, 0], visible: false, scaleanchor: "x" },
+    images: [{ source, xref: "x", yref: "y", x: 0, y: 0, sizex: width, sizey: height, sizing: "stretch", layer: "below" }],
+  }, { ...PLOT_CONFIG, staticPlot: false, displayModeBar: false });
+}
+
+function channelGates(container, channel) {
+  Plotly.newPlot(container, channel.map((c) => ({
+    name: c.module, y: c.values, mode: "lines", hovertemplate: "channel %{x}: %{y:.3f}",
+  })), {
+    title: { text: "channel gates (sigmoid M_c) per module", font: { size: 12 } },
+    margin: { t: 30, b: 30 }, xaxis: { title: { text: "channel" } },
+    yaxis: { range: [0, 1], title: { text: "gate" } }, legend: { font: { size: 10 } },
+  }, PLOT_CONFIG);
 }
 
 // ---- start --------------------------------------------------------------------------------

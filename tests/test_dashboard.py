@@ -1,0 +1,314 @@
+"""The dashboard in a real browser (Debian's Chromium via Playwright) against a real server
+holding a finished small search. Every test saves a screenshot under test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import ConsoleMessage, Page, expect
+from safetensors.torch import load as load_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+TRIALS = 5
+SPEC = {
+    "name": "dashboard test",
+    "backbone": "cifar_resnet20",
+    "dataset": {
+        "name": "synthetic",
+        "options": {"size": 16, "num_samples": 256, "num_test": 32},
+        "val_fraction": 0.25,
+    },
+    "space": {"arrangements": ["channel-spatial", "spatial"], "kernel_sizes": [3, 7]},
+    "training": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+    "sampler": "random",
+    "budget": {"trials": TRIALS},
+    "early_stopping": {"policy": "none"},
+}
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    search_id: str
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.url}/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=120,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[Server]:
+    """``cbam-nas serve`` with one worker, after it finished a 5-trial search."""
+    state = tmp_path_factory.mktemp("dashboard")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CBAM_NAS_DATABASE_URL": f"sqlite:///{state / 'cbam-nas.db'}",
+        "CBAM_NAS_ARTIFACTS_DIR": str(state / "artifacts"),
+        "CBAM_NAS_CACHE_DIR": str(state / "cache"),
+        "CBAM_NAS_TOKEN_FILE": str(state / "token"),
+        "CBAM_NAS_DATA_DIR": str(shared_data_dir),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1"],
+        cwd=state,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, "cbam-nas serve exited"
+            assert time.monotonic() < deadline, "cbam-nas serve not ready in 60 s"
+            time.sleep(0.3)
+        token = (state / "token").read_text().strip()
+        running = Server(url, token, "")
+        with running.api() as client:
+            created = client.post("/searches", json=SPEC)
+            assert created.status_code == 201, created.text
+            running.search_id = created.json()["id"]
+            deadline = time.monotonic() + 300
+            while client.get(f"/searches/{running.search_id}").json()["state"] != "completed":
+                assert time.monotonic() < deadline, "the search did not complete in 300 s"
+                time.sleep(1)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def errors(page: Page) -> list[str]:
+    """Console errors and uncaught exceptions of the page, collected as it runs."""
+    found: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            found.append(f"console: {message.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: found.append(f"page error: {exc}"))
+    return found
+
+
+@pytest.fixture
+def signed_in(page: Page, server: Server, errors: list[str]) -> Page:
+    """A page whose session already holds the token (as if entered once before)."""
+    page.add_init_script(f"sessionStorage.setItem('cbamNasToken', {json.dumps(server.token)})")
+    return page
+
+
+def _shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _plot_points(page: Page, selector: str, meta: str) -> int:
+    return page.evaluate(
+        """([selector, meta]) => (document.querySelector(selector).data || [])
+            .filter((t) => t.meta === meta).reduce((n, t) => n + t.x.length, 0)""",
+        [selector, meta],
+    )
+
+
+def test_token_entered_once_opens_the_searches_page(
+    page: Page, server: Server, errors: list[str]
+) -> None:
+    page.goto(server.url + "/")
+    expect(page.locator("#token-form")).to_be_visible()
+    page.fill("#token-input", server.token)
+    page.click("#token-form button")
+    row = page.locator(f'#searches tr[data-id="{server.search_id}"]')
+    expect(row).to_contain_text("completed")
+    expect(row).to_contain_text(f"{TRIALS}/{TRIALS} done")
+    # Kept for the session: another page needs no token again.
+    page.goto(f"{server.url}/searches/{server.search_id}")
+    expect(page.locator("#search-state")).to_have_text("completed")
+    expect(page.locator("#token-form")).to_be_hidden()
+    page.goto(server.url + "/")
+    expect(page.locator("#searches tbody tr")).to_have_count(1)
+    _shot(page, "searches")
+    assert errors == []
+
+
+def test_a_wrong_token_is_refused_with_a_message(page: Page, server: Server) -> None:
+    page.goto(server.url + "/")
+    page.fill("#token-input", "cbn_1_" + "x" * 43)
+    page.click("#token-form button")
+    expect(page.locator("#alert")).to_contain_text("invalid or revoked token")
+    expect(page.locator("#token-form")).to_be_visible()
+
+
+def test_search_page_draws_every_completed_trial(
+    signed_in: Page, server: Server, errors: list[str]
+) -> None:
+    page = signed_in
+    page.goto(f"{server.url}/searches/{server.search_id}")
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(TRIALS)
+    page.wait_for_function(
+        "() => (document.querySelector('#pareto').data || []).length > 0", timeout=20_000
+    )
+    assert _plot_points(page, "#pareto", "trial") == TRIALS
+    # The references are marked, each once.
+    names = page.evaluate(
+        "() => document.querySelector('#pareto').data.filter((t) => t.x.length).map((t) => t.name)"
+    )
+    assert {"no attention", "SE", "paper CBAM"} <= set(names)
+    # Switching the overhead redraws the same trials against latency.
+    page.select_option("#overhead", "latency")
+    expect(page.locator("#overhead-header")).to_have_text("latency (ms)")
+    page.wait_for_function(
+        "() => document.querySelector('#pareto').layout.xaxis.title.text === 'latency (ms)'"
+    )
+    assert _plot_points(page, "#pareto", "trial") == TRIALS
+    # The analysis panels filled in.
+    page.wait_for_function("() => (document.querySelector('#knobs').data || []).length === 1")
+    expect(page.locator("#ablation table").first).to_be_visible()
+    page.wait_for_function("() => (document.querySelector('#curves').data || []).length === 5")
+    expect(page.locator("#importance-note")).not_to_be_empty()
+    _shot(page, "search")
+    assert errors == []
+
+
+# Whether the numbers in the cells matching the selector ascend.
+ASCENDING = """(selector) => {
+    const v = [...document.querySelectorAll(selector)].map((td) => parseFloat(td.textContent));
+    return v.length > 0 && v.every((x, i) => !i || v[i - 1] <= x);
+}"""
+
+
+def _column(page: Page, css_class: str) -> list[float]:
+    return [
+        float(text) for text in page.locator(f"#leaderboard tbody td.{css_class}").all_inner_texts()
+    ]
+
+
+def test_leaderboard_sorts_by_a_clicked_column(
+    signed_in: Page, server: Server, errors: list[str]
+) -> None:
+    page = signed_in
+    page.goto(f"{server.url}/searches/{server.search_id}")
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(TRIALS)
+    ranked = _column(page, "acc")
+    assert ranked == sorted(ranked, reverse=True)  # rank order: best first
+
+    accuracy = page.locator('#leaderboard th[data-sort="val_accuracy"]')
+    accuracy.click()  # best first again, now by the column
+    expect(accuracy).to_have_class("sortable sorted-desc")
+    accuracy.click()
+    expect(accuracy).to_have_class("sortable sorted-asc")
+    page.wait_for_function(ASCENDING, arg="#leaderboard tbody td.acc")
+    assert _column(page, "acc") == sorted(ranked)
+
+    page.locator('#leaderboard th[data-sort="number"]').click()
+    page.wait_for_function(ASCENDING, arg="#leaderboard tbody td.number")
+    numbers = [
+        int(n)
+        for n in page.locator("#leaderboard tbody tr").evaluate_all(
+            "rows => rows.map((r) => r.dataset.number)"
+        )
+    ]
+    assert numbers == list(range(TRIALS))
+    _shot(page, "search-sorted")
+    assert errors == []
+
+
+def test_new_search_form_shows_validation_and_creates(
+    signed_in: Page, server: Server, errors: list[str]
+) -> None:
+    page = signed_in
+    page.goto(server.url + "/")
+    form = page.locator("#new-search")
+    expect(form.locator("select[name=backbone] option")).not_to_have_count(0)
+    form.locator("input[name=name]").fill("from the form")
+    form.locator("select[name=dataset]").select_option("synthetic")
+    form.locator("input[name=kernel_sizes]").fill("3, 4")
+    form.locator("input[name=trials]").fill("3")
+    form.locator("button[type=submit]").click()
+    message = form.locator('.field[data-field="space.kernel_sizes"] .error')
+    expect(message).to_contain_text("space.kernel_sizes[1]: 4 is not allowed")
+    expect(message).to_contain_text("an odd integer from 1 to 9")
+    _shot(page, "new-search-invalid")
+    with server.api() as client:
+        assert client.get("/searches").json()["total"] == 1  # nothing was created
+
+    form.locator("input[name=kernel_sizes]").fill("3, 7")
+    form.locator("button[type=submit]").click()
+    page.wait_for_url(f"{server.url}/searches/*")
+    new_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("#search-title")).to_have_text("from the form")
+    with server.api() as client:
+        created = client.get(f"/searches/{new_id}").json()
+        assert created["spec"]["space"]["kernel_sizes"] == [3, 7]
+        assert created["budget_trials"] == 3
+        client.post(f"/searches/{new_id}/cancel")  # keep the worker free for the other tests
+    # The refused submit is logged by Chromium itself as a failed resource; nothing else is.
+    assert [e for e in errors if "status of 422" not in e] == []
+
+
+def test_trial_page_shows_attention_and_serves_the_weights(
+    signed_in: Page, server: Server, errors: list[str]
+) -> None:
+    page = signed_in
+    with server.api() as client:
+        board = client.get(f"/searches/{server.search_id}/leaderboard").json()
+    cbam = next(e for e in board["entries"] if e["reference"] == "cbam")
+    page.goto(f"{server.url}/searches/{server.search_id}/trials/{cbam['number']}")
+    expect(page.locator("#trial-state")).to_have_text("completed")
+    expect(page.locator("#metrics")).to_contain_text("validation accuracy")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#attention .attention-image').length > 0"
+    )
+    # ResNet-20 with CBAM in each of its 9 blocks: 9 spatial maps + Grad-CAM per image.
+    heatmaps = page.evaluate(
+        """() => [...document.querySelectorAll('#attention .attention-image')][0]
+            .querySelectorAll('.heatmap-cell').length"""
+    )
+    assert heatmaps == 10
+    traces = page.evaluate(
+        """() => [...document.querySelectorAll('#attention .heatmap-cell')]
+            .map((c) => (c.data || []).filter((t) => t.type === 'heatmap').length)"""
+    )
+    assert traces and all(n == 1 for n in traces)
+    _shot(page, "trial")
+
+    link = page.locator("#downloads a", has_text="weights.safetensors")
+    with page.expect_download() as download_info:
+        link.click()
+    path = download_info.value.path()
+    weights = load_safetensors(Path(path).read_bytes())
+    assert "fc.weight" in weights and "conv1.weight" in weights
+    assert errors == []
