@@ -30,7 +30,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # mounted on them start with that owner.
 RUN groupadd --gid 10001 app \
     && useradd --create-home --uid 10001 --gid app app \
-    && mkdir -p /var/lib/cbam-nas/artifacts /var/lib/cbam-nas/data \
+    && mkdir -p /var/lib/cbam-nas/artifacts /var/lib/cbam-nas/data /var/lib/cbam-nas/state \
     && chown -R 10001:10001 /var/lib/cbam-nas
 WORKDIR /opt/cbam-nas
 COPY pyproject.toml README.md ./
