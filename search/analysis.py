@@ -1,0 +1,899 @@
+"""What the dashboard's search page draws, computed from a search's trials: the Pareto scatter,
+parallel coordinates of the knobs, the paper's ablation tables, learning curves of the best
+trials and knob importances.
+
+Everything but :func:`importance` reads our own indexed ``trial_results`` rows (completed rows
+with a validation accuracy); :func:`importance` reads the Optuna study. Results are cached in
+the process, keyed by the search and its *version*: the number of completed rows and the
+latest ``finished_at`` among them (one indexed query). A new completed trial changes the
+version, so a cached answer is never stale for longer than that query takes to notice; a
+dashboard polling an unchanged search costs one small query per call. Cached answers are shared
+between callers: treat them as read-only.
+
+Large searches are thinned for drawing (:func:`scatter`, :func:`knobs`): every Pareto point
+and every reference is kept, and of the rest only the best trial (highest accuracy, then lowest
+overhead, then lowest number) of each cell of a grid over accuracy x overhead, with the finest
+grid that keeps the answer within ``max_points``. The answer says how many points there were
+(``total``) and how many it holds (``shown``).
+
+Ablation tables group the completed CBAM trials by one knob at a time, as the paper's tables
+do. The references *no attention* and *SE* are not CBAM: they are left out of the groups and
+listed apart, as ``baselines`` (with the paper's CBAM reference, which also counts in the groups
+like any other CBAM trial).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import optuna
+import optuna.importance  # at import (about 1 s, scikit-learn): not at the first request
+from optuna.distributions import BaseDistribution, json_to_distribution
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from search.cbam import ARRANGEMENTS, POOL_TYPES, SPATIAL_POOLS, has_channel_gate, has_spatial_gate
+from search.errors import InvalidValue, NotFound
+from search.leaderboard import OVERHEAD_COLUMNS, pareto_flags
+from search.records import ResultState, Search, TrialResult
+from search.space import BLOCK_CHOICES, REFERENCE_NAMES, Architecture
+from search.spec import SearchSpec
+
+if TYPE_CHECKING:
+    from search.db import Database
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_POINTS = 2000
+# Fewer completed trials (with knob values) than this: no importances.
+MIN_IMPORTANCE_TRIALS = 3
+IMPORTANCE_EVALUATOR = "PedAnovaImportanceEvaluator"
+CURVE_KEYS = ("val_accuracy", "train_loss", "val_loss", "train_accuracy")
+
+Row = dict[str, Any]
+
+
+# -- caching -----------------------------------------------------------------------------------
+
+
+class _Cache:
+    """A small thread-safe LRU map that computes each missing key once: a caller asking for a
+    key that another is computing waits for that answer."""
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._computing: dict[Hashable, threading.Lock] = {}
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            computing = self._computing.setdefault(key, threading.Lock())
+        with computing:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            try:
+                value = compute()
+            finally:
+                with self._lock:
+                    self._computing.pop(key, None)
+            with self._lock:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                while len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_CACHE = _Cache()
+
+
+def clear_cache() -> None:
+    """Forget every cached answer (tests; a process that rewrites rows in place)."""
+    _CACHE.clear()
+    _ROW_ARCHITECTURES.clear()
+    _STUDY_TRIALS.clear()
+
+
+def _completed(search_id: str) -> Any:
+    """The filter of a search's rankable rows: completed, with a validation accuracy."""
+    return (
+        TrialResult.search_id == search_id,
+        TrialResult.state == ResultState.completed,
+        TrialResult.val_accuracy.is_not(None),
+    )
+
+
+def _version(db: Database, search_id: str) -> tuple[int, datetime | None]:
+    """(completed rows, latest finished_at) of the search; NotFound when there is no search."""
+    with db.session() as session:
+        if session.scalar(select(Search.id).where(Search.id == search_id)) is None:
+            raise NotFound(f"search {search_id}")
+        count, latest = session.execute(
+            select(func.count(), func.max(TrialResult.finished_at)).where(*_completed(search_id))
+        ).one()
+    return int(count or 0), latest
+
+
+def _cached(db: Database, search_id: str, what: Hashable, compute: Callable[[], Any]) -> Any:
+    key = (repr(db), search_id, _version(db, search_id), what)
+    return _CACHE.get_or_compute(key, compute)
+
+
+def _check_overhead(overhead: str) -> tuple[str, str]:
+    if overhead not in OVERHEAD_COLUMNS:
+        raise InvalidValue("overhead", overhead, list(OVERHEAD_COLUMNS))
+    return OVERHEAD_COLUMNS[overhead]
+
+
+def _check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidValue(name, value, "an integer >= 1")
+    return value
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+_POINT_COLUMNS = (
+    TrialResult.number,
+    TrialResult.val_accuracy,
+    TrialResult.params,
+    TrialResult.macs,
+    TrialResult.latency_ms,
+    TrialResult.params_pct,
+    TrialResult.macs_pct,
+    TrialResult.latency_pct,
+    TrialResult.reference,
+    TrialResult.label,
+)
+
+
+def _load(db: Database, search_id: str, *columns: Any) -> list[Row]:
+    """The completed rows of the search as dicts of ``columns``; references as strings."""
+    with db.session() as session:
+        result = session.execute(select(*columns).where(*_completed(search_id)))
+        keys = list(result.keys())
+        rows = [dict(zip(keys, values, strict=True)) for values in result]
+    for row in rows:
+        if "reference" in row:
+            row["reference"] = row["reference"].value if row["reference"] else None
+    return rows
+
+
+def _parse(data: Mapping[str, Any] | None) -> Architecture | None:
+    try:
+        return Architecture.from_dict(data or {})
+    except (InvalidValue, TypeError):
+        return None
+
+
+# (database, search) -> {row id: its Architecture (None: unreadable)}. A row's architecture
+# never changes, so each row is read and parsed once per process, not at every change.
+_ROW_ARCHITECTURES = _Cache(maxsize=8)  # about 10 MB per 10,000 rows
+_IN_CHUNK = 500
+
+
+def _architectures(db: Database, search_id: str, ids: Sequence[int]) -> dict[int, Any]:
+    """Row id -> Architecture (or None) for every id of ``ids`` (rows of the search)."""
+    known: dict[int, Architecture | None] = _ROW_ARCHITECTURES.get_or_compute(
+        (repr(db), search_id), dict
+    )
+    missing = [i for i in ids if i not in known]
+    if not missing:
+        return known
+    query = select(TrialResult.id, TrialResult.architecture)
+    with db.session() as session:
+        if len(missing) > 2 * _IN_CHUNK:  # most of the search: one pass over it
+            found = session.execute(query.where(*_completed(search_id))).all()
+        else:
+            found = [
+                row
+                for start in range(0, len(missing), _IN_CHUNK)
+                for row in session.execute(
+                    query.where(TrialResult.id.in_(missing[start : start + _IN_CHUNK]))
+                )
+            ]
+    for row_id, data in found:
+        if row_id not in known:
+            known[row_id] = _parse(data)
+    return known
+
+
+# -- thinning ----------------------------------------------------------------------------------
+
+
+def thin(
+    accuracy: Sequence[float],
+    overhead: Sequence[float],
+    number: Sequence[int],
+    keep: Sequence[bool],
+    max_points: int,
+) -> list[int]:
+    """The indices to draw, ascending: all of them when there are at most ``max_points``;
+    else every index with ``keep`` set and the best point of each cell of the finest square
+    grid over accuracy x overhead that keeps the answer within ``max_points`` (more only when
+    ``keep`` alone exceeds it). Best: highest accuracy, then lowest overhead, then lowest
+    number. Deterministic: the same points give the same answer."""
+    n = len(accuracy)
+    if n <= max_points:
+        return list(range(n))
+    acc = np.asarray(accuracy, dtype=float)
+    cost = np.asarray(overhead, dtype=float)
+    forced = np.asarray(keep, dtype=bool)
+    order = np.lexsort((np.asarray(number), cost, -acc))  # best first
+
+    def scaled(values: np.ndarray) -> np.ndarray:
+        low, high = float(values.min()), float(values.max())
+        return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+    unit_acc, unit_cost = scaled(acc)[order], scaled(cost)[order]
+    forced_sorted = forced[order]
+
+    def chosen(grid: int) -> np.ndarray:
+        rows = np.minimum((unit_acc * grid).astype(np.int64), grid - 1)
+        cols = np.minimum((unit_cost * grid).astype(np.int64), grid - 1)
+        _, first = np.unique(rows * grid + cols, return_index=True)
+        picked = np.zeros(n, dtype=bool)
+        picked[first] = True
+        return picked | forced_sorted
+
+    # The number of occupied cells grows (about monotonically) with the grid: bisect on it.
+    low, high = 1, max(1, max_points)
+    best = chosen(1)
+    while low <= high:
+        grid = (low + high) // 2
+        picked = chosen(grid)
+        if picked.sum() <= max_points:
+            best, low = picked, grid + 1
+        else:
+            high = grid - 1
+    return sorted(int(i) for i in order[best])
+
+
+# -- scatter -----------------------------------------------------------------------------------
+
+
+def scatter(
+    db: Database, search_id: str, overhead: str = "params", max_points: int = DEFAULT_MAX_POINTS
+) -> dict[str, Any]:
+    """Every completed trial as a point of accuracy against ``overhead`` (thinned above
+    ``max_points``, see the module), sorted by overhead. Trials without that overhead figure
+    cannot be drawn: they are counted in ``missing`` and take no part in the Pareto front."""
+    column, pct_column = _check_overhead(overhead)
+    _check_positive("max_points", max_points)
+
+    def compute() -> dict[str, Any]:
+        rows = _load(db, search_id, *_POINT_COLUMNS)
+        drawn = [row for row in rows if row[column] is not None]
+        flags = pareto_flags(drawn, [overhead])
+        keep = [
+            flag or row["reference"] is not None for row, flag in zip(drawn, flags, strict=True)
+        ]
+        shown = thin(
+            [row["val_accuracy"] for row in drawn],
+            [row[column] for row in drawn],
+            [row["number"] for row in drawn],
+            keep,
+            max_points,
+        )
+        points = [
+            {
+                "number": drawn[i]["number"],
+                "val_accuracy": drawn[i]["val_accuracy"],
+                "overhead": drawn[i][column],
+                "overhead_pct": drawn[i][pct_column],
+                "pareto": flags[i],
+                "reference": drawn[i]["reference"],
+                "label": drawn[i]["label"],
+            }
+            for i in shown
+        ]
+        points.sort(key=lambda p: (p["overhead"], -p["val_accuracy"], p["number"]))
+        return {
+            "search_id": search_id,
+            "overhead": overhead,
+            "column": column,
+            "pct_column": pct_column,
+            "total": len(drawn),
+            "shown": len(points),
+            "downsampled": len(points) < len(drawn),
+            "missing": len(rows) - len(drawn),
+            "pareto": sum(flags),
+            "points": points,
+        }
+
+    return _cached(db, search_id, ("scatter", overhead, max_points), compute)
+
+
+# -- knobs (parallel coordinates) --------------------------------------------------------------
+
+
+def _encode(values: Iterable[Any]) -> str:
+    return "+".join(str(v) for v in values)
+
+
+def _stages(arch: Architecture) -> str | None:
+    if arch.attention == "none":
+        return None
+    return _encode(arch.stages or arch.info.stages)
+
+
+# knob -> (kind, value of an architecture (None where it does not apply))
+_KNOBS: dict[str, tuple[str, Callable[[Architecture], Any]]] = {
+    "arrangement": ("categorical", lambda a: a.arrangement),
+    "reduction": ("numeric", lambda a: a.reduction),
+    "pool_types": ("categorical", lambda a: _encode(a.pool_types) if a.pool_types else None),
+    "mlp_bias": ("categorical", lambda a: a.mlp_bias),
+    "kernel_size": ("numeric", lambda a: a.kernel_size),
+    "spatial_pool": ("categorical", lambda a: a.spatial_pool),
+    "spatial_bn": ("categorical", lambda a: a.spatial_bn),
+    "stages": ("categorical", _stages),
+    "blocks": ("categorical", lambda a: None if a.attention == "none" else a.blocks),
+}
+
+
+def _space_values(spec: SearchSpec) -> dict[str, list[Any]]:
+    """Knob -> the values the search's space allows, for the knobs that can vary in it (a knob
+    of a gate that no allowed arrangement has cannot)."""
+    space = spec.space
+    channel = any(has_channel_gate(a) for a in space.arrangements)
+    spatial = any(has_spatial_gate(a) for a in space.arrangements)
+    values: dict[str, list[Any]] = {"arrangement": list(space.arrangements)}
+    if channel:
+        values["reduction"] = sorted(space.reductions)
+        values["pool_types"] = [_encode(p) for p in space.pool_types]
+        values["mlp_bias"] = list(space.mlp_bias)
+    if spatial:
+        values["kernel_size"] = sorted(space.kernel_sizes)
+        values["spatial_pool"] = list(space.spatial_pools)
+        values["spatial_bn"] = list(space.spatial_bn)
+    values["stages"] = [_encode(s) for s in space.stage_choices(spec.backbone)]
+    values["blocks"] = list(space.blocks)
+    return {name: allowed for name, allowed in values.items() if len(allowed) > 1}
+
+
+def _spec(db: Database, search_id: str) -> SearchSpec:
+    with db.session() as session:
+        data = session.scalar(select(Search.spec).where(Search.id == search_id))
+    if data is None:
+        raise NotFound(f"search {search_id}")
+    return SearchSpec.from_dict(data)
+
+
+def knobs(
+    db: Database,
+    search_id: str,
+    overhead: str = "params",
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> dict[str, Any]:
+    """Parallel coordinates: ``columns`` (the knobs the space lets vary, then the objectives
+    ``val_accuracy`` and ``overhead_pct``) and one row per completed trial with the knob values
+    (None where a knob does not apply), thinned like :func:`scatter` on accuracy x
+    ``overhead``. Categorical columns list their ``values`` in the space's order (plus any
+    other value a reference has); numeric ones give their ``range``."""
+    column, pct_column = _check_overhead(overhead)
+    _check_positive("max_points", max_points)
+
+    def compute() -> dict[str, Any]:
+        allowed = _space_values(_spec(db, search_id))
+        rows = _load(
+            db,
+            search_id,
+            TrialResult.number,
+            TrialResult.val_accuracy,
+            getattr(TrialResult, column).label("cost"),
+            getattr(TrialResult, pct_column).label("overhead_pct"),
+            TrialResult.reference,
+            TrialResult.label,
+            TrialResult.id,
+        )
+        flags = pareto_flags(
+            [{"val_accuracy": r["val_accuracy"], column: r["cost"]} for r in rows], [overhead]
+        )
+        shown = thin(
+            [row["val_accuracy"] for row in rows],
+            _finite([row["cost"] for row in rows]),
+            [row["number"] for row in rows],
+            [f or r["reference"] is not None for r, f in zip(rows, flags, strict=True)],
+            max_points,
+        )
+        architectures = _architectures(db, search_id, [rows[i]["id"] for i in shown])
+        out_rows = []
+        for i in shown:
+            row = rows[i]
+            arch = architectures.get(row["id"])
+            entry = {
+                "number": row["number"],
+                "reference": row["reference"],
+                "label": row["label"],
+                "val_accuracy": row["val_accuracy"],
+                "overhead_pct": row["overhead_pct"],
+            }
+            for name in allowed:
+                entry[name] = None if arch is None else _KNOBS[name][1](arch)
+            out_rows.append(entry)
+        out_rows.sort(key=lambda r: r["number"])
+        columns = [_column(name, allowed[name], out_rows) for name in allowed]
+        columns.append(_numeric_column("val_accuracy", out_rows, role="objective"))
+        columns.append(_numeric_column("overhead_pct", out_rows, role="objective"))
+        return {
+            "search_id": search_id,
+            "overhead": overhead,
+            "total": len(rows),
+            "shown": len(out_rows),
+            "downsampled": len(out_rows) < len(rows),
+            "columns": columns,
+            "rows": out_rows,
+        }
+
+    return _cached(db, search_id, ("knobs", overhead, max_points), compute)
+
+
+def _finite(values: Sequence[float | None]) -> list[float]:
+    """Missing overheads placed beyond the largest one (thinning needs finite numbers)."""
+    present = [v for v in values if v is not None]
+    beyond = (max(present) * 2 + 1) if present else 0.0
+    return [beyond if v is None else v for v in values]
+
+
+def _column(name: str, allowed: list[Any], rows: Sequence[Row]) -> dict[str, Any]:
+    kind = _KNOBS[name][0]
+    if kind == "numeric":
+        return _numeric_column(name, rows, role="knob", allowed=allowed)
+    seen = {row[name] for row in rows if row[name] is not None}
+    extra = sorted((v for v in seen if v not in allowed), key=str)
+    return {"name": name, "kind": "categorical", "role": "knob", "values": allowed + extra}
+
+
+def _numeric_column(
+    name: str, rows: Sequence[Row], role: str, allowed: Sequence[Any] = ()
+) -> dict[str, Any]:
+    present = [row[name] for row in rows if row[name] is not None] + list(allowed)
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": "numeric",
+        "role": role,
+        "range": [min(present), max(present)] if present else None,
+    }
+    if allowed:
+        out["values"] = sorted(set(allowed) | {v for v in present})
+    if name == "reduction":
+        out["log"] = True
+    return out
+
+
+# -- ablation ----------------------------------------------------------------------------------
+
+
+def _placement(arch: Architecture) -> str:
+    where = "all" if arch.stages is None else "s" + _encode(arch.stages)
+    return where if arch.blocks == "all" else f"{where}/{arch.blocks}"
+
+
+def _placement_order(arch: Architecture) -> tuple[Any, ...]:
+    stages = arch.stages or arch.info.stages
+    return (len(stages), stages, BLOCK_CHOICES.index(arch.blocks))
+
+
+def _pool_order(pools: tuple[str, ...]) -> tuple[Any, ...]:
+    return (len(pools), tuple(POOL_TYPES.index(p) for p in pools))
+
+
+# knob -> (title, value of a CBAM architecture (None: not applicable), sort key of that value
+# given the architecture)
+_ABLATIONS: dict[str, tuple[str, Callable[[Architecture], Any], Callable[[Architecture], Any]]] = {
+    "arrangement": (
+        "Arrangement",
+        lambda a: a.arrangement,
+        lambda a: ARRANGEMENTS.index(a.arrangement),
+    ),
+    "pool_types": (
+        "Channel pooling",
+        lambda a: _encode(a.pool_types) if a.pool_types else None,
+        lambda a: _pool_order(a.pool_types),
+    ),
+    "kernel_size": ("Spatial kernel size", lambda a: a.kernel_size, lambda a: a.kernel_size),
+    "spatial_pool": (
+        "Spatial pooling",
+        lambda a: a.spatial_pool,
+        lambda a: SPATIAL_POOLS.index(a.spatial_pool),
+    ),
+    "reduction": ("Reduction ratio", lambda a: a.reduction, lambda a: a.reduction),
+    "placement": ("Placement", _placement, _placement_order),
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        return None, None
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _stats(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
+    accuracy_mean, accuracy_std = _mean_std(accuracies)
+    pct_mean, pct_std = _mean_std(pcts)
+    return {
+        "n": len(accuracies),
+        "accuracy_mean": accuracy_mean,
+        "accuracy_std": accuracy_std,
+        "accuracy_max": max(accuracies) if accuracies else None,
+        "overhead_pct_mean": pct_mean,
+        "overhead_pct_std": pct_std,
+    }
+
+
+def ablation(db: Database, search_id: str, overhead: str = "params") -> dict[str, Any]:
+    """The paper's ablation tables from this search's completed trials.
+
+    One table per knob (``arrangement``, ``pool_types``, ``kernel_size``, ``spatial_pool``,
+    ``reduction``, ``placement``), one row per value with ``n``, the mean, sample standard
+    deviation and maximum of the validation accuracy (a fraction) and the mean and standard
+    deviation of the overhead in percent over no attention (``overhead``'s ``*_pct`` column;
+    rows without it count in ``n`` but not in those). Only CBAM trials are grouped, and only
+    those whose arrangement has the knob (no kernel size for channel-only); ``left_out`` counts
+    the others. Rows follow the knob's natural order: arrangements as ``ARRANGEMENTS`` lists
+    them, single pools before pairs, numbers ascending, placements from the fewest stages to
+    all of them (every block, then the first, then the last). Values are as ``Architecture``
+    holds them, pool types joined with ``+``, placement as ``all``, ``s1+2``, ``s3/last``...
+    ``baselines`` gives the same figures for each reference (no attention, SE, the paper's
+    CBAM) the search has completed."""
+    _, pct_column = _check_overhead(overhead)
+
+    def compute() -> dict[str, Any]:
+        rows = _load(
+            db,
+            search_id,
+            TrialResult.val_accuracy,
+            getattr(TrialResult, pct_column).label("pct"),
+            TrialResult.reference,
+            TrialResult.id,
+        )
+        architectures = _architectures(db, search_id, [row["id"] for row in rows])
+        cbam: list[tuple[Architecture, Row]] = []
+        for row in rows:
+            arch = architectures.get(row["id"])
+            if arch is not None and arch.attention == "cbam":
+                cbam.append((arch, row))
+        tables = []
+        for knob, (title, value_of, order_of) in _ABLATIONS.items():
+            groups: dict[Any, tuple[Any, list[float], list[float]]] = {}
+            for arch, row in cbam:
+                value = value_of(arch)
+                if value is None:
+                    continue
+                _, accuracies, pcts = groups.setdefault(value, (order_of(arch), [], []))
+                accuracies.append(row["val_accuracy"])
+                if row["pct"] is not None:
+                    pcts.append(row["pct"])
+            table_rows = [
+                {"value": value, **_stats(accuracies, pcts)}
+                for value, (_, accuracies, pcts) in sorted(
+                    groups.items(), key=lambda item: item[1][0]
+                )
+            ]
+            grouped = sum(r["n"] for r in table_rows)
+            tables.append(
+                {
+                    "knob": knob,
+                    "title": title,
+                    "trials": grouped,
+                    "left_out": len(rows) - grouped,
+                    "rows": table_rows,
+                }
+            )
+        baselines = []
+        for name in REFERENCE_NAMES:
+            mine = [row for row in rows if row["reference"] == name]
+            if mine:
+                baselines.append(
+                    {
+                        "value": name,
+                        **_stats(
+                            [r["val_accuracy"] for r in mine],
+                            [r["pct"] for r in mine if r["pct"] is not None],
+                        ),
+                    }
+                )
+        return {
+            "search_id": search_id,
+            "overhead": overhead,
+            "pct_column": pct_column,
+            "trials": len(rows),
+            "cbam_trials": len(cbam),
+            "baselines": baselines,
+            "tables": tables,
+        }
+
+    return _cached(db, search_id, ("ablation", overhead), compute)
+
+
+# -- learning curves ---------------------------------------------------------------------------
+
+
+def learning_curves(db: Database, search_id: str, top: int = 5) -> list[dict[str, Any]]:
+    """The learning curves of the ``top`` best completed trials, best first (the leaderboard's
+    order: accuracy, then fewer parameters, then the lower number). Each curve is columnar:
+    ``epoch`` and one list per figure of :data:`CURVE_KEYS` (None where an epoch lacks it)."""
+    _check_positive("top", top)
+
+    def compute() -> list[dict[str, Any]]:
+        query = (
+            select(
+                TrialResult.number,
+                TrialResult.label,
+                TrialResult.reference,
+                TrialResult.val_accuracy,
+                TrialResult.params,
+                TrialResult.epochs_run,
+                TrialResult.learning_curve,
+            )
+            .where(*_completed(search_id))
+            .order_by(
+                TrialResult.val_accuracy.desc(),
+                TrialResult.params.is_(None),
+                TrialResult.params,
+                TrialResult.number,
+            )
+            .limit(top)
+        )
+        with db.session() as session:
+            found = session.execute(query).all()
+        out = []
+        for number, label, reference, accuracy, params, epochs_run, curve in found:
+            points = [p for p in curve or [] if isinstance(p, Mapping)]
+            series: dict[str, list[Any]] = {
+                "epoch": [p.get("epoch", i + 1) for i, p in enumerate(points)]
+            }
+            for key in CURVE_KEYS:
+                series[key] = [p.get(key) for p in points]
+            out.append(
+                {
+                    "number": number,
+                    "label": label,
+                    "reference": reference.value if reference else None,
+                    "val_accuracy": accuracy,
+                    "params": params,
+                    "epochs_run": epochs_run,
+                    "curve": series,
+                }
+            )
+        return out
+
+    return _cached(db, search_id, ("curves", top), compute)
+
+
+# -- importance --------------------------------------------------------------------------------
+
+
+def _no_importance(trials: int, reason: str) -> dict[str, Any]:
+    return {
+        "importances": {},
+        "trials": trials,
+        "evaluator": IMPORTANCE_EVALUATOR,
+        "target": "val_accuracy",
+        "reason": reason,
+    }
+
+
+class _Completed:
+    """What Optuna's importance evaluators read of a study (its completed trials and its
+    direction), over trials already in memory. A real in-memory study copies every trial added
+    to it (6 s for 10,000 trials)."""
+
+    directions: ClassVar[list[StudyDirection]] = [StudyDirection.MINIMIZE]
+    direction = StudyDirection.MINIMIZE
+
+    def __init__(self, trials: list[FrozenTrial]) -> None:
+        self._trials = trials
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        trials = [t for t in self._trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def _is_multi_objective(self) -> bool:
+        return False
+
+
+def _as_loss(
+    number: int,
+    trial_id: int,
+    accuracy: float,
+    params: dict[str, Any],
+    distributions: dict[str, BaseDistribution],
+) -> FrozenTrial:
+    """A completed trial whose single value is minus its accuracy (lower is better)."""
+    return FrozenTrial(
+        number=number,
+        state=TrialState.COMPLETE,
+        value=-accuracy,
+        datetime_start=None,
+        datetime_complete=None,
+        params=params,
+        distributions=distributions,
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=trial_id,
+    )
+
+
+# (database, study) -> {trial id: the completed trial as _as_loss makes it, None without knob
+# values}. A completed trial never changes: each is read once per process.
+_STUDY_TRIALS = _Cache(maxsize=4)  # about 25 MB per 10,000 trials
+
+
+def _read_study_trials(db: Database, study_name: str) -> list[FrozenTrial]:
+    """The study's completed trials that have knob values, read from Optuna's tables with
+    narrow queries: the ids of the completed trials, then the accuracy and the parameters of
+    those not read before (a quarter of a second for 10,000 new trials, where Optuna's storage
+    builds every trial with all its attributes through the ORM in six)."""
+    from optuna.storages._rdb import models
+
+    trial = models.TrialModel
+    param = models.TrialParamModel
+    value = models.TrialValueModel
+    known: dict[int, FrozenTrial | None] = _STUDY_TRIALS.get_or_compute(
+        (repr(db), study_name), dict
+    )
+    with db.session() as session:
+        study_id = session.scalar(
+            select(models.StudyModel.study_id).where(models.StudyModel.study_name == study_name)
+        )
+        if study_id is None:
+            raise NotFound(f"study {study_name}")
+        completed = select(trial.trial_id).where(
+            trial.study_id == study_id, trial.state == TrialState.COMPLETE
+        )
+        numbers = dict(
+            session.execute(
+                select(trial.trial_id, trial.number).where(trial.trial_id.in_(completed))
+            ).all()
+        )
+        new = [trial_id for trial_id in numbers if trial_id not in known]
+        if len(new) > 2 * _IN_CHUNK:  # most of the study: one pass over it
+            chunks: list[Any] = [completed]
+        else:
+            chunks = [new[start : start + _IN_CHUNK] for start in range(0, len(new), _IN_CHUNK)]
+        accuracies: dict[int, float | None] = {}
+        found: list[Any] = []
+        for chunk in chunks:
+            accuracies.update(
+                session.execute(
+                    select(value.trial_id, value.value).where(
+                        value.trial_id.in_(chunk),
+                        value.objective == 0,
+                        value.value_type == value.TrialValueType.FINITE,
+                    )
+                ).all()
+            )
+            found += session.execute(
+                select(
+                    param.trial_id, param.param_name, param.param_value, param.distribution_json
+                ).where(param.trial_id.in_(chunk))
+            ).all()
+    parsed: dict[str, BaseDistribution] = {}
+    knobs: dict[int, tuple[dict[str, Any], dict[str, BaseDistribution]]] = {}
+    for trial_id, name, internal, distribution_json in found:
+        distribution = parsed.get(distribution_json)
+        if distribution is None:
+            distribution = parsed[distribution_json] = json_to_distribution(distribution_json)
+        params, distributions = knobs.setdefault(trial_id, ({}, {}))
+        params[name] = distribution.to_external_repr(internal)
+        distributions[name] = distribution
+    for trial_id in new:
+        accuracy = accuracies.get(trial_id)
+        params, distributions = knobs.get(trial_id, ({}, {}))
+        usable = params and accuracy is not None and math.isfinite(accuracy)
+        known[trial_id] = (
+            _as_loss(numbers[trial_id], trial_id, accuracy, params, distributions)  # type: ignore[arg-type]
+            if usable
+            else None
+        )
+    return [t for trial_id in sorted(numbers) if (t := known.get(trial_id)) is not None]
+
+
+def _load_study_trials(db: Database, search: Search) -> list[FrozenTrial]:
+    """The same as :func:`_read_study_trials` through Optuna's storage."""
+    from search.study import load_study
+
+    study = load_study(db, search)
+    return [
+        _as_loss(t.number, t._trial_id, t.values[0], t.params, t.distributions)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.params and t.values and math.isfinite(t.values[0])
+    ]
+
+
+def study_trials(db: Database, search: Search) -> list[FrozenTrial]:
+    """The completed trials of the search's study that have knob values (the no-attention and
+    SE references have none), each with minus its accuracy objective as its one value.
+
+    Read straight from Optuna's tables; through Optuna's storage when those tables are not
+    what this version of Optuna declares."""
+    try:
+        return _read_study_trials(db, search.study_name)
+    except (ImportError, AttributeError, SQLAlchemyError, ValueError, KeyError) as exc:
+        log.warning("reading the trials of %s through Optuna's storage: %s", search.id, exc)
+        return _load_study_trials(db, search)
+
+
+def importance(db: Database, search_id: str) -> dict[str, Any]:
+    """Knob importances for validation accuracy, from the Optuna study, normalised to sum 1,
+    most important first.
+
+    Optuna's PED-ANOVA evaluator (how differently a knob's values are spread among the top 10%
+    of trials than among all of them): it weighs conditional knobs (``kernel_size`` only where
+    the arrangement has a spatial gate) in the trials that have them, and takes about 0.1 s
+    at 10,000 trials. fANOVA sees only the knobs that every trial has (arrangement, stages,
+    blocks: 1.7 s at 10,000 trials), or, given every knob, only the trials that have them all
+    (over ten minutes). The target is the accuracy objective (the study's first value in
+    either mode); trials without knob values (the no-attention and SE references, outside the
+    space) are left out.
+
+    Computed once per change (keyed by the search and its number of completed trial rows).
+    With fewer than :data:`MIN_IMPORTANCE_TRIALS` trials, or when no knob takes two values,
+    ``importances`` is empty and ``reason`` says why."""
+
+    def compute() -> dict[str, Any]:
+        with db.session() as session:
+            search = session.get(Search, search_id)
+        if search is None:
+            raise NotFound(f"search {search_id}")
+        trials = study_trials(db, search)
+        if len(trials) < MIN_IMPORTANCE_TRIALS:
+            return _no_importance(
+                len(trials),
+                f"{len(trials)} completed trial(s) with knob values; importances need "
+                f"at least {MIN_IMPORTANCE_TRIALS}",
+            )
+        seen: dict[str, set[str]] = {}
+        for trial in trials:
+            for name, value in trial.params.items():
+                seen.setdefault(name, set()).add(repr(value))
+        varying = sorted(name for name, values in seen.items() if len(values) > 1)
+        if not varying:
+            return _no_importance(len(trials), "every trial has the same knob values")
+        with warnings.catch_warnings():
+            # PED-ANOVA warns about sparse regimes of conditional knobs in small studies.
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(
+                _Completed(trials),  # type: ignore[arg-type]
+                evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+                params=varying,
+            )
+        ranked = sorted(values.items(), key=lambda item: (-item[1], item[0]))
+        return {
+            "importances": {name: float(value) for name, value in ranked},
+            "trials": len(trials),
+            "evaluator": IMPORTANCE_EVALUATOR,
+            "target": "val_accuracy",
+            "reason": None,
+        }
+
+    count, _ = _version(db, search_id)
+    return _CACHE.get_or_compute((repr(db), search_id, count, "importance"), compute)

@@ -1,0 +1,601 @@
+"""The search page's analyses: scatter (thinned), knobs, ablation tables, curves, importance,
+and their endpoints."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+from optuna.distributions import CategoricalDistribution
+from sqlalchemy import insert
+from sqlalchemy.exc import SQLAlchemyError
+
+from search import analysis
+from search.db import Database
+from search.leaderboard import pareto_flags
+from search.records import Reference, ResultState, Search, TrialResult, utcnow
+from search.searches import create_search
+from search.settings import Settings
+from search.space import Architecture, reference_architectures
+from search.spec import SearchSpec
+from search.study import load_study
+from service.app import create_app
+from service.auth import create_token
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+BACKBONE = "cifar_resnet20"
+REFS = reference_architectures(BACKBONE)
+
+
+@pytest.fixture
+def db(any_db: Database) -> Iterator[Database]:
+    """SQLite and PostgreSQL in turn: the study is read from Optuna's tables directly."""
+    analysis.clear_cache()
+    yield any_db
+    analysis.clear_cache()
+
+
+def _search(db: Database, **overrides: Any) -> Search:
+    data: dict[str, Any] = {
+        "backbone": BACKBONE,
+        "dataset": {"name": "synthetic"},
+        "budget": {"trials": 100},
+        "training": {"epochs": 3},
+    }
+    data.update(overrides)
+    return create_search(db, SearchSpec.from_dict(data))
+
+
+def _cbam(**knobs: Any) -> Architecture:
+    return Architecture(BACKBONE, "cbam", **knobs)
+
+
+def _row(
+    search: Search,
+    number: int,
+    arch: Architecture,
+    accuracy: float | None,
+    pct: float | None = 1.0,
+    *,
+    reference: str | None = None,
+    params: int | None = None,
+    state: ResultState = ResultState.completed,
+    curve: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "search_id": search.id,
+        "number": number,
+        "architecture": arch.to_dict(),
+        "arch_id": arch.id,
+        "label": arch.describe(),
+        "reference": Reference(reference) if reference else None,
+        "state": state,
+        "val_accuracy": accuracy,
+        "params": params if params is not None else (None if pct is None else 1000 + int(pct * 10)),
+        "macs": 5000,
+        "latency_ms": None,
+        "params_pct": pct,
+        "latency_pct": None,
+        "learning_curve": curve or [],
+        "finished_at": utcnow(),
+    }
+
+
+def _insert(db: Database, rows: Sequence[dict[str, Any]]) -> None:
+    with db.session() as session:
+        session.execute(insert(TrialResult), list(rows))
+
+
+# -- ablation ---------------------------------------------------------------------------------
+
+# number, architecture, reference, accuracy, params % over no attention
+ABLATION_ROWS = [
+    (0, REFS["none"], "none", 0.80, 0.0),
+    (1, REFS["se"], "se", 0.82, 0.5),
+    (2, REFS["cbam"], "cbam", 0.85, 1.2),  # c->s, avg+max, r16, k7, all
+    (3, _cbam(kernel_size=3, pool_types=("avg",), reduction=8), None, 0.83, 1.0),
+    (4, _cbam(stages=(1, 2)), None, 0.86, 0.8),
+    (5, _cbam(arrangement="channel"), None, 0.84, 0.9),
+    (6, _cbam(arrangement="spatial"), None, 0.81, 0.1),
+    (7, _cbam(arrangement="parallel", pool_types=("max",), blocks="last"), None, 0.845, 0.4),
+]
+
+
+@pytest.fixture
+def ablation_search(db: Database) -> Search:
+    search = _search(db)
+    rows = [_row(search, n, a, acc, pct, reference=r) for n, a, r, acc, pct in ABLATION_ROWS]
+    rows.append(_row(search, 8, REFS["cbam"], None, state=ResultState.failed))
+    rows.append(_row(search, 9, _cbam(kernel_size=3), 0.99, state=ResultState.pruned))
+    _insert(db, rows)
+    return search
+
+
+def _expected(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
+    def std(values: list[float]) -> float | None:
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    return {
+        "n": len(accuracies),
+        "accuracy_mean": pytest.approx(statistics.mean(accuracies)),
+        "accuracy_std": None if len(accuracies) < 2 else pytest.approx(std(accuracies)),
+        "accuracy_max": max(accuracies),
+        "overhead_pct_mean": pytest.approx(statistics.mean(pcts)),
+        "overhead_pct_std": None if len(pcts) < 2 else pytest.approx(std(pcts)),
+    }
+
+
+def test_ablation_tables_match_a_hand_computation(db: Database, ablation_search: Search) -> None:
+    answer = analysis.ablation(db, ablation_search.id)
+    assert answer["trials"] == 8 and answer["cbam_trials"] == 6
+    tables = {t["knob"]: t for t in answer["tables"]}
+    assert list(tables) == [
+        "arrangement",
+        "pool_types",
+        "kernel_size",
+        "spatial_pool",
+        "reduction",
+        "placement",
+    ]
+
+    def rows(knob: str) -> list[tuple[Any, dict[str, Any]]]:
+        return [
+            (r["value"], {k: v for k, v in r.items() if k != "value"}) for r in tables[knob]["rows"]
+        ]
+
+    assert rows("arrangement") == [
+        ("channel-spatial", _expected([0.85, 0.83, 0.86], [1.2, 1.0, 0.8])),
+        ("parallel", _expected([0.845], [0.4])),
+        ("channel", _expected([0.84], [0.9])),
+        ("spatial", _expected([0.81], [0.1])),
+    ]
+    # Channel pooling: the spatial-only trial has none; single pools before pairs.
+    assert rows("pool_types") == [
+        ("avg", _expected([0.83], [1.0])),
+        ("max", _expected([0.845], [0.4])),
+        ("avg+max", _expected([0.85, 0.86, 0.84], [1.2, 0.8, 0.9])),
+    ]
+    assert tables["pool_types"]["left_out"] == 3  # none, SE, spatial-only
+    # Kernel size: the channel-only trial has none.
+    assert rows("kernel_size") == [
+        (3, _expected([0.83], [1.0])),
+        (7, _expected([0.85, 0.86, 0.81, 0.845], [1.2, 0.8, 0.1, 0.4])),
+    ]
+    assert tables["kernel_size"]["trials"] == 5 and tables["kernel_size"]["left_out"] == 3
+    assert rows("reduction") == [
+        (8, _expected([0.83], [1.0])),
+        (16, _expected([0.85, 0.86, 0.84, 0.845], [1.2, 0.8, 0.9, 0.4])),
+    ]
+    assert [v for v, _ in rows("spatial_pool")] == ["maxmean"]
+    # Placement: fewer stages first, then every block before the last only.
+    assert rows("placement") == [
+        ("s1+2", _expected([0.86], [0.8])),
+        ("all", _expected([0.85, 0.83, 0.84, 0.81], [1.2, 1.0, 0.9, 0.1])),
+        ("all/last", _expected([0.845], [0.4])),
+    ]
+    assert answer["baselines"] == [
+        {"value": "none", **_expected([0.80], [0.0])},
+        {"value": "se", **_expected([0.82], [0.5])},
+        {"value": "cbam", **_expected([0.85], [1.2])},
+    ]
+    # Without the overhead figure: accuracies only.
+    latency = analysis.ablation(db, ablation_search.id, overhead="latency")
+    first = latency["tables"][0]["rows"][0]
+    assert first["n"] == 3 and first["overhead_pct_mean"] is None
+    assert first["overhead_pct_std"] is None
+
+
+def test_ablation_is_cached_until_a_trial_completes(db: Database, ablation_search: Search) -> None:
+    first = analysis.ablation(db, ablation_search.id)
+    assert analysis.ablation(db, ablation_search.id) is first
+    _insert(db, [_row(ablation_search, 20, _cbam(kernel_size=5), 0.9, 2.0)])
+    second = analysis.ablation(db, ablation_search.id)
+    assert second is not first and second["trials"] == 9
+    kernels = {r["value"]: r["n"] for r in second["tables"][2]["rows"]}
+    assert kernels == {3: 1, 5: 1, 7: 4}
+
+
+def test_unknown_search_and_bad_arguments(db: Database) -> None:
+    from search.errors import InvalidValue, NotFound
+
+    with pytest.raises(NotFound):
+        analysis.scatter(db, "nope")
+    search = _search(db)
+    with pytest.raises(InvalidValue):
+        analysis.scatter(db, search.id, overhead="flops")
+    with pytest.raises(InvalidValue):
+        analysis.learning_curves(db, search.id, top=0)
+    empty = analysis.scatter(db, search.id)
+    assert empty["total"] == 0 and empty["points"] == []
+    assert analysis.ablation(db, search.id)["tables"][0]["rows"] == []
+    assert analysis.knobs(db, search.id)["rows"] == []
+
+
+# -- scatter ----------------------------------------------------------------------------------
+
+
+def test_scatter_is_exact_when_small(db: Database, ablation_search: Search) -> None:
+    _insert(db, [_row(ablation_search, 30, _cbam(kernel_size=5), 0.9, None)])  # no params
+    answer = analysis.scatter(db, ablation_search.id)
+    assert answer["total"] == answer["shown"] == 8 and not answer["downsampled"]
+    assert answer["missing"] == 1
+    points = {p["number"]: p for p in answer["points"]}
+    assert set(points) == set(range(8))
+    # Pareto of accuracy against params (params = 1000 + 10 x pct): 0 (0.80 at 0.0),
+    # 6 (0.81 at 0.1), 7 (0.845 at 0.4), 4 (0.86 at 0.8).
+    assert {n for n, p in points.items() if p["pareto"]} == {0, 6, 7, 4}
+    assert answer["pareto"] == 4
+    assert points[1]["reference"] == "se" and points[3]["reference"] is None
+    assert points[3]["label"] == ABLATION_ROWS[3][1].describe()
+    assert points[4]["overhead"] == 1008 and points[4]["overhead_pct"] == 0.8
+    overheads = [p["overhead"] for p in answer["points"]]
+    assert overheads == sorted(overheads)
+
+
+def _many(db: Database, n: int, seed: int = 0) -> Search:
+    search = _search(db)
+    rng = random.Random(seed)
+    arch = _cbam()
+    rows = [
+        _row(search, 0, REFS["none"], 0.5, 0.0, reference="none"),
+        _row(search, 1, REFS["se"], 0.3, 9.0, reference="se"),  # deep inside the cloud
+        _row(search, 2, REFS["cbam"], 0.35, 8.0, reference="cbam"),
+    ]
+    for number in range(3, n):
+        pct = rng.uniform(0.0, 10.0)
+        rows.append(_row(search, number, arch, min(1.0, rng.uniform(0.2, 0.6) + pct / 40), pct))
+    _insert(db, rows)
+    return search
+
+
+def test_scatter_thins_keeping_pareto_and_references(db: Database) -> None:
+    search = _many(db, 3000)
+    full = analysis.scatter(db, search.id, max_points=5000)
+    assert full["shown"] == full["total"] == 3000 and not full["downsampled"]
+    front = {p["number"] for p in full["points"] if p["pareto"]}
+    thinned = analysis.scatter(db, search.id, max_points=200)
+    shown = {p["number"] for p in thinned["points"]}
+    assert thinned["total"] == 3000 and thinned["downsampled"]
+    assert 100 < thinned["shown"] == len(shown) <= 200
+    assert front <= shown and {0, 1, 2} <= shown
+    assert {p["number"] for p in thinned["points"] if p["pareto"]} == front
+    # Deterministic, and independent of the cache.
+    analysis.clear_cache()
+    assert analysis.scatter(db, search.id, max_points=200) == thinned
+
+
+def test_thin_keeps_the_best_of_each_cell() -> None:
+    rng = random.Random(1)
+    accuracy = [rng.random() for _ in range(1000)]
+    overhead = [rng.random() for _ in range(1000)]
+    numbers = list(range(1000))
+    flags = pareto_flags(
+        [{"val_accuracy": a, "params": o} for a, o in zip(accuracy, overhead, strict=True)],
+        ["params"],
+    )
+    kept = analysis.thin(accuracy, overhead, numbers, flags, 100)
+    assert kept == sorted(kept) and len(kept) <= 100
+    assert {i for i, f in enumerate(flags) if f} <= set(kept)
+    # The best point overall survives; so do all points when they fit.
+    assert max(range(1000), key=lambda i: accuracy[i]) in kept
+    assert analysis.thin(accuracy[:50], overhead[:50], numbers[:50], flags[:50], 100) == list(
+        range(50)
+    )
+    # More forced points than allowed: all of them, nothing else.
+    forced = [i % 2 == 0 for i in range(1000)]
+    kept = analysis.thin(accuracy, overhead, numbers, forced, 100)
+    assert {i for i in range(0, 1000, 2)} <= set(kept) and len(kept) <= 501
+
+
+# -- knobs ------------------------------------------------------------------------------------
+
+SMALL_SPACE = {
+    "arrangements": ["channel-spatial", "channel"],
+    "reductions": [8, 16],
+    "pool_types": [["avg"], ["avg", "max"]],
+    "mlp_bias": [True],
+    "kernel_sizes": [3, 7],
+    "spatial_pools": ["maxmean"],
+    "spatial_bn": [True],
+    "stages": [[1, 2, 3], [3]],
+    "blocks": ["all", "last"],
+}
+
+
+def test_knobs_columns_and_rows(db: Database) -> None:
+    search = _search(db, space=SMALL_SPACE)
+    rows = [
+        _row(search, 0, REFS["none"], 0.80, 0.0, reference="none"),
+        _row(search, 1, REFS["se"], 0.82, 0.5, reference="se"),
+        _row(search, 2, _cbam(kernel_size=3, reduction=8, stages=(3,), blocks="last"), 0.83),
+        _row(search, 3, _cbam(arrangement="channel", pool_types=("avg",)), 0.84, 0.7),
+        _row(search, 4, _cbam(), 0.70, state=ResultState.failed),
+    ]
+    _insert(db, rows)
+    answer = analysis.knobs(db, search.id)
+    columns = {c["name"]: c for c in answer["columns"]}
+    assert list(columns) == [
+        "arrangement",
+        "reduction",
+        "pool_types",
+        "kernel_size",
+        "stages",
+        "blocks",
+        "val_accuracy",
+        "overhead_pct",
+    ]
+    assert columns["arrangement"] == {
+        "name": "arrangement",
+        "kind": "categorical",
+        "role": "knob",
+        "values": ["channel-spatial", "channel"],
+    }
+    assert columns["pool_types"]["values"] == ["avg", "avg+max"]
+    assert columns["stages"]["values"] == ["1+2+3", "3"]
+    assert columns["reduction"]["kind"] == "numeric" and columns["reduction"]["log"]
+    assert columns["reduction"]["range"] == [8, 16]
+    assert columns["kernel_size"]["values"] == [3, 7]
+    assert columns["val_accuracy"]["role"] == "objective"
+    assert columns["val_accuracy"]["range"] == [0.80, 0.84]
+    assert answer["total"] == answer["shown"] == 4
+    by_number = {r["number"]: r for r in answer["rows"]}
+    assert by_number[0]["reference"] == "none"
+    assert all(by_number[0][k] is None for k in list(columns)[:6])
+    assert by_number[1] == {
+        "number": 1,
+        "reference": "se",
+        "label": REFS["se"].describe(),
+        "val_accuracy": 0.82,
+        "overhead_pct": 0.5,
+        "arrangement": None,
+        "reduction": 16,
+        "pool_types": None,
+        "kernel_size": None,
+        "stages": "1+2+3",
+        "blocks": "all",
+    }
+    assert by_number[2] == {
+        "number": 2,
+        "reference": None,
+        "label": rows[2]["label"],
+        "val_accuracy": 0.83,
+        "overhead_pct": 1.0,
+        "arrangement": "channel-spatial",
+        "reduction": 8,
+        "pool_types": "avg+max",
+        "kernel_size": 3,
+        "stages": "3",
+        "blocks": "last",
+    }
+    assert by_number[3]["kernel_size"] is None and by_number[3]["pool_types"] == "avg"
+
+
+def test_knobs_thin_like_the_scatter(db: Database) -> None:
+    search = _many(db, 1500)
+    answer = analysis.knobs(db, search.id, max_points=100)
+    scatter = analysis.scatter(db, search.id, max_points=100)
+    assert answer["total"] == 1500 and answer["downsampled"]
+    assert {r["number"] for r in answer["rows"]} == {p["number"] for p in scatter["points"]}
+
+
+# -- learning curves --------------------------------------------------------------------------
+
+
+def _curve(accuracies: list[float]) -> list[dict[str, Any]]:
+    return [
+        {"epoch": i + 1, "val_accuracy": a, "train_loss": 1.0 - a, "val_loss": 1.1 - a}
+        for i, a in enumerate(accuracies)
+    ]
+
+
+def test_learning_curves_of_the_best_trials(db: Database) -> None:
+    search = _search(db)
+    arch = _cbam()
+    _insert(
+        db,
+        [
+            _row(search, 0, arch, 0.80, params=100, curve=_curve([0.7, 0.8])),
+            _row(search, 1, arch, 0.90, params=120, curve=_curve([0.85, 0.9])),
+            _row(search, 2, arch, 0.90, params=110, curve=[{"epoch": 1, "val_accuracy": 0.9}]),
+            _row(search, 3, arch, 0.95, params=100, state=ResultState.pruned),
+            _row(search, 4, arch, 0.85, params=90, curve=_curve([0.85])),
+        ],
+    )
+    curves = analysis.learning_curves(db, search.id, top=3)
+    # Accuracy first, then fewer parameters; pruned trials are not ranked.
+    assert [c["number"] for c in curves] == [2, 1, 4]
+    assert curves[1]["curve"] == {
+        "epoch": [1, 2],
+        "val_accuracy": [0.85, 0.9],
+        "train_loss": [pytest.approx(0.15), pytest.approx(0.1)],
+        "val_loss": [pytest.approx(0.25), pytest.approx(0.2)],
+        "train_accuracy": [None, None],
+    }
+    assert curves[0]["curve"]["train_loss"] == [None]
+    assert curves[0]["label"] == arch.describe() and curves[0]["val_accuracy"] == 0.9
+    assert len(analysis.learning_curves(db, search.id, top=10)) == 4
+
+
+# -- importance -------------------------------------------------------------------------------
+
+
+class _Sampled:
+    """Answers ``SearchSpace.sample`` at random and records what Optuna would store."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.params: dict[str, Any] = {}
+        self.distributions: dict[str, CategoricalDistribution] = {}
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        value = self.rng.choice(list(choices))
+        self.params[name] = value
+        self.distributions[name] = CategoricalDistribution(list(choices))
+        return value
+
+
+def _fill_study(
+    db: Database, search: Search, n: int, accuracy: Any, seed: int = 0
+) -> list[optuna.trial.FrozenTrial]:
+    """``n`` completed study trials sampled from the search's space (plus completed no-attention
+    and SE references without parameters), with a trial-result row each."""
+    spec = SearchSpec.from_dict(search.spec)
+    rng = random.Random(seed)
+    study = load_study(db, search, spec)
+    trials, rows = [], []
+    for name in ("none", "se"):
+        trials.append(
+            optuna.trial.create_trial(
+                params={}, distributions={}, values=[0.99, 0.0], user_attrs={"reference": name}
+            )
+        )
+        rows.append(_row(search, len(rows), REFS[name], 0.99, 0.0, reference=name))
+    for _ in range(n):
+        sampled = _Sampled(rng)
+        arch = spec.space.sample(sampled, spec.backbone)  # type: ignore[arg-type]
+        acc = accuracy(arch, rng)
+        trials.append(
+            optuna.trial.create_trial(
+                params=sampled.params, distributions=sampled.distributions, values=[acc, 1.0]
+            )
+        )
+        rows.append(_row(search, len(rows), arch, acc))
+    study.add_trials(trials)
+    _insert(db, rows)
+    return trials
+
+
+IMPORTANCE_SPACE = {**SMALL_SPACE, "arrangements": ["channel-spatial"]}
+
+
+def test_importance_finds_the_knob_that_matters(db: Database) -> None:
+    search = _search(db, space=IMPORTANCE_SPACE)
+
+    def accuracy(arch: Architecture, rng: random.Random) -> float:
+        return (0.9 if arch.kernel_size == 7 else 0.7) + rng.uniform(-0.01, 0.01)
+
+    _fill_study(db, search, 80, accuracy)
+    answer = analysis.importance(db, search.id)
+    assert answer["evaluator"] == "PedAnovaImportanceEvaluator" and answer["reason"] is None
+    assert answer["trials"] == 80  # the references have no knob values
+    importances = answer["importances"]
+    assert set(importances) == {"reduction", "pool_types", "kernel_size", "stages", "blocks"}
+    assert sum(importances.values()) == pytest.approx(1.0)
+    assert next(iter(importances)) == "kernel_size" and importances["kernel_size"] > 0.5
+    # Once per change: the same answer until another trial completes.
+    assert analysis.importance(db, search.id) is answer
+    _insert(db, [_row(search, 500, _cbam(), 0.8)])
+    assert analysis.importance(db, search.id) is not answer
+
+
+def test_importance_reads_the_study_like_optunas_storage(db: Database) -> None:
+    search = _search(db)  # the whole default space: conditional knobs
+    trials = _fill_study(db, search, 30, lambda arch, rng: rng.random())
+    direct = analysis._read_study_trials(db, search.study_name)
+    through_optuna = analysis._load_study_trials(db, search)
+
+    def essence(ts: list[optuna.trial.FrozenTrial]) -> list[Any]:
+        return [(t.number, t.params, t.distributions, t.value) for t in ts]
+
+    assert essence(direct) == essence(through_optuna)
+    assert [t.value for t in direct] == [-t.values[0] for t in trials if t.params]
+    # Read again: only the new trials are fetched; the result is the same.
+    assert essence(analysis._read_study_trials(db, search.study_name)) == essence(direct)
+    assert analysis.importance(db, search.id)["trials"] == 30
+
+
+def test_importance_falls_back_to_optunas_storage(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    search = _search(db, space=IMPORTANCE_SPACE)
+    _fill_study(db, search, 10, lambda arch, rng: rng.random())
+
+    def changed_schema(*_args: Any) -> None:
+        raise SQLAlchemyError("no such column: trial_params.param_value")
+
+    monkeypatch.setattr(analysis, "_read_study_trials", changed_schema)
+    answer = analysis.importance(db, search.id)
+    assert answer["trials"] == 10 and answer["importances"]
+
+
+def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
+    few = _search(db)
+    _fill_study(db, few, 2, lambda arch, rng: 0.5)
+    answer = analysis.importance(db, few.id)
+    assert answer["importances"] == {} and answer["trials"] == 2
+    assert "at least 3" in answer["reason"]
+
+    fixed_space = {
+        "arrangements": ["channel"],
+        "reductions": [16],
+        "pool_types": [["avg"]],
+        "mlp_bias": [True],
+        "stages": [[1, 2, 3]],
+        "blocks": ["all"],
+    }
+    fixed = _search(db, space=fixed_space)
+    spec = SearchSpec.from_dict(fixed.spec)
+    study = load_study(db, fixed, spec)
+    # Every knob is fixed, so trials carry no parameters: no trial has knob values.
+    study.add_trials([optuna.trial.create_trial(params={}, distributions={}, values=[0.5, 1.0])])
+    answer = analysis.importance(db, fixed.id)
+    assert answer["importances"] == {} and answer["trials"] == 0
+
+    same = _search(db, space={**fixed_space, "reductions": [8, 16]})
+    distribution = CategoricalDistribution([8, 16])
+    load_study(db, same).add_trials(
+        [
+            optuna.trial.create_trial(
+                params={"reduction": 8}, distributions={"reduction": distribution}, values=[a, 1.0]
+            )
+            for a in (0.5, 0.6, 0.7)
+        ]
+    )
+    answer = analysis.importance(db, same.id)
+    assert answer["importances"] == {} and answer["trials"] == 3
+    assert answer["reason"] == "every trial has the same knob values"
+
+
+# -- endpoints --------------------------------------------------------------------------------
+
+
+def test_endpoints(db: Database, settings: Settings, ablation_search: Search) -> None:
+    client = TestClient(create_app(settings, db=db))
+    base = f"/api/v1/searches/{ablation_search.id}"
+    assert client.get(f"{base}/scatter").status_code == 401
+    client.headers["Authorization"] = f"Bearer {create_token(db, 't')}"
+
+    scatter = client.get(f"{base}/scatter", params={"overhead": "params", "max_points": 10})
+    assert scatter.status_code == 200, scatter.text
+    body = scatter.json()
+    assert body["total"] == 8 and body["shown"] <= 10 and body["overhead"] == "params"
+    assert set(body["points"][0]) == {
+        "number",
+        "val_accuracy",
+        "overhead",
+        "overhead_pct",
+        "pareto",
+        "reference",
+        "label",
+    }
+    knobs = client.get(f"{base}/knobs").json()
+    assert knobs["columns"][0]["name"] == "arrangement" and len(knobs["rows"]) == 8
+    ablation = client.get(f"{base}/ablation", params={"overhead": "params"}).json()
+    assert ablation["tables"][0]["knob"] == "arrangement"
+    assert ablation == analysis.ablation(db, ablation_search.id)
+    curves = client.get(f"{base}/curves", params={"top": 2}).json()
+    assert [c["number"] for c in curves] == [4, 2]
+    importance = client.get(f"{base}/importance").json()
+    assert importance["importances"] == {} and importance["reason"]
+
+    assert client.get(f"{base}/scatter", params={"overhead": "flops"}).status_code == 422
+    assert client.get(f"{base}/scatter", params={"max_points": 1}).status_code == 422
+    assert client.get(f"{base}/curves", params={"top": 0}).status_code == 422
+    missing = "/api/v1/searches/0123456789abcdef0123456789abcdef"
+    for path in ("scatter", "knobs", "ablation", "curves", "importance"):
+        assert client.get(f"{missing}/{path}").status_code == 404, path
