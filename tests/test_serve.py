@@ -1,4 +1,4 @@
-"""``cbam-nas serve`` end to end: a real server process with one local worker on SQLite, a
+"""``cbam-nas serve`` end to end: a real server process with one local worker, a
 3-trial search over HTTP, the leaderboard, downloads that reproduce the reported accuracy, ONNX
 that runs in onnxruntime, and a clean stop that takes the workers with it."""
 
@@ -58,7 +58,10 @@ def _worker_pids(server_pid: int) -> list[int]:
 
 
 @pytest.fixture
-def server(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(
+    settings: Settings, database_url: str, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """The server on a fresh database: SQLite, then PostgreSQL (CBAM_NAS_DATABASE_URL)."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
