@@ -27,11 +27,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -40,13 +37,14 @@ import optuna.importance  # at import (about 1 s, scikit-learn): not at the firs
 from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from search.cached import CACHE, Cache, cached, completed, version
 from search.cbam import ARRANGEMENTS, POOL_TYPES, SPATIAL_POOLS, has_channel_gate, has_spatial_gate
 from search.errors import InvalidValue, NotFound
 from search.leaderboard import OVERHEAD_COLUMNS, pareto_flags
-from search.records import ResultState, Search, TrialResult
+from search.records import Search, TrialResult
 from search.space import BLOCK_CHOICES, REFERENCE_NAMES, Architecture
 from search.spec import SearchSpec
 
@@ -67,76 +65,11 @@ Row = dict[str, Any]
 # -- caching -----------------------------------------------------------------------------------
 
 
-class _Cache:
-    """A small thread-safe LRU map that computes each missing key once: a caller asking for a
-    key that another is computing waits for that answer."""
-
-    def __init__(self, maxsize: int = 64) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._computing: dict[Hashable, threading.Lock] = {}
-
-    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            computing = self._computing.setdefault(key, threading.Lock())
-        with computing:
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            try:
-                value = compute()
-            finally:
-                with self._lock:
-                    self._computing.pop(key, None)
-            with self._lock:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.maxsize:
-                    self._items.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_CACHE = _Cache()
-
-
 def clear_cache() -> None:
     """Forget every cached answer (tests; a process that rewrites rows in place)."""
-    _CACHE.clear()
+    CACHE.clear()
     _ROW_ARCHITECTURES.clear()
     _STUDY_TRIALS.clear()
-
-
-def _completed(search_id: str) -> Any:
-    """The filter of a search's rankable rows: completed, with a validation accuracy."""
-    return (
-        TrialResult.search_id == search_id,
-        TrialResult.state == ResultState.completed,
-        TrialResult.val_accuracy.is_not(None),
-    )
-
-
-def _version(db: Database, search_id: str) -> tuple[int, datetime | None]:
-    """(completed rows, latest finished_at) of the search; NotFound when there is no search."""
-    with db.session() as session:
-        if session.scalar(select(Search.id).where(Search.id == search_id)) is None:
-            raise NotFound(f"search {search_id}")
-        count, latest = session.execute(
-            select(func.count(), func.max(TrialResult.finished_at)).where(*_completed(search_id))
-        ).one()
-    return int(count or 0), latest
-
-
-def _cached(db: Database, search_id: str, what: Hashable, compute: Callable[[], Any]) -> Any:
-    key = (repr(db), search_id, _version(db, search_id), what)
-    return _CACHE.get_or_compute(key, compute)
 
 
 def _check_overhead(overhead: str) -> tuple[str, str]:
@@ -170,7 +103,7 @@ _POINT_COLUMNS = (
 def _load(db: Database, search_id: str, *columns: Any) -> list[Row]:
     """The completed rows of the search as dicts of ``columns``; references as strings."""
     with db.session() as session:
-        result = session.execute(select(*columns).where(*_completed(search_id)))
+        result = session.execute(select(*columns).where(*completed(search_id)))
         keys = list(result.keys())
         rows = [dict(zip(keys, values, strict=True)) for values in result]
     for row in rows:
@@ -188,7 +121,7 @@ def _parse(data: Mapping[str, Any] | None) -> Architecture | None:
 
 # (database, search) -> {row id: its Architecture (None: unreadable)}. A row's architecture
 # never changes, so each row is read and parsed once per process, not at every change.
-_ROW_ARCHITECTURES = _Cache(maxsize=8)  # about 10 MB per 10,000 rows
+_ROW_ARCHITECTURES = Cache(maxsize=8)  # about 10 MB per 10,000 rows
 _IN_CHUNK = 500
 
 
@@ -203,7 +136,7 @@ def _architectures(db: Database, search_id: str, ids: Sequence[int]) -> dict[int
     query = select(TrialResult.id, TrialResult.architecture)
     with db.session() as session:
         if len(missing) > 2 * _IN_CHUNK:  # most of the search: one pass over it
-            found = session.execute(query.where(*_completed(search_id))).all()
+            found = session.execute(query.where(*completed(search_id))).all()
         else:
             found = [
                 row
@@ -321,7 +254,7 @@ def scatter(
             "points": points,
         }
 
-    return _cached(db, search_id, ("scatter", overhead, max_points), compute)
+    return cached(db, search_id, ("scatter", overhead, max_points), compute)
 
 
 # -- knobs (parallel coordinates) --------------------------------------------------------------
@@ -445,7 +378,7 @@ def knobs(
             "rows": out_rows,
         }
 
-    return _cached(db, search_id, ("knobs", overhead, max_points), compute)
+    return cached(db, search_id, ("knobs", overhead, max_points), compute)
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
@@ -627,7 +560,7 @@ def ablation(db: Database, search_id: str, overhead: str = "params") -> dict[str
             "tables": tables,
         }
 
-    return _cached(db, search_id, ("ablation", overhead), compute)
+    return cached(db, search_id, ("ablation", overhead), compute)
 
 
 # -- learning curves ---------------------------------------------------------------------------
@@ -650,7 +583,7 @@ def learning_curves(db: Database, search_id: str, top: int = 5) -> list[dict[str
                 TrialResult.epochs_run,
                 TrialResult.learning_curve,
             )
-            .where(*_completed(search_id))
+            .where(*completed(search_id))
             .order_by(
                 TrialResult.val_accuracy.desc(),
                 TrialResult.params.is_(None),
@@ -682,7 +615,7 @@ def learning_curves(db: Database, search_id: str, top: int = 5) -> list[dict[str
             )
         return out
 
-    return _cached(db, search_id, ("curves", top), compute)
+    return cached(db, search_id, ("curves", top), compute)
 
 
 # -- importance --------------------------------------------------------------------------------
@@ -744,7 +677,7 @@ def _as_loss(
 
 # (database, study) -> {trial id: the completed trial as _as_loss makes it, None without knob
 # values}. A completed trial never changes: each is read once per process.
-_STUDY_TRIALS = _Cache(maxsize=4)  # about 25 MB per 10,000 trials
+_STUDY_TRIALS = Cache(maxsize=4)  # about 25 MB per 10,000 trials
 
 
 def _read_study_trials(db: Database, study_name: str) -> list[FrozenTrial]:
@@ -895,5 +828,5 @@ def importance(db: Database, search_id: str) -> dict[str, Any]:
             "reason": None,
         }
 
-    count, _ = _version(db, search_id)
-    return _CACHE.get_or_compute((repr(db), search_id, count, "importance"), compute)
+    count, _ = version(db, search_id)
+    return CACHE.get_or_compute((repr(db), search_id, count, "importance"), compute)

@@ -226,6 +226,19 @@ class TrialResult(Base):
         Index("ix_trial_results_search_id_latency_ms", "search_id", "latency_ms"),
         Index("ix_trial_results_search_id_arch_id", "search_id", "arch_id"),
         Index("ix_trial_results_state_heartbeat_at", "state", "heartbeat_at"),
+        # Covers the leaderboard's ranking scan and the search-version query (search.cached).
+        Index(
+            "ix_trial_results_ranking",
+            "search_id",
+            "state",
+            "val_accuracy",
+            "params",
+            "macs",
+            "latency_ms",
+            "number",
+            "reference",
+            "finished_at",
+        ),
     )
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, String, func, select, type_coerce
 
+from search.cached import cached, completed
 from search.errors import InvalidValue, NotFound
 from search.leaderboard import (
     OVERHEAD_COLUMNS,
@@ -52,17 +53,6 @@ LEADERBOARD_SORTS = ("rank", "number", "val_accuracy", "params", "macs", "latenc
 # Big per-row values that lists leave out; a single trial's answer has them.
 _DETAIL_ONLY = ("learning_curve", "artifacts")
 _FINISHED = (ResultState.completed, ResultState.pruned, ResultState.over_budget, ResultState.failed)
-# Columns the ranking needs: identity, accuracy, overheads, reference.
-_RANK_COLUMNS = (
-    TrialResult.id,
-    TrialResult.number,
-    TrialResult.val_accuracy,
-    TrialResult.params,
-    TrialResult.macs,
-    TrialResult.latency_ms,
-    TrialResult.reference,
-    TrialResult.state,
-)
 
 
 def get_search(db: Database, search_id: str) -> Search:
@@ -214,17 +204,20 @@ def trials_page(
         raise InvalidValue("sort", sort, SORT_COLUMNS)
     get_search(db, search_id)
     column = getattr(TrialResult, sort)
-    query: Select[Any] = select(TrialResult).where(TrialResult.search_id == search_id)
+    conditions = [TrialResult.search_id == search_id]
     if state is not None:
-        query = query.where(TrialResult.state == state)
-    order = column.desc() if descending else column.asc()
+        conditions.append(TrialResult.state == state)
+    order = [column.desc() if descending else column.asc(), TrialResult.number, TrialResult.attempt]
+    if column.nullable:
+        order.insert(0, column.is_(None))
+    # The page's ids first (an index scan), then only those rows in full: sorting whole rows
+    # (learning curves included) would be most of the time.
+    page: Select[Any] = select(TrialResult.id).where(*conditions).order_by(*order)
     with db.session() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(
-            query.order_by(column.is_(None), order, TrialResult.number, TrialResult.attempt)
-            .limit(limit)
-            .offset(offset)
-        ).all()
+        total = session.scalar(select(func.count()).where(*conditions)) or 0
+        ids = list(session.scalars(page.limit(limit).offset(offset)))
+    found = _rows_by_id(db, ids)
+    rows = [found[i] for i in ids if i in found]
     return total, [_listed(row) for row in rows]
 
 
@@ -259,29 +252,37 @@ class Ranking:
 
 
 def ranking(db: Database, search_id: str, overhead: str = "params") -> Ranking:
-    """Rank every completed row and flag the Pareto front of accuracy against ``overhead``."""
+    """Rank every completed row and flag the Pareto front of accuracy against ``overhead``.
+
+    Cached per search version (:mod:`search.cached`): a leaderboard of an unchanged search
+    costs one small query, and a new completed trial one narrow scan of the covering index
+    ``ix_trial_results_ranking``."""
     _check_overhead(overhead)
-    with db.session() as session:
-        found = session.scalar(select(Search.id).where(Search.id == search_id))
-        if found is None:
-            raise NotFound(f"search {search_id}")
-        result = session.execute(
-            select(*_RANK_COLUMNS).where(
-                TrialResult.search_id == search_id,
-                TrialResult.state == ResultState.completed,
-                TrialResult.val_accuracy.is_not(None),
-            )
-        )
+    return cached(db, search_id, ("ranking", overhead), lambda: _rank(db, search_id, overhead))
+
+
+def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
+    table = TrialResult.__table__
+    # Core, not ORM rows, and the enum column read as its plain string: this runs over every
+    # completed trial of the search.
+    query = select(
+        table.c.id,
+        table.c.number,
+        table.c.val_accuracy,
+        table.c.params,
+        table.c.macs,
+        table.c.latency_ms,
+        type_coerce(table.c.reference, String).label("reference"),
+    ).where(*completed(search_id))
+    with db.engine.connect() as connection:
+        result = connection.execute(query)
         keys = list(result.keys())
         entries = [dict(zip(keys, values, strict=True)) for values in result]
-    for entry in entries:
-        entry["state"] = entry["state"].value
-        entry["reference"] = entry["reference"].value if entry["reference"] else None
     entries.sort(key=rank_key)
     for rank, (entry, pareto) in enumerate(
         zip(entries, pareto_flags(entries, [overhead]), strict=True), start=1
     ):
-        entry["rank"], entry["pareto"] = rank, pareto
+        entry["rank"], entry["pareto"], entry["state"] = rank, pareto, "completed"
     references = {name: dict(e) for name, e in reference_entries(entries).items()}
     return Ranking(entries, references)
 

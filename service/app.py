@@ -8,6 +8,7 @@ field's path in the body and the allowed values), :class:`NotFound` -> 404, :cla
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from collections.abc import AsyncIterator
@@ -152,10 +153,15 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app shuts down). The schema must be migrated already (``cbam-nas serve`` does it)."""
     settings = settings or get_settings()
     owns_db = db is None
-    database = db or open_database(settings.database_url)
+    database = db or open_database(settings.database_url, role="api")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Everything imported so far (torch, optuna, ...) lives as long as the process: keep it
+        # out of the collector's full passes, which otherwise walk ~500k objects every few
+        # requests and set the latency tail.
+        gc.collect()
+        gc.freeze()
         yield
         if owns_db:
             database.close()
