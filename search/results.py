@@ -207,9 +207,13 @@ def trials_page(
     conditions = [TrialResult.search_id == search_id]
     if state is not None:
         conditions.append(TrialResult.state == state)
-    order = [column.desc() if descending else column.asc(), TrialResult.number, TrialResult.attempt]
-    if column.nullable:
-        order.insert(0, column.is_(None))
+    # Missing values last; ties in the order the attempts were created (the id, which every
+    # index holds: the (search_id, <metric>) indexes then serve the sort without the rows).
+    if sort == "number":
+        order = [column.desc() if descending else column.asc(), TrialResult.attempt]
+    else:
+        direction = column.desc() if descending else column.asc()
+        order = [direction.nulls_last(), TrialResult.id]
     # The page's ids first (an index scan), then only those rows in full: sorting whole rows
     # (learning curves included) would be most of the time.
     page: Select[Any] = select(TrialResult.id).where(*conditions).order_by(*order)
