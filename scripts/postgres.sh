@@ -4,6 +4,7 @@
 #   scripts/postgres.sh url      print the URL (SQLAlchemy form, for CBAM_NAS_DATABASE_URL)
 #   scripts/postgres.sh status   exit 0 when it accepts connections
 #   scripts/postgres.sh stop     stop it and delete its data
+#   scripts/postgres.sh halt     stop it, keeping its data (`start` brings it back as it was)
 # e.g. export CBAM_NAS_DATABASE_URL=$(scripts/postgres.sh start)
 # Needs Debian's server package: apt-get update && apt-get install -y postgresql
 # Works as root (the server then runs as the postgres user, since initdb refuses root) and as
@@ -51,6 +52,10 @@ start)
   ;;
 url) echo "$URL" ;;
 status) "$(pgbin)/pg_isready" -h 127.0.0.1 -p "$PORT" ;;
+halt)
+  PGBIN=$(pgbin)
+  "${RUNAS[@]}" "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+  ;;
 stop)
   PGBIN=$(pgbin)
   if [ -d "$DATA" ]; then
@@ -58,5 +63,5 @@ stop)
   fi
   rm -rf "$PGTMP"
   ;;
-*) echo "usage: $0 start|url|status|stop" >&2; exit 2 ;;
+*) echo "usage: $0 start|url|status|halt|stop" >&2; exit 2 ;;
 esac

@@ -9,18 +9,37 @@ PostgreSQL URLs without a driver (``postgresql://``, ``postgres://``) are given 
 
 Our Alembic history keeps its revision in ``cbam_nas_alembic_version``: Optuna's own Alembic
 uses ``alembic_version`` in the same database.
+
+With an Optuna storage URL ``grpc://HOST:PORT`` (``CBAM_NAS_OPTUNA_STORAGE_URL``), Optuna's
+traffic (ask, tell, the samplers' reads of the study) goes through Optuna's gRPC storage proxy
+(``cbam-nas storage-proxy``, in front of this same database) while our own tables (claims,
+trial-result rows, heartbeats) are still read and written here directly.
+
+Outages. PostgreSQL pools are sized per process by role (:data:`POOL_SIZES`: a worker needs a
+few connections, the API one per request thread), check each connection before use and renew it
+after 30 min. :func:`retrying` calls a function again after transient errors
+(:func:`is_transient`: the server restarting, a dropped connection, a locked SQLite file) with
+exponential backoff and jitter, for up to the settings' ``db_retry_s``; each
+:class:`Database` logs an outage once and remembers when it ended (:attr:`Database.outage`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import random
 import sqlite3
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,7 +48,7 @@ from search.records import Base
 
 if TYPE_CHECKING:
     from alembic.config import Config
-    from optuna.storages import RDBStorage
+    from optuna.storages import BaseStorage, RDBStorage
 
 try:
     import fcntl
@@ -39,14 +58,29 @@ except ImportError:  # not POSIX: migrations of one SQLite file are then not ser
 VERSION_TABLE = "cbam_nas_alembic_version"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30
+GRPC_DEFAULT_PORT = 13000
+# How long a call through the gRPC proxy waits for an unreachable proxy before it fails.
+GRPC_WAIT_S = 300
 # Any constant: the key of the PostgreSQL advisory lock that serialises schema creation.
 _PG_LOCK_KEY = 0x0CBA_3A5
-_PG_ENGINE_KWARGS: dict[str, Any] = {
-    "pool_size": 5,
-    "max_overflow": 5,
-    "pool_pre_ping": True,
-    "pool_recycle": 1800,
+# PostgreSQL connections are checked before use (a restarted server's dead connections are
+# replaced, not handed out) and renewed after 30 min (behind proxies that drop idle ones).
+_PG_ENGINE_KWARGS: dict[str, Any] = {"pool_pre_ping": True, "pool_recycle": 1800}
+# An unreachable host fails a connection attempt after this many seconds (not the OS's
+# minutes), so that retries keep their pace; a ``connect_timeout`` in the URL wins.
+PG_CONNECT_TIMEOUT_S = 10
+Role = Literal["worker", "api", "tool"]
+# Connection pools per process and role, PostgreSQL only: (pool_size, max_overflow) of our
+# engine, then of Optuna's storage. A worker holds one connection at a time per thread (its
+# loop, its heartbeat); the API one per request thread; tools, scripts and tests as before.
+POOL_SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "worker": ((2, 2), (2, 2)),
+    "api": ((10, 10), (2, 3)),
+    "tool": ((5, 5), (5, 5)),
 }
+
+log = logging.getLogger("cbam_nas.db")
+T = TypeVar("T")
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -86,15 +120,199 @@ def include_name(name: str | None, type_: str, _parent_names: Any) -> bool:
     return type_ != "table" or name in Base.metadata.tables
 
 
+# -- transient errors and retries ------------------------------------------------------------
+#
+# Transient: the database went away or is momentarily unable to answer; the same call may work
+# later. SQLAlchemy errors whose connection was invalidated (a disconnect); psycopg's
+# OperationalError without an SQLSTATE (no connection: refused, reset, timed out) or in the
+# classes connection exception (08), transaction rollback (40: serialisation failure,
+# deadlock), insufficient resources (53: too many connections), operator intervention (57:
+# admin shutdown, "the database system is starting up") and system error (58), or a lock not
+# available (55P03); psycopg's InterfaceError (a closed connection); SQLite's "database is
+# locked"; a pool that timed out handing out a connection; Optuna's StorageInternalError
+# wrapping any of these. Everything else (IntegrityError, ProgrammingError, DataError, SQLite's
+# "no such table", psycopg's class 54 program limits...) is a bug or a conflict: never retried.
+
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_TRANSIENT_SQLSTATES = frozenset({"55P03"})
+_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database is busy")
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 10.0
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a database error worth retrying (see the list above)."""
+    optuna_exceptions = sys.modules.get("optuna.exceptions")  # loaded if optuna could raise it
+    if optuna_exceptions is not None and isinstance(exc, optuna_exceptions.StorageInternalError):
+        return is_transient(exc.__cause__)
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            return _transient_dbapi_error(exc.orig)
+        return False
+    if isinstance(exc, sa_exc.TimeoutError):  # the pool had no connection to hand out in time
+        return True
+    return _transient_dbapi_error(exc) or _transient_grpc_error(exc)
+
+
+def _transient_grpc_error(exc: BaseException | None) -> bool:
+    """Optuna's gRPC storage proxy (``CBAM_NAS_OPTUNA_STORAGE_URL``) restarting or out of reach."""
+    grpc = sys.modules.get("grpc")  # loaded if the proxy could raise it
+    if grpc is None or not isinstance(exc, grpc.RpcError):
+        return False
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _transient_dbapi_error(exc: BaseException | None) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        message = str(exc).lower()
+        return any(text_ in message for text_ in _TRANSIENT_SQLITE)
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None:
+        return False
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        sqlstate = exc.sqlstate
+        return (
+            sqlstate is None
+            or sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+            or sqlstate in _TRANSIENT_SQLSTATES
+        )
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own message of ``exc`` (without SQLAlchemy's SQL and links)."""
+    inner: BaseException = exc
+    while True:
+        nested = getattr(inner, "orig", None) or inner.__cause__
+        if nested is None or nested is inner:
+            break
+        inner = nested
+    lines = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}"
+
+
+class Outage:
+    """What one process knows about its database's outages: it logs each outage once (when the
+    first call fails) and its end (when a call works again), and remembers when the last one
+    ended. Thread-safe; :meth:`ok` is cheap while the database is up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the current outage
+        self.ended_at: float | None = None  # monotonic end of the last outage
+        self.count = 0
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def failed(self, what: str, exc: BaseException, deadline_s: float | None = None) -> None:
+        """A call failed with a transient error: the first failure of an outage is logged."""
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+            self.count += 1
+        patience = "" if deadline_s is None else f" for up to {deadline_s:g} s"
+        log.warning("database unavailable (%s), retrying%s: %s", what, patience, _first_line(exc))
+
+    def ok(self) -> None:
+        """A call worked: ends the current outage, if any."""
+        if self._since is None:
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            now = time.monotonic()
+            lasted, self._since, self.ended_at = now - self._since, None, now
+        log.warning("database available again after %.1f s", lasted)
+
+    def within(self, seconds: float) -> bool:
+        """Whether the database is down now or came back less than ``seconds`` ago."""
+        if self._since is not None:
+            return True
+        return self.ended_at is not None and time.monotonic() - self.ended_at < seconds
+
+
+def retrying(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    deadline_s: float | None = None,
+    outage: Outage | None = None,
+    first_delay_s: float = RETRY_FIRST_DELAY_S,
+    max_delay_s: float = RETRY_MAX_DELAY_S,
+    sleep: Callable[[float], Any] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """``fn()``, called again after each transient database error (:func:`is_transient`).
+
+    Waits grow from ``first_delay_s`` doubling to ``max_delay_s``, each drawn uniformly from its
+    upper half (jitter, so that many workers do not all retry at once). After ``deadline_s`` of
+    failures (default: the settings' ``db_retry_s``) the last error is raised. Other errors are
+    raised at once. ``outage`` (e.g. :attr:`Database.outage`) logs the outage once; ``what``
+    names the call in that line. ``fn`` must be safe to call again after a failure: one
+    transaction, an idempotent update, or a read. ``sleep`` and ``clock`` are for tests.
+    """
+    if deadline_s is None:
+        from search.settings import get_settings
+
+        deadline_s = get_settings().db_retry_s
+    outage = outage or Outage()
+    delay, started = first_delay_s, None
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            now = clock()
+            started = now if started is None else started
+            outage.failed(what, exc, deadline_s)
+            left = deadline_s - (now - started)
+            if left <= 0:
+                log.error("database unavailable for %.0f s (%s): giving up", now - started, what)
+                raise
+            sleep(min(left, random.uniform(delay / 2, delay)))
+            delay = min(2 * delay, max_delay_s)
+            continue
+        outage.ok()
+        return result
+
+
 class Database:
     """An opened database. Create it with :func:`open_database`.
 
     ``url`` is the normalised URL including its password (to hand to child processes);
-    ``repr`` hides the password. ``dialect`` is ``"sqlite"`` or ``"postgresql"``.
+    ``repr`` hides the password. ``dialect`` is ``"sqlite"`` or ``"postgresql"``. ``role``
+    sizes the connection pools (:data:`POOL_SIZES`). ``outage`` tracks this process's view of
+    database outages (:meth:`retrying`, :meth:`available_for`).
     """
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(
+        self, url: str | URL, optuna_storage_url: str | None = None, *, role: Role = "tool"
+    ) -> None:
+        if role not in POOL_SIZES:
+            raise ValueError(f"unknown database role {role!r}: one of {sorted(POOL_SIZES)}")
+        self.role = role
+        self.outage = Outage()
+        # How long :meth:`retrying` retries by default; None: the settings' ``db_retry_s``.
+        self.retry_s: float | None = None
         self._url = normalise_url(url)
+        # (host, port) of Optuna's gRPC storage proxy, None: Optuna uses this database directly.
+        self.optuna_proxy = grpc_address(optuna_storage_url) if optuna_storage_url else None
+        if self.optuna_proxy is not None and importlib.util.find_spec("grpc") is None:
+            raise InvalidValue(
+                "optuna_storage_url",
+                optuna_storage_url,
+                "unset (grpcio is not installed: pip install 'cbam-nas[proxy]')",
+            )
+        self._proxy: BaseStorage | None = None
         self.url = self._url.render_as_string(hide_password=False)
         self.dialect = self._url.get_backend_name()
         self.engine: Engine = create_engine(self._url, **self._engine_kwargs())
@@ -121,11 +339,36 @@ class Database:
             return None
         return Path(database)
 
-    def _engine_kwargs(self) -> dict[str, Any]:
-        """The engine arguments for this backend, shared by our engine and Optuna's."""
+    def _engine_kwargs(self, optuna: bool = False) -> dict[str, Any]:
+        """The engine arguments for this backend: our engine's, or with ``optuna`` Optuna's."""
         if self.is_sqlite:
             return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-        return dict(_PG_ENGINE_KWARGS)
+        pool_size, max_overflow = POOL_SIZES[self.role][1 if optuna else 0]
+        kwargs = {**_PG_ENGINE_KWARGS, "pool_size": pool_size, "max_overflow": max_overflow}
+        if "connect_timeout" not in self._url.query:
+            kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return kwargs
+
+    def retrying(self, fn: Callable[[], T], *, what: str, deadline_s: float | None = None) -> T:
+        """``fn()`` retried through outages of this database (:func:`retrying`), for up to
+        ``deadline_s``, by default :attr:`retry_s`."""
+        deadline_s = self.retry_s if deadline_s is None else deadline_s
+        return retrying(fn, what=what, deadline_s=deadline_s, outage=self.outage)
+
+    def available_for(self, seconds: float) -> bool:
+        """Whether, as far as this process can tell, the database has answered for at least the
+        last ``seconds``: no outage seen through :attr:`outage` in that time and (PostgreSQL)
+        the server started at least that long ago, by its own clock. Raises the database's
+        error when it does not answer now."""
+        if self.outage.within(seconds):
+            return False
+        if self.is_sqlite:
+            return True
+        with self.engine.connect() as connection:
+            uptime = connection.scalar(
+                text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
+            )
+        return float(uptime) >= seconds
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -134,6 +377,20 @@ class Database:
             yield session
 
     def optuna_storage(
+        self, heartbeat_interval: int | None = None, grace_period: int | None = None
+    ) -> BaseStorage:
+        """The storage Optuna's studies use: the gRPC proxy when one is configured (it has no
+        Optuna heartbeats), else :meth:`rdb_storage`."""
+        if self.optuna_proxy is None:
+            return self.rdb_storage(heartbeat_interval, grace_period)
+        if heartbeat_interval is not None or grace_period is not None:
+            raise ValueError("Optuna's heartbeat needs its RDB storage, not the gRPC proxy")
+        with self._storage_lock:
+            if self._proxy is None:
+                self._proxy = grpc_storage(*self.optuna_proxy)
+            return self._proxy
+
+    def rdb_storage(
         self, heartbeat_interval: int | None = None, grace_period: int | None = None
     ) -> RDBStorage:
         """Optuna's storage on the same database (one per argument pair, cached)."""
@@ -146,7 +403,7 @@ class Database:
                 with self._schema_lock():
                     self._storages[key] = optuna.storages.RDBStorage(
                         self.url,
-                        engine_kwargs=self._engine_kwargs(),
+                        engine_kwargs=self._engine_kwargs(optuna=True),
                         heartbeat_interval=heartbeat_interval,
                         grace_period=grace_period,
                     )
@@ -223,6 +480,9 @@ class Database:
         for storage in self._storages.values():
             storage.engine.dispose()
         self._storages.clear()
+        if self._proxy is not None:
+            self._proxy.close()  # type: ignore[attr-defined]
+            self._proxy = None
         self.engine.dispose()
 
     def __enter__(self) -> Database:
@@ -232,10 +492,73 @@ class Database:
         self.close()
 
 
-def open_database(url: str | URL | None = None) -> Database:
-    """Open the database at ``url``, by default the settings' ``database_url``."""
-    if url is None:
+def grpc_address(url: str) -> tuple[str, int]:
+    """``grpc://HOST[:PORT]`` (port 13000 by default) -> (host, port)."""
+    parsed = urlsplit(url)
+    try:
+        port = parsed.port or GRPC_DEFAULT_PORT
+    except ValueError:
+        port = 0
+    if parsed.scheme != "grpc" or not parsed.hostname or parsed.path not in ("", "/") or not port:
+        raise InvalidValue("optuna_storage_url", url, "grpc://HOST:PORT (Optuna's gRPC proxy)")
+    return parsed.hostname, port
+
+
+def grpc_storage(host: str, port: int) -> BaseStorage:
+    """A client of Optuna's gRPC storage proxy whose calls wait while the proxy is unreachable
+    (e.g. restarting), up to ``GRPC_WAIT_S``, instead of failing at once as Optuna's do."""
+    import json
+    import warnings
+
+    import grpc
+    import optuna
+
+    try:  # Optuna's client with our channel options: its internals as of Optuna 4.2 to 5.0
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+        from optuna.storages._grpc.client import GrpcClientCache
+    except ImportError:  # moved: Optuna's client as it is (its calls fail at once)
+        client: type[BaseStorage] = optuna.storages.GrpcStorageProxy
+    else:
+        service_config = {
+            "methodConfig": [
+                {
+                    "name": [{"service": "optuna.StorageService"}],
+                    "waitForReady": True,
+                    "timeout": f"{GRPC_WAIT_S}s",
+                }
+            ]
+        }
+
+        class WaitingGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
+            def _setup(self) -> None:
+                host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6
+                self._channel = grpc.insecure_channel(
+                    f"{host}:{self._port}",
+                    options=[
+                        ("grpc.max_receive_message_length", -1),
+                        ("grpc.service_config", json.dumps(service_config)),
+                    ],
+                )
+                self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+                self._cache = GrpcClientCache(self._stub)
+
+        client = WaitingGrpcStorageProxy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return client(host=host, port=port)  # type: ignore[call-arg]
+
+
+def open_database(
+    url: str | URL | None = None, optuna_storage_url: str | None = None, *, role: Role = "tool"
+) -> Database:
+    """Open the database at ``url``, by default the settings' ``database_url``; Optuna goes
+    through the proxy at ``optuna_storage_url``, by default the settings' (none: directly).
+    ``role`` (``"worker"``, ``"api"``, ``"tool"``) sizes the connection pools."""
+    if url is None or optuna_storage_url is None:
         from search.settings import get_settings
 
-        url = get_settings().database_url
-    return Database(url)
+        settings = get_settings()
+        url = settings.database_url if url is None else url
+        optuna_storage_url = optuna_storage_url or settings.optuna_storage_url
+    return Database(url, optuna_storage_url, role=role)

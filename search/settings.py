@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         default=f"sqlite:///{STATE_DIR / 'cbam-nas.db'}",
         description="SQLAlchemy URL; PostgreSQL as postgresql+psycopg://user:password@host/db.",
     )
+    optuna_storage_url: str | None = Field(
+        default=None,
+        description="grpc://HOST:PORT: Optuna's studies go through this gRPC storage proxy "
+        "(`cbam-nas storage-proxy` on database_url); our own tables still use database_url. "
+        "Unset: Optuna uses database_url directly.",
+    )
     artifacts_dir: Path = Field(
         default=STATE_DIR / "artifacts",
         description="Where trial artifacts (weights, architecture JSON, metrics) are stored.",
@@ -55,6 +61,12 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(
         default=1_048_576, ge=1024, description="Requests with a larger body are refused (413)."
+    )
+    db_retry_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a worker in a trial waits for an unavailable database (a restart, "
+        "a failover), retrying with backoff, before it gives up and exits.",
     )
     read_open: bool = Field(
         default=False,
