@@ -17,14 +17,34 @@ runs again. A worker that finds its own row swept stops that trial. SIGTERM/SIGI
 at the next epoch boundary, hand the trial back at once (requeued, "worker stopped") and end the
 worker with status 0. A cancelled search is noticed at the next epoch boundary.
 
+Database outages (a restart, a failover). During a trial every read and write of the database
+is retried through transient errors with backoff (:meth:`search.db.Database.retrying`) for up
+to the settings' ``db_retry_s``: training goes on meanwhile, the worker waits at the next epoch
+boundary and resumes; if the database stays away longer, the worker exits with status 1 and its
+trial is re-run once its heartbeat is older than the grace period. Between trials the worker
+keeps looking for work every ``poll_interval_s`` however long the outage. During an outage the
+heartbeat thread tries every 0.5 s, so that the first heartbeat after it comes at once. Missed
+heartbeats mean nothing while the database was away, so a worker sweeps only once the database
+has answered for a whole grace period: not while its own calls fail nor within a grace period
+after they work again, and on PostgreSQL not within a grace period of the server's start (by the
+server's clock, ``pg_postmaster_start_time()``). The rule assumes a grace period longer than a
+heartbeat interval plus a second; a worker cut off from a database that others still reach is
+swept as a dead one is.
+
 A search is completed, in one conditional update, once every slot is claimed (or its wall-clock
 budget has passed), no trial is running and no retry is pending.
+
+Dry runs (``WorkerOptions.dry_run``, ``cbam-nas worker --dry-run``) go through exactly this
+path (claim, ask, row updates, tell, completion) but record made-up metrics instead of loading
+data, measuring and training (:func:`dry_run_figures`), and store no artifacts: load tests and
+``benchmarks/coordination.py`` use them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -43,13 +63,13 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from search.artifacts import ARTIFACT_FILES, SAMPLES_FILE, artifact_store
 from search.attention_maps import NORMALISATION
-from search.db import Database, open_database
+from search.db import RETRY_FIRST_DELAY_S, Database, is_transient, open_database
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, check_device, measure
 from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
@@ -63,6 +83,7 @@ from search.study import (
     early_stopping_policy,
     frozen_trial,
     load_study,
+    make_sampler,
     objective_values,
     retry_trial,
     set_constraint,
@@ -72,6 +93,11 @@ from workers.train import EpochReport, StopTraining, TrainResult, TrialFailed, t
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: asks on one SQLite file are then not serialised
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("cbam_nas.worker")
 
@@ -84,6 +110,9 @@ STOPPED_REASON = "worker stopped"
 CANCELLED_REASON = "search cancelled"
 FINISHED_SEARCH_STATES = (SearchState.completed, SearchState.cancelled, SearchState.failed)
 _ACTIVE_SEARCH_STATES = (SearchState.queued, SearchState.running)
+_RETRY_STATES = (ResultState.requeued, ResultState.failed)
+# A dry run's made-up figures of the backbone without attention: params, MACs, latency in ms.
+DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
 # The columns of an OverheadReport that a trial-result row keeps.
 _OVERHEAD_COLUMNS = (
     "params",
@@ -116,6 +145,10 @@ class WorkerOptions:
     latency_repeats: int = 15
     threads: int | None = None
     progress: bool = False
+    dry_run: bool = False
+    """Coordination only: claim, ask and tell with made-up metrics (:func:`dry_run_figures`)
+    without loading data, measuring or training; no artifacts. For load tests and
+    ``benchmarks/coordination.py``, never for a real search."""
 
 
 @dataclass
@@ -153,6 +186,13 @@ def _counts_against_retries(row: Any) -> ColumnElement[bool]:
 def pending_retries(search_id: str, max_retries: int) -> Any:
     """The select of the search's attempts that should run again: requeued or failed, without a
     next attempt yet, with retries left."""
+    return _pending_retries().params(search_id=search_id, max_retries=max_retries)
+
+
+@functools.cache
+def _pending_retries() -> Any:
+    # Built once: aliasing a table proxies each of its columns, milliseconds per build, and
+    # every claim and completion check asks this.
     row, later, counted = (aliased(TrialResult) for _ in range(3))
     has_next = exists().where(
         later.search_id == row.search_id,
@@ -171,13 +211,34 @@ def pending_retries(search_id: str, max_retries: int) -> Any:
     return (
         select(row)
         .where(
-            row.search_id == search_id,
+            row.search_id == bindparam("search_id"),
             row.state.in_([ResultState.requeued, ResultState.failed]),
             ~has_next,
-            failures <= max_retries,
+            failures <= bindparam("max_retries"),
         )
         .order_by(row.number)
     )
+
+
+@contextlib.contextmanager
+def sqlite_ask_lock(db: Database) -> Iterator[None]:
+    """Serialise taking trials from a study's queue between the workers of one SQLite file.
+
+    Optuna pops an enqueued trial by reading it WAITING, then marking it RUNNING under a
+    ``SELECT ... FOR UPDATE`` that SQLite ignores, and Python's sqlite3 opens the transaction
+    only at the write: two workers asking at once could both take the same enqueued trial (and
+    tell it twice). PostgreSQL's row lock prevents that; on SQLite a lock file beside the
+    database does."""
+    path = db.sqlite_path
+    if path is None or fcntl is None:
+        yield
+        return
+    with path.with_name(path.name + ".ask.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _deadline_passed(search: Search, spec: SearchSpec) -> bool:
@@ -189,6 +250,10 @@ def _deadline_passed(search: Search, spec: SearchSpec) -> bool:
 
 def maybe_complete(db: Database, search_id: str) -> bool:
     """Mark the search completed if nothing is left to run; True if this call did."""
+    return db.retrying(lambda: _maybe_complete(db, search_id), what="completing a search")
+
+
+def _maybe_complete(db: Database, search_id: str) -> bool:
     with db.session() as session:
         search = session.get(Search, search_id)
         if search is None or search.state != SearchState.running:
@@ -265,25 +330,32 @@ def _claim_slot(
     db: Database, search: Search, spec: SearchSpec, worker: str, device: str
 ) -> Claim | None:
     now = utcnow()
-    with db.session() as session:
-        result = session.execute(
-            update(Search)
-            .where(
-                Search.id == search.id,
-                Search.claimed < Search.budget_trials,
-                Search.state.in_(_ACTIVE_SEARCH_STATES),
-            )
-            .values(
-                claimed=Search.claimed + 1,
-                state=SearchState.running,
-                started_at=func.coalesce(Search.started_at, now),
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
+    claim = (
+        update(Search)
+        .where(
+            Search.id == search.id,
+            Search.claimed < Search.budget_trials,
+            Search.state.in_(_ACTIVE_SEARCH_STATES),
         )
-        if result.rowcount != 1:
+        .values(
+            claimed=Search.claimed + 1,
+            state=SearchState.running,
+            started_at=func.coalesce(Search.started_at, now),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    with db.session() as session:
+        if db.engine.dialect.update_returning:  # PostgreSQL, SQLite >= 3.35: one round trip
+            claimed = session.scalar(claim.returning(Search.claimed))
+        else:
+            result = session.execute(claim)
+            claimed = None
+            if result.rowcount == 1:
+                claimed = session.scalar(select(Search.claimed).where(Search.id == search.id))
+        if claimed is None:
             return None
-        number = session.scalar(select(Search.claimed).where(Search.id == search.id)) - 1
+        number = claimed - 1
         row = _new_row(search, number, 0, worker, device)
         session.add(row)
         session.flush()
@@ -299,13 +371,17 @@ def claim_trial(
         if search_id is not None:
             query = query.where(Search.id == search_id)
         searches = session.scalars(query).all()
-        in_flight = dict(
-            session.execute(
-                select(TrialResult.search_id, func.count())
-                .where(TrialResult.state == ResultState.running)
-                .group_by(TrialResult.search_id)
-            ).all()
-        )
+        counts = session.execute(
+            select(TrialResult.search_id, TrialResult.state, func.count())
+            .where(
+                TrialResult.search_id.in_([s.id for s in searches]),
+                TrialResult.state.in_((*_RETRY_STATES, ResultState.running)),
+            )
+            .group_by(TrialResult.search_id, TrialResult.state)
+        ).all()
+    in_flight = {s: n for s, state, n in counts if state == ResultState.running}
+    # Searches without a requeued or failed attempt have no retry to look for.
+    may_retry = {s for s, state, _ in counts if state in _RETRY_STATES}
 
     def fairness(search: Search) -> tuple[float, float, float]:
         budget = max(1, search.budget_trials)
@@ -316,9 +392,10 @@ def claim_trial(
         if _deadline_passed(search, spec):
             maybe_complete(db, search.id)
             continue
-        claim = _claim_retry(db, search, spec, worker, device) or _claim_slot(
-            db, search, spec, worker, device
-        )
+        claim = None
+        if search.id in may_retry:
+            claim = _claim_retry(db, search, spec, worker, device)
+        claim = claim or _claim_slot(db, search, spec, worker, device)
         if claim is not None:
             return claim
         # Nothing to claim: the search may be over (e.g. its last lost trial is out of retries).
@@ -330,13 +407,22 @@ def tell_failed(db: Database, study_name: str, optuna_number: int | None) -> Non
     """Fail an Optuna trial by number unless it is finished already."""
     if optuna_number is None:
         return
-    study = optuna.load_study(study_name=study_name, storage=db.optuna_storage())
-    study.tell(optuna_number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def tell() -> None:
+        study = optuna.load_study(study_name=study_name, storage=db.optuna_storage())
+        study.tell(optuna_number, state=TrialState.FAIL, skip_if_finished=True)
+
+    db.retrying(tell, what="failing a trial")
 
 
 def sweep_lost(db: Database, grace_period_s: float) -> list[int]:
     """Requeue running attempts whose heartbeat is older than the grace period; returns the row
-    ids this call requeued (another worker sweeping at the same time takes the others)."""
+    ids this call requeued (another worker sweeping at the same time takes the others).
+
+    Nothing is swept until the database has answered for a whole grace period (see the module
+    docstring): heartbeats missed while it was away say nothing about their workers."""
+    if not db.available_for(grace_period_s):
+        return []
     cutoff = utcnow() - timedelta(seconds=grace_period_s)
     with db.session() as session:
         stale = session.execute(
@@ -368,31 +454,69 @@ def sweep_lost(db: Database, grace_period_s: float) -> list[int]:
     return swept
 
 
-def _update_row(db: Database, row_id: int, *, only_running: bool = True, **values: Any) -> bool:
+def _update_row(
+    db: Database, row_id: int, *, only_running: bool = True, retry: bool = True, **values: Any
+) -> bool:
     """Set columns of a trial-result row; with ``only_running`` only while it is running.
-    Returns whether the row was updated."""
+    Returns whether the row was updated. With ``retry`` through database outages."""
     conditions = [TrialResult.id == row_id]
     if only_running:
         conditions.append(TrialResult.state == ResultState.running)
-    with db.session() as session:
-        result = session.execute(
-            update(TrialResult)
-            .where(*conditions)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-    return result.rowcount == 1
+
+    def write() -> bool:
+        with db.session() as session:
+            result = session.execute(
+                update(TrialResult)
+                .where(*conditions)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        return result.rowcount == 1
+
+    return db.retrying(write, what="updating a trial") if retry else write()
 
 
 def _fail_search(db: Database, search_id: str, error: str) -> None:
     now = utcnow()
-    with db.session() as session:
-        session.execute(
-            update(Search)
-            .where(Search.id == search_id, Search.state.in_(_ACTIVE_SEARCH_STATES))
-            .values(state=SearchState.failed, error=error, finished_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+
+    def write() -> None:
+        with db.session() as session:
+            session.execute(
+                update(Search)
+                .where(Search.id == search_id, Search.state.in_(_ACTIVE_SEARCH_STATES))
+                .values(state=SearchState.failed, error=error, finished_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+    db.retrying(write, what="failing a search")
+
+
+# -- dry runs -------------------------------------------------------------------------------
+
+
+def dry_run_figures(architecture: Architecture) -> tuple[float, dict[str, Any]]:
+    """The made-up validation accuracy and overheads a dry-run worker records: fixed functions of
+    the architecture's id (the same from every worker), overheads 0 % without attention. Nothing
+    is built, measured or trained."""
+    digest = hashlib.sha256(architecture.id.encode()).digest()
+    u = [int.from_bytes(digest[2 * i : 2 * i + 2], "big") / 0xFFFF for i in range(4)]
+    attends = architecture.attention != "none"
+    pct = {
+        "params_pct": 0.2 + 4.8 * u[1] if attends else 0.0,
+        "macs_pct": 0.1 + 1.9 * u[2] if attends else 0.0,
+        "latency_pct": 1.0 + 29.0 * u[3] if attends else 0.0,
+    }
+    base_params, base_macs, base_latency_ms = DRY_RUN_BASELINE
+    figures = {
+        "params": round(base_params * (1 + pct["params_pct"] / 100)),
+        "macs": round(base_macs * (1 + pct["macs_pct"] / 100)),
+        "attention_ops": 0,
+        "latency_ms": base_latency_ms * (1 + pct["latency_pct"] / 100),
+        "train_step_ms": None,
+        "peak_memory_bytes": None,
+        **pct,
+    }
+    return 0.5 + 0.4 * u[0], figures
 
 
 # -- artifacts -------------------------------------------------------------------------------
@@ -436,12 +560,16 @@ def store_artifacts(
     result: TrainResult,
     overhead: OverheadReport,
     samples: dict[str, Any] | None = None,
+    db: Database | None = None,
 ) -> dict[str, str]:
     """Upload weights, architecture, metrics and (when given) the sample images of
     :func:`validation_samples`; returns file name -> artifact id (also set as the trial's user
-    attribute ``artifacts``)."""
+    attribute ``artifacts``). With ``db`` each upload is retried through its outages."""
     from optuna.artifacts import upload_artifact
     from safetensors.torch import save_file
+
+    def call(fn: Callable[[], Any], what: str) -> Any:
+        return fn() if db is None else db.retrying(fn, what=what)
 
     ids: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="cbam-nas-") as tmp:
@@ -461,10 +589,14 @@ def store_artifacts(
         for name in ARTIFACT_FILES:
             if not (folder / name).exists():
                 continue
-            ids[name] = upload_artifact(
-                artifact_store=store, file_path=str(folder / name), study_or_trial=trial
+            path = str(folder / name)
+            ids[name] = call(
+                lambda path=path: upload_artifact(
+                    artifact_store=store, file_path=path, study_or_trial=trial
+                ),
+                f"storing {name}",
             )
-    trial.set_user_attr(ARTIFACTS_ATTR, ids)
+    call(lambda: trial.set_user_attr(ARTIFACTS_ATTR, ids), "storing artifact ids")
     return ids
 
 
@@ -538,12 +670,22 @@ class _Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.worker.options.heartbeat_interval_s):
+        db, interval = self.worker.db, self.worker.options.heartbeat_interval_s
+        wait = interval
+        while not self._stop.wait(wait):
+            wait = interval
             try:
-                _update_row(self.worker.db, self.claim.row_id, heartbeat_at=utcnow())
-                self.worker.seen(self.claim)
-            except Exception:  # a busy database must not end the trial; the next beat retries
-                log.exception("heartbeat failed")
+                _update_row(db, self.claim.row_id, retry=False, heartbeat_at=utcnow())
+                self.worker.seen(self.claim, retry=False)
+            except Exception as exc:  # an unavailable database must not end the trial
+                if not is_transient(exc):
+                    log.exception("heartbeat failed")
+                    continue
+                db.outage.failed("heartbeat", exc)
+                # Beat again soon: the first heartbeat after an outage must come at once.
+                wait = min(interval, RETRY_FIRST_DELAY_S)
+                continue
+            db.outage.ok()
 
 
 class Worker:
@@ -554,25 +696,35 @@ class Worker:
         self.settings = settings or get_settings()
         self.device = str(check_device(options.device))
         self.name = options.name or f"{socket.gethostname()}-{os.getpid()}"
-        self.db = open_database(options.database_url or self.settings.database_url)
+        self.db = open_database(options.database_url or self.settings.database_url, role="worker")
+        self.db.retry_s = self.settings.db_retry_s
         self.stopping = threading.Event()
         self._store: Any = None
         self.trials_run = 0
+        # study name -> the Study this worker asks and tells: Optuna's cached storage inside it
+        # keeps the finished trials, so that an ask reads only the new and unfinished ones.
+        self._studies: dict[str, optuna.Study] = {}
 
     # -- bookkeeping --
 
-    def seen(self, claim: Claim | None = None) -> None:
-        with self.db.session() as session:
-            session.merge(
-                WorkerSeen(
-                    id=self.name,
-                    host=socket.gethostname(),
-                    device=self.device,
-                    last_seen=utcnow(),
-                    current_search_id=claim.search_id if claim else None,
-                    current_trial=claim.number if claim else None,
+    def seen(self, claim: Claim | None = None, retry: bool = True) -> None:
+        """Record that this worker is alive (and what it runs); with ``retry`` through database
+        outages."""
+
+        def write() -> None:
+            with self.db.session() as session:
+                session.merge(
+                    WorkerSeen(
+                        id=self.name,
+                        host=socket.gethostname(),
+                        device=self.device,
+                        last_seen=utcnow(),
+                        current_search_id=claim.search_id if claim else None,
+                        current_trial=claim.number if claim else None,
+                    )
                 )
-            )
+
+        self.db.retrying(write, what="recording the worker") if retry else write()
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping at the next epoch boundary", signal.Signals(signum).name)
@@ -594,9 +746,16 @@ class Worker:
                 signal.signal(s, handler)
 
     def _search_finished(self) -> bool:
+        def read() -> bool:
+            with self.db.session() as session:
+                search = session.get(Search, self.options.search_id)
+                return search is None or search.state in FINISHED_SEARCH_STATES
+
+        return self.db.retrying(read, what="reading the search")
+
+    def _row(self, row_id: int) -> TrialResult | None:
         with self.db.session() as session:
-            search = session.get(Search, self.options.search_id)
-            return search is None or search.state in FINISHED_SEARCH_STATES
+            return session.get(TrialResult, row_id)
 
     # -- the loop --
 
@@ -604,11 +763,18 @@ class Worker:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.db.migrate()
+        # Optuna's storage checks its schema when created: here, not in the first claimed trial.
+        self.db.optuna_storage()
         if self.options.search_id is not None:
             with self.db.session() as session:
                 if session.get(Search, self.options.search_id) is None:
                     raise InvalidValue("search", self.options.search_id, "the id of a search")
-        log.info("worker %s on %s started", self.name, self.device)
+        log.info(
+            "worker %s on %s started%s",
+            self.name,
+            self.device,
+            " (dry run: made-up metrics, nothing trained)" if self.options.dry_run else "",
+        )
         with self._signals(), _Progress(self.options.progress) as progress:
             while not self.stopping.is_set():
                 if (
@@ -617,13 +783,17 @@ class Worker:
                 ):
                     break
                 try:
-                    self.seen()
+                    self.seen(retry=False)
                     sweep_lost(self.db, self.options.grace_period_s)
                     claim = claim_trial(self.db, self.name, self.device, self.options.search_id)
-                except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
-                    log.warning("database unavailable, retrying: %s", exc)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # Claims are not retried blindly (a claim is not idempotent): look again.
+                    self.db.outage.failed("looking for work", exc)
                     self.stopping.wait(self.options.poll_interval_s)
                     continue
+                self.db.outage.ok()
                 if claim is None:
                     if self.options.search_id is not None and self._search_finished():
                         break
@@ -631,7 +801,19 @@ class Worker:
                         break
                     self.stopping.wait(self.options.poll_interval_s)
                     continue
-                self.run_trial(claim, progress)
+                try:
+                    self.run_trial(claim, progress)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.error(
+                        "%s: the database stayed unavailable for %g s; the worker exits (the "
+                        "trial is re-run once its heartbeat is older than the grace period)",
+                        claim.label,
+                        self.settings.db_retry_s,
+                    )
+                    self.db.close()
+                    return 1
                 self.trials_run += 1
                 maybe_complete(self.db, claim.search_id)
         self.seen()
@@ -657,20 +839,31 @@ class Worker:
                 log.warning("%s failed: %s", claim.label, exc.reason)
                 return self._end(claim, trial, ResultState.failed, exc.reason)
             except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database stayed away past db_retry_s: the worker exits (run)
                 log.exception("%s failed", claim.label)
                 return self._end(claim, trial, ResultState.failed, f"{type(exc).__name__}: {exc}")
 
+    def _study(self, claim: Claim) -> optuna.Study:
+        """The claim's study, loaded once per search, with a sampler seeded for this attempt
+        (samplers keep no state between trials that the study's storage does not hold)."""
+        seed_offset = claim.number + claim.spec.budget.trials * claim.attempt
+        study = self._studies.get(claim.study_name)
+        if study is None:
+            study = load_study(self.db, claim.study_name, claim.spec, seed_offset=seed_offset)
+            self._studies[claim.study_name] = study
+        else:
+            study.sampler = make_sampler(claim.spec, seed_offset)
+        return study
+
     def _trial(self, claim: Claim) -> optuna.Trial:
-        budget = claim.spec.budget.trials
-        study = load_study(
-            self.db,
-            claim.study_name,
-            claim.spec,
-            seed_offset=claim.number + budget * claim.attempt,
-        )
+        study = self.db.retrying(lambda: self._study(claim), what="loading the study")
         if claim.retry_of is not None:
-            return retry_trial(study, frozen_trial(study, claim.retry_of))
-        return study.ask()
+            previous = self.db.retrying(
+                lambda: frozen_trial(study, claim.retry_of), what="reading a trial"
+            )
+            return self.db.retrying(lambda: retry_trial(study, previous), what="asking the study")
+        return _ask(self.db, study)
 
     def _data(self, spec: SearchSpec) -> DatasetTensors | StreamingData:
         try:
@@ -688,7 +881,9 @@ class Worker:
         self, claim: Claim, trial: optuna.Trial, progress: _Progress
     ) -> ResultState | None:
         spec = claim.spec
-        architecture, reference = architecture_for(trial, spec)
+        architecture, reference = self.db.retrying(
+            lambda: architecture_for(trial, spec), what="sampling an architecture"
+        )
         _update_row(
             self.db,
             claim.row_id,
@@ -698,6 +893,8 @@ class Worker:
             reference=reference,
             optuna_number=trial.number,
         )
+        if self.options.dry_run:
+            return self._dry_run(claim, trial, architecture)
         data = self._data(spec)
         overhead = measure(
             architecture,
@@ -713,7 +910,7 @@ class Worker:
         _update_row(self.db, claim.row_id, **figures)
         constraint = constraint_value(spec, figures)
         if constraint is not None:
-            set_constraint(trial, constraint)
+            self.db.retrying(lambda: set_constraint(trial, constraint), what="telling a constraint")
             if constraint > 0:
                 log.info(
                     "%s %s: over the overhead budget by %.2f points, not trained",
@@ -736,12 +933,32 @@ class Worker:
         )
         return self._finish(claim, trial, architecture, overhead, result, data)
 
+    def _dry_run(
+        self, claim: Claim, trial: optuna.Trial, architecture: Architecture
+    ) -> ResultState | None:
+        """End a dry-run trial: made-up figures, written and told as a trained trial's are."""
+        accuracy, figures = dry_run_figures(architecture)
+        constraint = constraint_value(claim.spec, figures)
+        if constraint is not None:
+            self.db.retrying(lambda: set_constraint(trial, constraint), what="telling a constraint")
+            if constraint > 0:
+                _update_row(self.db, claim.row_id, **figures)
+                return self._end(claim, trial, ResultState.over_budget, None, TrialState.PRUNED)
+        metrics = {"val_accuracy": accuracy, "final_val_accuracy": accuracy, "wall_time_s": 0.0}
+        _update_row(self.db, claim.row_id, epochs_run=0, **figures, **metrics)
+        values = objective_values(claim.spec, accuracy, figures)
+        return self._end(claim, trial, ResultState.completed, None, values=values)
+
     def _on_epoch(
         self, claim: Claim, trial: optuna.Trial, reference: str | None, progress: _Progress
     ) -> Callable[[EpochReport], None]:
         spec = claim.spec
         policy = early_stopping_policy(spec)
         curve: list[dict[str, Any]] = []
+
+        def search_state() -> SearchState | None:
+            with self.db.session() as session:
+                return session.scalar(select(Search.state).where(Search.id == claim.search_id))
 
         def on_epoch(report: EpochReport) -> None:
             curve.append(report.to_dict())
@@ -772,16 +989,15 @@ class Worker:
                 return  # the trial is complete: keep its result whatever happens now
             if self.stopping.is_set():
                 raise StopTraining("shutdown")
-            with self.db.session() as session:
-                state = session.scalar(select(Search.state).where(Search.id == claim.search_id))
-            if state != SearchState.running:
+            if self.db.retrying(search_state, what="reading the search") != SearchState.running:
                 raise StopTraining("cancelled")
             context = EpochContext(
                 self.db, claim.search_id, claim.row_id, trial, report.epoch, report.val_accuracy
             )
             # References always run to the end (they are the baselines), but are reported to
             # the policy so that Optuna's pruners see them.
-            if policy.should_stop(context) and reference is None:
+            stop = self.db.retrying(lambda: policy.should_stop(context), what="early stopping")
+            if stop and reference is None:
                 raise StopTraining("pruned")
 
         return on_epoch
@@ -822,7 +1038,9 @@ class Worker:
                 samples = validation_samples(data)
             except Exception:  # the pictures are optional: never lose a trained trial to them
                 log.warning("%s: no sample images stored", claim.label, exc_info=True)
-        artifacts = store_artifacts(self._store, trial, architecture, result, overhead, samples)
+        artifacts = store_artifacts(
+            self._store, trial, architecture, result, overhead, samples, db=self.db
+        )
         values = objective_values(claim.spec, result.best_val_accuracy, overhead.to_dict())
         _update_row(self.db, claim.row_id, artifacts=artifacts, **common)
         return self._end(claim, trial, ResultState.completed, None, values=values)
@@ -840,9 +1058,12 @@ class Worker:
         if trial is not None:
             study = trial.study
             if values is not None:
-                study.tell(trial, values, skip_if_finished=True)
+                tell = functools.partial(study.tell, trial, values, skip_if_finished=True)
             else:
-                study.tell(trial, state=optuna_state, skip_if_finished=True)
+                tell = functools.partial(
+                    study.tell, trial, state=optuna_state, skip_if_finished=True
+                )
+            self.db.retrying(tell, what="telling the study")
         closed = _update_row(
             self.db,
             claim.row_id,
@@ -850,8 +1071,7 @@ class Worker:
             failure_reason=reason,
             finished_at=utcnow(),
         )
-        with self.db.session() as session:
-            row = session.get(TrialResult, claim.row_id)
+        row = self.db.retrying(lambda: self._row(claim.row_id), what="reading a trial")
         if not closed or row is None:
             log.warning("%s was taken from this worker before it ended", claim.label)
             return None
@@ -868,6 +1088,27 @@ class Worker:
             f" ({reason})" if reason else "",
         )
         return state
+
+
+def _ask(db: Database, study: optuna.Study) -> optuna.Trial:
+    """``study.ask()`` in two steps, each retried through database outages: take an enqueued
+    trial or create one, then build the Trial (the sampler's reads), so that an outage after the
+    first does not leave a second running trial behind when the whole ask is retried."""
+    pop = getattr(study, "_pop_waiting_trial_id", None)
+    if pop is None:  # an Optuna without it: retry the whole ask
+        return db.retrying(study.ask, what="asking the study")
+
+    def take() -> int:
+        trial_id = pop()
+        if trial_id is None:
+            trial_id = study._storage.create_new_trial(study._study_id)
+        return trial_id
+
+    with sqlite_ask_lock(db):
+        trial_id = db.retrying(take, what="asking the study")
+    with contextlib.suppress(AttributeError):
+        study._thread_local.cached_all_trials = None  # as ask does: read the trials anew
+    return db.retrying(lambda: optuna.Trial(study, trial_id), what="asking the study")
 
 
 def run_worker(options: WorkerOptions) -> int:

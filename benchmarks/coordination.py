@@ -1,0 +1,444 @@
+"""Coordination between workers: claimed trials per second and the overhead each trial costs.
+
+For 1, 2, 4 and 8 workers, on SQLite (a temporary file in WAL mode) and on PostgreSQL, one fresh
+search (random sampler, ``--trials`` slots) is run to completion by dry-run workers
+(``WorkerOptions.dry_run``): each trial is claimed, asked (the architecture sampled, its
+parameters written to the study), written to its row and told with made-up metrics, without data,
+measuring or training. A trial's cost is then nothing but coordination: our claim queries, the
+trial-result row updates, the worker's liveness rows, and Optuna's ask and tell on its RDB
+storage.
+
+Workers are forked from this process once everything is imported, wait at a start line and run
+the real loop (``Worker.run``: migration check, claims, trials, completion) until the search is
+completed; process start-up (interpreter, torch, Optuna) is timed apart, once, as a real
+``cbam-nas worker --dry-run`` process with one trial.
+
+Printed per run: wall time from the start line to the last worker's exit, trials per second (what
+users feel), and the coordination overhead per trial = workers x wall / trials: the worker-time
+a trial occupies (a trial's own work is zero, so all of it is overhead; with one worker it is the
+latency of a claim-ask-tell round). Also the CPU time the workers spent per trial (user + system,
+summed over the worker processes) and, for a PostgreSQL server this script started itself, the
+server's. With more workers than free cores the overhead per trial grows by the oversubscription
+factor even where trials/s does not drop: read the CPU columns to see what a trial costs.
+Target: <= 50 ms of overhead per trial at 8 workers on PostgreSQL.
+
+PostgreSQL: ``--database URL`` (a role that may create tables; a search per run is added there),
+else a throwaway server started with ``scripts/postgres.sh`` when PostgreSQL's binaries are
+installed, else those rows are skipped. ``--profile`` adds a breakdown of one worker's time per
+trial (Optuna's ask, parameter writes and tell; our claims, row updates, liveness rows, sweeps).
+
+    python -m benchmarks.coordination [--trials 120] [--workers 1,2,4,8] [--database URL]
+        [--no-sqlite] [--no-postgres] [--sampler random] [--profile]
+
+About a minute on 2 busy CPU cores with the defaults (``--profile`` adds 15 s); ``--trials 24
+--workers 1,2`` checks the plumbing in about 30 seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import glob
+import logging
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from sqlalchemy import func, select
+
+from benchmarks._timing import machine
+from search.db import open_database
+from search.records import ResultState, Search, SearchState, TrialResult
+from search.searches import create_search
+from search.spec import SearchSpec
+from search.study import load_study
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_MS = 50.0
+TARGET_WORKERS = 8
+PG_PORT = 55470
+
+
+@dataclass
+class Run:
+    backend: str
+    workers: int
+    trials: int
+    wall_s: float
+    worker_cpu_s: float
+    server_cpu_s: float | None
+
+    @property
+    def trials_per_s(self) -> float:
+        return self.trials / self.wall_s
+
+    @property
+    def overhead_ms(self) -> float:
+        """Worker-time per trial: workers x wall / trials."""
+        return 1e3 * self.workers * self.wall_s / self.trials
+
+    @property
+    def worker_cpu_ms(self) -> float:
+        return 1e3 * self.worker_cpu_s / self.trials
+
+    @property
+    def server_cpu_ms(self) -> float | None:
+        return None if self.server_cpu_s is None else 1e3 * self.server_cpu_s / self.trials
+
+
+def make_spec(trials: int, sampler: str, seed: int) -> SearchSpec:
+    return SearchSpec.from_dict(
+        {
+            "name": "coordination benchmark",
+            "backbone": "cifar_resnet20",
+            "dataset": {"name": "synthetic"},
+            "budget": {"trials": trials},
+            "sampler": sampler,
+            "early_stopping": {"policy": "none"},
+            "seed": seed,
+        }
+    )
+
+
+# -- a throwaway PostgreSQL server and its CPU time --------------------------------------------
+
+
+def _free_port(start: int) -> int:
+    for port in range(start, start + 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 99}")
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[tuple[str, Path] | None]:
+    """(URL, data directory) of a server started with scripts/postgres.sh, None without
+    PostgreSQL's binaries; stopped and deleted afterwards."""
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        yield None
+        return
+    pgtmp = tempfile.mkdtemp(prefix="cbam-nas-pg-")
+    env = {**os.environ, "PGTMP": pgtmp, "PGPORT_CI": str(_free_port(PG_PORT))}
+    script = [str(ROOT / "scripts" / "postgres.sh")]
+    try:
+        started = subprocess.run(
+            [*script, "start"], env=env, capture_output=True, text=True, timeout=120
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"scripts/postgres.sh start failed:\n{started.stderr}")
+        yield started.stdout.strip().splitlines()[-1], Path(pgtmp) / "data"
+    finally:
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _ticks(pid: int) -> tuple[int, int]:
+    """(own, reaped children's) CPU clock ticks of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+def server_cpu_s(data_dir: Path | None) -> float | None:
+    """CPU seconds used so far by the PostgreSQL server in ``data_dir``: the postmaster, its
+    live children and the ones it reaped (connections that closed). None when unknown."""
+    if data_dir is None:
+        return None
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+        own, reaped = _ticks(postmaster)
+        total = own + reaped
+        for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += _ticks(int(child))[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+def _worker_process(url: str, search_id: str, name: str, ready: Any, go: Any, results: Any) -> None:
+    """A forked worker: builds its Worker, waits at the start line, runs, reports CPU time."""
+    from workers.worker import Worker, WorkerOptions
+
+    logging.basicConfig(level=logging.WARNING, format=f"{name}: %(message)s")
+    options = WorkerOptions(
+        database_url=url,
+        search_id=search_id,
+        name=name,
+        dry_run=True,
+        exit_when_idle=True,
+        poll_interval_s=0.05,
+    )
+    worker = Worker(options)
+    ready.release()
+    go.wait()
+    cpu = time.process_time()
+    status = worker.run()
+    results.put((name, status, worker.trials_run, time.process_time() - cpu))
+
+
+def run_once(
+    url: str, backend: str, workers: int, args: argparse.Namespace, data_dir: Path | None
+) -> Run:
+    db = open_database(url)
+    db.migrate()
+    search = create_search(db, make_spec(args.trials, args.sampler, args.seed))
+    db.close()  # nothing open crosses the fork
+    context = multiprocessing.get_context("fork")
+    ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
+    processes = [
+        context.Process(
+            target=_worker_process,
+            args=(url, search.id, f"bench-{i}", ready, go, results),
+            daemon=True,
+        )
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        if not ready.acquire(timeout=120):
+            raise RuntimeError("a worker did not start")
+    server_before = server_cpu_s(data_dir)
+    start = time.perf_counter()
+    go.set()
+    reports = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    wall = time.perf_counter() - start
+    server_after = server_cpu_s(data_dir)
+    if any(status != 0 for _, status, _, _ in reports):
+        raise RuntimeError(f"a worker failed: {reports}")
+    check(url, search.id, args.trials)
+    server = None
+    if server_before is not None and server_after is not None:
+        server = server_after - server_before
+    return Run(backend, workers, args.trials, wall, sum(r[3] for r in reports), server)
+
+
+def check(url: str, search_id: str, trials: int) -> None:
+    """Every slot completed once, none running, the study told them all."""
+    with open_database(url) as db:
+        with db.session() as session:
+            search = session.get(Search, search_id)
+            rows = session.execute(
+                select(TrialResult.state, func.count())
+                .where(TrialResult.search_id == search_id)
+                .group_by(TrialResult.state)
+            ).all()
+            numbers = session.scalars(
+                select(TrialResult.number).where(TrialResult.search_id == search_id)
+            ).all()
+        finished = load_study(db, search).get_trials(deepcopy=False, states=_FINISHED)
+    states = dict(rows)
+    ok = (
+        search.state == SearchState.completed
+        and states == {ResultState.completed: trials}
+        and sorted(numbers) == list(range(trials))
+        and len(finished) == trials
+    )
+    if not ok:
+        raise RuntimeError(f"inconsistent search: {search.state}, {states}, {len(finished)} told")
+
+
+_FINISHED = (optuna.trial.TrialState.COMPLETE,)
+
+
+def startup_s(url: str, args: argparse.Namespace) -> float:
+    """Wall time of one ``cbam-nas worker --dry-run`` process from exec to exit, one trial."""
+    db = open_database(url)
+    db.migrate()
+    search = create_search(db, make_spec(1, args.sampler, args.seed))
+    db.close()
+    command = [sys.executable, "-m", "service.cli", "worker", "--dry-run", "--no-progress"]
+    command += ["--database", url, "--search", search.id, "--poll-interval", "0.05"]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the worker process failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+# -- where one worker's time goes -------------------------------------------------------------
+
+
+def profile(url: str, args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """(part, wall ms, CPU ms) per trial of one in-process dry-run worker; each call is counted
+    in the outermost part it runs in."""
+    import workers.worker as worker_module
+
+    wall: collections.Counter[str] = collections.Counter()
+    cpu: collections.Counter[str] = collections.Counter()
+    depth = threading.local()
+
+    def timed(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if getattr(depth, "n", 0):
+                return fn(*a, **k)
+            depth.n = 1
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth.n = 0
+                wall[part] += time.perf_counter() - start
+                cpu[part] += time.thread_time() - start_cpu
+
+        return wrapper
+
+    # The worker asks through its own two-step ``_ask`` where it has one.
+    ask = (worker_module, "_ask") if hasattr(worker_module, "_ask") else (optuna.Study, "ask")
+    parts = [
+        (*ask, "Optuna ask (queue read, new trial, sampler)"),
+        (worker_module, "architecture_for", "Optuna parameter writes (one per knob)"),
+        (optuna.Study, "tell", "Optuna tell"),
+        (worker_module.Worker, "_study", "Optuna study and sampler"),
+        (worker_module, "claim_trial", "ours: claim"),
+        (worker_module, "_update_row", "ours: trial-row updates"),
+        (worker_module.Worker, "_row", "ours: trial-row read (the trial's log line)"),
+        (worker_module.Worker, "seen", "ours: worker liveness row"),
+        (worker_module, "sweep_lost", "ours: sweep for lost trials"),
+        (worker_module, "maybe_complete", "ours: completion check"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
+    db = open_database(url)
+    db.migrate()
+    search = create_search(db, make_spec(args.profile_trials, args.sampler, args.seed))
+    db.close()
+    options = worker_module.WorkerOptions(
+        database_url=url, search_id=search.id, dry_run=True, poll_interval_s=0.05
+    )
+    worker = worker_module.Worker(options)
+    try:
+        for owner, name, label in parts:
+            setattr(owner, name, timed(getattr(owner, name), label))
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        worker.run()
+        total_wall, total_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    n = args.profile_trials
+    rows = [(label, 1e3 * wall[label] / n, 1e3 * cpu[label] / n) for _, _, label in parts]
+    rows.sort(key=lambda r: -r[1])
+    rest_wall = 1e3 * total_wall / n - sum(r[1] for r in rows)
+    rest_cpu = 1e3 * total_cpu / n - sum(r[2] for r in rows)
+    rows.append(("the rest (loop, heartbeat thread start, logging)", rest_wall, rest_cpu))
+    rows.append(("total", 1e3 * total_wall / n, 1e3 * total_cpu / n))
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def report(runs: list[Run], startup: dict[str, float], args: argparse.Namespace) -> bool | None:
+    print(
+        f"coordination: dry-run workers, {args.trials} trials per run, {args.sampler} sampler; "
+        f"{machine()}; {os.cpu_count()} CPUs"
+    )
+    header = f"{'database':<12}{'workers':>8}{'wall s':>9}{'trials/s':>10}"
+    header += f"{'overhead ms/trial':>19}{'worker CPU ms/trial':>21}{'server CPU ms/trial':>21}"
+    print(header)
+    verdict = None
+    for run in runs:
+        server = "-" if run.server_cpu_ms is None else f"{run.server_cpu_ms:.1f}"
+        line = f"{run.backend:<12}{run.workers:>8}{run.wall_s:>9.2f}{run.trials_per_s:>10.1f}"
+        line += f"{run.overhead_ms:>19.1f}{run.worker_cpu_ms:>21.1f}{server:>21}"
+        if run.backend == "postgresql" and run.workers == TARGET_WORKERS:
+            verdict = run.overhead_ms <= TARGET_MS
+            line += f"  {'PASS' if verdict else 'FAIL'}"
+        print(line)
+    for backend, seconds in startup.items():
+        print(f"start-up of a worker process ({backend}), exec to exit, 1 trial: {seconds:.2f} s")
+    outcome = "not measured" if verdict is None else "PASS" if verdict else "FAIL"
+    print(
+        f"target <= {TARGET_MS:.0f} ms per trial at {TARGET_WORKERS} workers on PostgreSQL: "
+        f"{outcome}"
+    )
+    return verdict
+
+
+def print_profile(backend: str, rows: list[tuple[str, float, float]], trials: int) -> None:
+    print(f"one dry-run worker on {backend}, {trials} trials: per trial")
+    print(f"{'part':<52}{'wall ms':>9}{'CPU ms':>9}")
+    for label, wall_ms, cpu_ms in rows:
+        print(f"{label:<52}{wall_ms:>9.2f}{cpu_ms:>9.2f}")
+
+
+def main(argv: list[str] | None = None) -> bool | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=120, help="trials per run (the budget)")
+    parser.add_argument(
+        "--workers", default="1,2,4,8", help="comma-separated worker counts, e.g. 1,2,4,8"
+    )
+    parser.add_argument(
+        "--database", default=None, help="a PostgreSQL URL (default: a throwaway server)"
+    )
+    parser.add_argument("--sqlite", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sampler", default="random", help="the searches' sampler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--startup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile", action="store_true", help="add one worker's breakdown")
+    parser.add_argument("--profile-trials", type=int, default=60)
+    args = parser.parse_args(argv)
+    counts = [int(n) for n in args.workers.split(",") if n.strip()]
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    runs: list[Run] = []
+    startup: dict[str, float] = {}
+    profiles: dict[str, list[tuple[str, float, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cbam-nas-bench-")))
+        os.environ["CBAM_NAS_ARTIFACTS_DIR"] = str(tmp / "artifacts")  # dry runs store none
+        backends: list[tuple[str, str, Path | None]] = []
+        if args.sqlite:
+            backends.append(("sqlite", f"sqlite:///{tmp / 'bench.db'}", None))
+        if args.postgres and args.database:
+            backends.append(("postgresql", args.database, None))
+        elif args.postgres:
+            server = stack.enter_context(throwaway_postgres())
+            if server is None:
+                print("PostgreSQL is not installed and no --database given: its rows are skipped")
+            else:
+                backends.append(("postgresql", *server))
+        for backend, url, data_dir in backends:
+            for workers in counts:
+                runs.append(run_once(url, backend, workers, args, data_dir))
+                print(
+                    f"  {backend} x{workers}: {runs[-1].wall_s:.2f} s", file=sys.stderr, flush=True
+                )
+            if args.startup:
+                startup[backend] = startup_s(url, args)
+            if args.profile:
+                profiles[backend] = profile(url, args)
+    verdict = report(runs, startup, args)
+    for backend, rows in profiles.items():
+        print_profile(backend, rows, args.profile_trials)
+    return verdict
+
+
+if __name__ == "__main__":
+    main()

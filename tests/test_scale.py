@@ -1,0 +1,216 @@
+"""Scale-out: many worker processes on one search, two searches sharing workers, dry runs.
+
+Workers are real ``cbam-nas worker --dry-run`` processes (claim, ask, tell with made-up metrics;
+nothing trained), so a trial lasts tens of milliseconds and the claims race as hard as they can.
+Each test runs on SQLite and on PostgreSQL (``database_url``). Processes are waited for with
+timeouts, so that a hang fails the test instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy import func, select
+
+from search.db import Database
+from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen
+from search.searches import create_search
+from search.space import Architecture
+from search.spec import SearchSpec
+from search.study import load_study
+from workers.worker import Worker, WorkerOptions, dry_run_figures
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240
+# Workers where no worker dies: a long grace period keeps a busy machine from sweeping a live one.
+WORKER_ARGS = ["--dry-run", "--no-progress", "--grace-period", "60", "--heartbeat-interval", "1"]
+
+
+def _spec(trials: int, name: str = "scale", sampler: str = "tpe") -> SearchSpec:
+    return SearchSpec.from_dict(
+        {
+            "name": name,
+            "backbone": "cifar_resnet20",
+            "dataset": {"name": "synthetic"},
+            "budget": {"trials": trials},
+            "sampler": sampler,
+            "early_stopping": {"policy": "none"},
+        }
+    )
+
+
+def _spawn(log: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:
+    """A dry-run worker process on the database of CBAM_NAS_DATABASE_URL (set by the fixture)."""
+    command = [sys.executable, "-m", "service.cli", "worker", *WORKER_ARGS, "--name", name]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen([*command, *extra], cwd=ROOT, env=env, stdout=out, stderr=out)
+
+
+def _wait_until(predicate: Callable[[], Any], what: str, log: Path) -> Any:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+
+
+def _exit_codes(workers: list[subprocess.Popen[bytes]], log: Path) -> list[int]:
+    codes = []
+    for worker in workers:
+        try:
+            codes.append(worker.wait(timeout=TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            for other in workers:
+                other.kill()
+            raise AssertionError(f"a worker did not exit:\n{log.read_text()[-3000:]}") from None
+    return codes
+
+
+def _rows(db: Database, search_id: str) -> list[TrialResult]:
+    with db.session() as session:
+        query = select(TrialResult).where(TrialResult.search_id == search_id)
+        return list(session.scalars(query.order_by(TrialResult.created_at, TrialResult.id)))
+
+
+def _search(db: Database, search_id: str) -> Search:
+    with db.session() as session:
+        return session.get(Search, search_id)
+
+
+def _workers_seen(db: Database) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.count()).select_from(WorkerSeen))
+
+
+def _assert_completed_exactly(db: Database, search_id: str, budget: int) -> list[TrialResult]:
+    """Every slot completed once as attempt 0, nothing running, one Optuna trial per slot."""
+    rows = _rows(db, search_id)
+    assert sorted(r.number for r in rows) == list(range(budget))  # no duplicates, no gaps
+    assert {(r.attempt, r.state) for r in rows} == {(0, ResultState.completed)}
+    for row in rows:
+        assert row.val_accuracy is not None and row.params and row.params_pct is not None
+        assert row.epochs_run == 0 and row.artifacts is None and row.finished_at is not None
+    search = _search(db, search_id)
+    assert search.state == SearchState.completed and search.claimed == budget
+    trials = load_study(db, search).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * budget
+    # Each row told its own Optuna trial, with the row's own figures.
+    assert sorted(r.optuna_number for r in rows) == sorted(t.number for t in trials)
+    by_number = {t.number: t for t in trials}
+    for row in rows:
+        values = by_number[row.optuna_number].values
+        assert values == [row.val_accuracy, pytest.approx(row.params_pct)]
+    return rows
+
+
+# -- the dry run itself -----------------------------------------------------------------------
+
+
+def test_dry_run_records_made_up_metrics_without_training(any_db: Database) -> None:
+    search = create_search(any_db, _spec(6, sampler="random"))
+    options = WorkerOptions(search_id=search.id, dry_run=True, poll_interval_s=0.05)
+    started = time.perf_counter()
+    assert Worker(options).run() == 0
+    assert time.perf_counter() - started < 30  # nothing built or trained
+    rows = _assert_completed_exactly(any_db, search.id, 6)
+    assert [r.reference and r.reference.value for r in rows[:3]] == ["none", "se", "cbam"]
+    assert rows[0].params_pct == 0 and all(r.params_pct > 0 for r in rows[1:])
+    for row in rows:  # a fixed function of the architecture: the same from every worker
+        accuracy, figures = dry_run_figures(Architecture.from_dict(row.architecture))
+        assert row.val_accuracy == accuracy and row.params == figures["params"]
+        assert row.learning_curve == [] and row.wall_time_s == 0.0
+
+
+# -- many workers ---------------------------------------------------------------------------
+
+
+def test_eight_workers_complete_a_budget_of_40_exactly(any_db: Database, tmp_path: Path) -> None:
+    """Eight workers wait idle until the search exists (a start line), then race for its 40
+    slots; they are stopped with SIGTERM once it is completed."""
+    log = tmp_path / "workers.log"
+    workers = [_spawn(log, f"w{i}", "--poll-interval", "0.2") for i in range(8)]
+    try:
+        _wait_until(lambda: _workers_seen(any_db) == 8, "eight idle workers", log)
+        search = create_search(any_db, _spec(40))
+        _wait_until(
+            lambda: _search(any_db, search.id).state == SearchState.completed,
+            "the search to complete",
+            log,
+        )
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+    assert _exit_codes(workers, log) == [0] * 8, log.read_text()[-3000:]
+
+    rows = _assert_completed_exactly(any_db, search.id, 40)
+    per_worker = Counter(r.worker for r in rows)
+    assert len(per_worker) >= 2, per_worker  # they did race
+    with any_db.session() as session:
+        statement = select(func.count()).where(TrialResult.state == ResultState.running)
+        assert session.scalar(statement) == 0
+
+
+# -- two searches share the workers -----------------------------------------------------------
+
+
+def _worker_share(claims: list[TrialResult], search_id: str, until: Any) -> float:
+    """The time-averaged share of the trials in flight that belong to ``search_id``, from the
+    first claim to ``until``."""
+    events = sorted(
+        [(r.created_at, 1, r.search_id) for r in claims]
+        + [(r.finished_at, -1, r.search_id) for r in claims]
+    )
+    mine = total = 0.0
+    in_flight: Counter[str] = Counter()
+    previous = events[0][0]
+    for at, change, owner in events:
+        at = min(at, until)
+        seconds = (at - previous).total_seconds()
+        mine += seconds * in_flight[search_id]
+        total += seconds * sum(in_flight.values())
+        previous = at
+        in_flight[owner] += change
+    return mine / total
+
+
+def test_two_searches_share_the_workers_fairly(any_db: Database, tmp_path: Path) -> None:
+    """claim_trial gives a worker the search with the fewest trials in flight relative to its
+    budget (ties: the fewest claimed). With equal budgets each search holds about half of the
+    workers while both have work, and as the dry-run trials last alike, their claims interleave."""
+    budget = 20
+    first = create_search(any_db, _spec(budget, name="first", sampler="random"))
+    second = create_search(any_db, _spec(budget, name="second", sampler="random"))
+    log = tmp_path / "workers.log"
+    workers = [_spawn(log, f"w{i}", "--exit-when-idle", "--poll-interval", "0.1") for i in range(4)]
+    assert _exit_codes(workers, log) == [0] * 4, log.read_text()[-3000:]
+
+    rows = [r for s in (first, second) for r in _assert_completed_exactly(any_db, s.id, budget)]
+    claims = sorted(rows, key=lambda r: (r.created_at, r.id))
+    order = ["first" if r.search_id == first.id else "second" for r in claims]
+    # Among the first 20 claims each search got between 7 and 13 ...
+    early = Counter(order[:budget])
+    assert 7 <= early["first"] <= 13 and 7 <= early["second"] <= 13, order
+    # ... and while both had unclaimed slots, neither ran ahead by more than a few claims.
+    counts: Counter[str] = Counter()
+    for index, name in enumerate(order):
+        counts[name] += 1
+        if counts[name] == budget:
+            both_until = claims[index].created_at
+            break
+        assert abs(counts["first"] - counts["second"]) <= 5, order
+    # Each held about half of the workers meanwhile.
+    share = _worker_share(claims, first.id, both_until)
+    assert 0.3 <= share <= 0.7, (share, order)
