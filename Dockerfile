@@ -37,7 +37,7 @@ COPY pyproject.toml README.md ./
 COPY search search
 COPY workers workers
 COPY service service
-RUN pip install --no-cache-dir . && rm -rf build ./*.egg-info
+RUN pip install --no-cache-dir ".[proxy]" && rm -rf build ./*.egg-info
 USER 10001:10001
 WORKDIR /var/lib/cbam-nas
 EXPOSE 8000

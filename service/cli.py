@@ -24,7 +24,7 @@ from rich.table import Table
 from search.errors import InvalidValue
 
 if TYPE_CHECKING:
-    from search.db import Database
+    from search.db import Database, Role
     from search.overhead import OverheadReport
     from search.space import Architecture
 
@@ -326,7 +326,7 @@ def serve(
             raise _bad(exc, "--device") from None
     devices = [] if workers == 0 else worker_devices(device, workers)
     settings.ensure_dirs()
-    db = _open_database(settings.database_url)
+    db = _open_database(settings.database_url, role="api")
     db.migrate()
     try:
         searches = submit_specs(db, settings, submit)
@@ -387,11 +387,11 @@ def _setup_logging(rich_output: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _open_database(url: str | None) -> Database:
+def _open_database(url: str | None, role: Role = "tool") -> Database:
     from search.db import open_database
 
     try:
-        return open_database(url)
+        return open_database(url, role=role)
     except InvalidValue as exc:
         raise _bad(exc, "--database") from None
 
@@ -424,9 +424,17 @@ def worker(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar. Default: when on a terminal."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Coordination only: claim, ask and tell each trial with made-up metrics (from a "
+        "hash of the architecture) without loading data, measuring or training; no artifacts. "
+        "For load tests and benchmarks/coordination.py: never on a real search.",
+    ),
 ) -> None:
     """Pull trials from the database and run them until stopped (SIGTERM/SIGINT: the current
-    trial is handed back at the next epoch boundary)."""
+    trial is handed back at the next epoch boundary). With --dry-run the trials are recorded
+    with made-up metrics instead of being trained."""
     from search.overhead import check_device
     from service.server import watch_parent
     from workers.worker import Worker, WorkerOptions
@@ -453,6 +461,7 @@ def worker(
         latency_repeats=latency_repeats,
         threads=threads,
         progress=on_terminal,
+        dry_run=dry_run,
     )
     try:
         status = Worker(options).run()
@@ -625,6 +634,50 @@ def run_search(
     if state != SearchState.completed:
         console.print(f"[red]search {state.value}[/red]" + (f": {error}" if error else ""))
         raise typer.Exit(1)
+
+
+@app.command("storage-proxy")
+def storage_proxy(
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: int = typer.Option(13000, min=1, max=65535, help="Port."),
+    database: str | None = typer.Option(
+        None, "--database", help="SQLAlchemy URL. Default: the settings' (CBAM_NAS_DATABASE_URL)."
+    ),
+) -> None:
+    """Run Optuna's gRPC storage proxy in front of the database (schema migrated first).
+    Workers started with CBAM_NAS_OPTUNA_STORAGE_URL=grpc://THIS-HOST:PORT send their Optuna
+    calls (ask, tell, the samplers' reads) through it; their claims and trial rows still go to
+    the database. Needs grpcio and protobuf (the package's `proxy` extra). Ctrl-C stops it."""
+    import warnings
+
+    import optuna
+
+    try:
+        import grpc  # noqa: F401 (Optuna imports it lazily: fail here, not on the first call)
+    except ImportError:
+        Console(stderr=True).print(
+            "[red]grpcio is not installed:[/red] pip install 'cbam-nas\\[proxy]' (grpcio, protobuf)"
+        )
+        raise typer.Exit(1) from None
+    _setup_logging(False)
+    db = _open_database(database)
+    db.migrate()
+    storage = optuna.storages.get_storage(db.rdb_storage())  # creates Optuna's tables; cached
+    Console(stderr=True, soft_wrap=True).print(
+        f"Optuna gRPC storage proxy for {db!r} on {host}:{port}; workers: "
+        f"CBAM_NAS_OPTUNA_STORAGE_URL=grpc://<this host>:{port}"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        Console(stderr=True).print(f"[red]cannot listen on {host}:{port}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        db.close()
 
 
 # -- client commands: talk to a running server -------------------------------------------------

@@ -1,0 +1,257 @@
+"""The GPU path: CBAM under autocast and channels_last on CUDA, a mixed-precision ``train()``,
+a worker trial on ``cuda:N``, device checks, and local workers spread over the GPUs.
+
+Tests marked ``requires_cuda`` run where ``torch.cuda.is_available()``, and are skipped where it
+is not. Device checks and ``worker_devices`` also run without a GPU, with torch's CUDA device
+count faked.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from search.cbam import CBAM, reference_forward
+from search.db import Database
+from search.errors import InvalidValue
+from search.overhead import available_devices, check_device
+from search.space import Architecture
+from search.spec import TrainingSpec
+from service.server import worker_devices
+from workers.data import DatasetTensors
+from workers.train import autocast_dtype, train
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"
+)
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest relative error (norm of the difference / norm of the float64 result) of our CBAM's
+# output and gradients, and how much worse than the plain definition's own error, at that dtype.
+# (float32: 1e-3 leaves room for TF32 convolutions; the half types' parameter gradients are sums
+# with cancellation, ~20 epsilons off for the plain definition too.)
+MAX_ERROR = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 3e-2}
+WORSE_THAN_REFERENCE = 4.0
+CLASSES = 3
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make torch report ``count`` CUDA devices (for code that only asks how many there are)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _skip_unless_supported(dtype: torch.dtype) -> None:
+    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{torch.cuda.get_device_name()} has no bfloat16")
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def _cbam_results(
+    forward: Callable[[CBAM, torch.Tensor], torch.Tensor],
+    module: CBAM,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    dtype: torch.dtype | None,
+) -> list[torch.Tensor]:
+    """Output, input gradient and parameter gradients of ``forward(module, x)``, with the
+    forward pass under autocast at ``dtype`` (None: none) and ``x``, ``grad`` cast to it."""
+    x = x.to(dtype or x.dtype).detach().requires_grad_()
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        out = forward(module, x)
+    out.backward(grad.to(out.dtype))
+    return [out.detach(), x.grad, *(p.grad for p in module.parameters())]
+
+
+def cbam_errors(
+    device: str, dtype: torch.dtype, channels_last: bool, shape: tuple[int, ...] = (8, 64, 16, 16)
+) -> tuple[list[float], list[float], torch.Tensor]:
+    """Relative errors against float64 of our CBAM and of the plain definition, both run at
+    ``dtype`` (autocast for bf16/fp16) on ``device``, in training mode; and our output."""
+    torch.manual_seed(0)
+    module = CBAM(shape[1]).to(device)
+    torch.nn.init.normal_(module.spatial_gate.bn.weight)  # a spatial gate that is not 0.5
+    torch.nn.init.normal_(module.spatial_gate.bn.bias)
+    reference = copy.deepcopy(module)
+    exact = copy.deepcopy(module).double()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    # The input as a conv under autocast would hand it over: already at the half dtype.
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=layout)
+    grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=layout)
+    amp = None if dtype is torch.float32 else dtype
+    ours = _cbam_results(lambda m, t: m(t), module, x, grad, amp)
+    plain = _cbam_results(reference_forward, reference, x, grad, amp)
+    want = _cbam_results(reference_forward, exact, x.double(), grad.double(), None)
+    assert ours[0].dtype == dtype
+    return (
+        [_relative_error(g, w) for g, w in zip(ours, want, strict=True)],
+        [_relative_error(g, w) for g, w in zip(plain, want, strict=True)],
+        ours[0],
+    )
+
+
+def tinted(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images whose class is the brighter colour channel: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % CLASSES
+    x = torch.randint(0, 100, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    x[torch.arange(n), y] += 120
+    return x, y
+
+
+def tinted_data() -> DatasetTensors:
+    (tx, ty), (vx, vy), (sx, sy) = tinted(512, 0), tinted(128, 1), tinted(64, 2)
+    return DatasetTensors(
+        "tinted", tx, ty, vx, vy, sx, sy, CLASSES, 3, 16, (0.4, 0.4, 0.4), (0.3, 0.3, 0.3)
+    )
+
+
+# -- CBAM on CUDA ----------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cbam_matches_the_reference_on_cuda(precision: str, layout: str) -> None:
+    dtype = HALF.get(precision, torch.float32)
+    _skip_unless_supported(dtype)
+    ours, plain, out = cbam_errors("cuda", dtype, channels_last=layout == "channels_last")
+    names = ["output", "input gradient"] + [f"parameter gradient {i}" for i in range(len(ours))]
+    for name, error, reference_error in zip(names, ours, plain, strict=False):
+        assert error < MAX_ERROR[dtype], f"{name}: relative error {error:.2e}"
+        assert error <= WORSE_THAN_REFERENCE * reference_error + MAX_ERROR[torch.float32], (
+            f"{name}: {error:.2e} against the plain definition's {reference_error:.2e}"
+        )
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# -- training and workers on CUDA ------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_on_cuda_with_mixed_precision(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dtype = HALF[precision]
+    _skip_unless_supported(dtype)
+    if dtype is torch.float16:  # train() picks bf16 where the card has it: make it take fp16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_a, **_k: False)
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    assert autocast_dtype(device, True) is dtype
+    assert autocast_dtype(device, False) is None
+    settings = TrainingSpec(epochs=3, batch_size=64, lr=0.05, mixed_precision=True)
+    result = train(Architecture("cifar_resnet20"), tinted_data(), settings, seed=0, device=device)
+    assert result.epochs_run == 3 and result.stopped is None
+    assert result.best_val_accuracy > 0.6  # chance is 1/3
+    assert result.test_accuracy is not None and result.test_accuracy > 0.5
+    assert all(torch.isfinite(torch.tensor(r.train_loss)) for r in result.curve)
+    # Weights stay float32 under autocast, and come back on the CPU for safetensors.
+    weights = [t for t in result.state_dict.values() if t.is_floating_point()]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights)
+
+
+@requires_cuda
+def test_worker_runs_a_trial_on_a_gpu(sqlite_db: Database) -> None:
+    run_one_trial(sqlite_db, f"cuda:{torch.cuda.device_count() - 1}")
+
+
+def run_one_trial(db: Database, device: str) -> None:
+    """A worker on ``device`` runs a one-trial search to completion: measured and trained there."""
+    from search.records import ResultState, TrialResult
+    from search.searches import create_search
+    from search.spec import SearchSpec
+    from workers.worker import Worker, WorkerOptions
+
+    spec = SearchSpec.from_dict(
+        {
+            "backbone": "cifar_resnet20",
+            "dataset": {
+                "name": "synthetic",
+                "options": {"size": 16, "num_samples": 256, "num_test": 32},
+                "val_fraction": 0.25,
+            },
+            "training": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+            "sampler": "random",
+            "budget": {"trials": 1},
+            "early_stopping": {"policy": "none"},
+        }
+    )
+    search = create_search(db, spec)
+    options = WorkerOptions(search_id=search.id, device=device, max_trials=1, latency_repeats=3)
+    assert Worker(options).run() == 0
+    with db.session() as session:
+        (row,) = session.query(TrialResult).filter_by(search_id=search.id).all()
+        assert row.state == ResultState.completed, row.failure_reason
+        assert row.device == device
+        assert row.latency_ms > 0 and row.images_per_s > 0 and row.epochs_run == 1
+        assert row.val_accuracy is not None and row.artifacts is not None
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+@requires_cuda
+def test_check_device_on_this_machine() -> None:
+    count = torch.cuda.device_count()
+    for index in range(count):
+        assert check_device(f"cuda:{index}") == torch.device("cuda", index)
+    assert check_device("cuda").type == "cuda"
+    with pytest.raises(InvalidValue) as info:
+        check_device(f"cuda:{count}")
+    assert info.value.field == "device"
+    assert "'cuda:0'" in str(info.value) and f"'cuda:{count - 1}'" in str(info.value)
+
+
+def test_check_device_out_of_range_names_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_gpus(monkeypatch, 2)
+    assert available_devices()[:4] == ["cpu", "cuda", "cuda:0", "cuda:1"]
+    assert check_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(InvalidValue) as info:
+        check_device("cuda:2")
+    assert info.value.field == "device" and info.value.value == "cuda:2"
+    assert "'cuda:0', 'cuda:1'" in str(info.value)
+
+
+def test_check_device_without_gpus_allows_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_gpus(monkeypatch, 0)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(InvalidValue, match="allowed: 'cpu'"):
+            check_device(device)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "device", "workers", "expected"),
+    [
+        (0, "auto", None, ["cpu"]),
+        (0, "auto", 2, ["cpu", "cpu"]),
+        (3, "auto", None, ["cuda:0", "cuda:1", "cuda:2"]),
+        (2, "auto", 3, ["cuda:0", "cuda:1", "cuda:0"]),
+        (2, "cuda", 5, ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]),
+        (2, "cuda", None, ["cuda:0"]),
+        (4, "cuda:2", 2, ["cuda:2", "cuda:2"]),
+        (4, "cpu", None, ["cpu"]),
+    ],
+)
+def test_worker_devices_spread_workers_over_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+    gpus: int,
+    device: str,
+    workers: int | None,
+    expected: list[str],
+) -> None:
+    _fake_gpus(monkeypatch, gpus)
+    assert worker_devices(device, workers) == expected
+
+
+@requires_cuda
+def test_worker_devices_one_per_gpu_here() -> None:
+    count = torch.cuda.device_count()
+    assert worker_devices("auto", None) == [f"cuda:{i}" for i in range(count)]
