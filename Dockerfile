@@ -37,6 +37,8 @@ COPY pyproject.toml README.md ./
 COPY search search
 COPY workers workers
 COPY service service
+# The project itself (with the gRPC proxy extra), not a package from an index.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[proxy]" && rm -rf build ./*.egg-info
 USER 10001:10001
 WORKDIR /var/lib/cbam-nas
