@@ -38,6 +38,7 @@ from torch import nn
 
 import workers.train as train_module
 from benchmarks._timing import interleaved_medians
+from benchmarks.train_throughput import synthetic
 from search.cbam import CBAM, reference_forward
 from search.space import Architecture
 from search.spec import TrainingSpec
@@ -53,8 +54,6 @@ VARIANTS = {
     "plain": "plain CBAM definition",
     "none": "no attention",
 }
-SIZE, CLASSES = 32, 10
-MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
@@ -196,20 +195,6 @@ def attention_variant(variant: str) -> Iterator[None]:
         yield
     finally:
         train_module.build_model = original
-
-
-def synthetic(images: int, val_images: int) -> DatasetTensors:
-    """CIFAR-shaped uint8 images with random labels (throughput does not depend on content)."""
-    g = torch.Generator().manual_seed(0)
-
-    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
-        return x, torch.randint(0, CLASSES, (n,), generator=g)
-
-    (train_x, train_y), (val_x, val_y) = split(images), split(val_images)
-    return DatasetTensors(
-        "synthetic", train_x, train_y, val_x, val_y, None, None, CLASSES, 3, SIZE, MEAN, STD
-    )
 
 
 def one_trial(

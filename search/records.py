@@ -171,6 +171,20 @@ class Search(Base):
         super().__init__(**kwargs)
 
 
+# The figures of an OverheadReport that a trial-result row keeps (as columns of the same name).
+OVERHEAD_FIELDS = (
+    "params",
+    "macs",
+    "attention_ops",
+    "latency_ms",
+    "train_step_ms",
+    "peak_memory_bytes",
+    "params_pct",
+    "macs_pct",
+    "latency_pct",
+)
+
+
 class TrialResult(Base):
     """One attempt at one slot (``number``, 0..budget-1) of a search: the leaderboard's row.
 

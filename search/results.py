@@ -22,7 +22,15 @@ from search.leaderboard import (
     rank_key,
     reference_entries,
 )
-from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
+from search.records import (
+    OVERHEAD_FIELDS,
+    ResultState,
+    Search,
+    SearchState,
+    TrialResult,
+    WorkerSeen,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from search.db import Database
@@ -33,15 +41,7 @@ SORT_COLUMNS = (
     "val_accuracy",
     "final_val_accuracy",
     "test_accuracy",
-    "params",
-    "macs",
-    "attention_ops",
-    "latency_ms",
-    "train_step_ms",
-    "peak_memory_bytes",
-    "params_pct",
-    "macs_pct",
-    "latency_pct",
+    *OVERHEAD_FIELDS,
     "epochs_run",
     "wall_time_s",
     "images_per_s",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
+from support import free_port
 
 from search.db import Database, normalise_url, open_database
 from search.settings import Settings, get_settings
@@ -57,17 +57,6 @@ def settings(
     get_settings.cache_clear()
 
 
-def _free_port(start: int) -> int:
-    for port in range(start, start + 100):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}..{start + 99}")
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """The URL of a PostgreSQL database for this session (see the module docstring)."""
@@ -82,7 +71,7 @@ def postgres_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must install it (.ci/run)")
         pytest.skip(reason)
-    port = os.environ.get("CBAM_NAS_TEST_PG_PORT") or str(_free_port(PG_DEFAULT_PORT))
+    port = os.environ.get("CBAM_NAS_TEST_PG_PORT") or str(free_port(PG_DEFAULT_PORT))
     # Directly under the system temp dir: the server (the postgres user when we are root) must
     # reach it, and its socket path must stay short.
     pgtmp = tempfile.mkdtemp(prefix="cbam-nas-pg-")

@@ -7,7 +7,6 @@ their trial rows and artifacts directly, as a worker would.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from support import free_port
 from typer.testing import CliRunner
 
 from search.db import Database
@@ -44,12 +44,6 @@ def _flat(text: str) -> str:
     return " ".join(text.replace("│", " ").replace("┃", " ").split())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def token(sqlite_db: Database) -> str:
     return create_token(sqlite_db, "tester")
@@ -60,7 +54,7 @@ def server(
     sqlite_db: Database, token: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """The app on a free port; CBAM_NAS_API_URL and CBAM_NAS_TOKEN point the CLI at it."""
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         create_app(settings, db=sqlite_db), host="127.0.0.1", port=port, log_level="warning"
     )
@@ -180,7 +174,7 @@ def test_token_file_is_the_fallback(
 
 
 def test_unreachable_server_exits_1(token: str) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # closed: nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # closed: nothing listens there
     code, _, err = _cli("status", "abc", "--url", url, "--token", token)
     assert code == 1
     assert f"no server answers at {url}" in _flat(err)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, expect
 from safetensors.torch import load as load_safetensors
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "screenshots"
@@ -51,17 +51,11 @@ class Server:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[Server]:
     """``cbam-nas serve`` with one worker, after it finished a 5-trial search."""
     state = tmp_path_factory.mktemp("dashboard")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CBAM_NAS_DATABASE_URL": f"sqlite:///{state / 'cbam-nas.db'}",

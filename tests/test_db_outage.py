@@ -11,14 +11,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
+from support import free_port, quick_spec, wait_until
 
 from search.db import Database, Outage, is_transient, open_database, retrying
 from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
 from search.searches import create_search
-from search.spec import SearchSpec
 from search.study import load_study
 from workers.worker import claim_trial, sweep_lost
 
@@ -170,7 +169,7 @@ def test_retrying_waits_out_a_locked_sqlite_database(
 
 
 def test_no_sweep_within_a_grace_period_of_an_outage(sqlite_db: Database) -> None:
-    search = create_search(sqlite_db, _spec(trials=1))
+    search = create_search(sqlite_db, quick_spec(trials=1))
     claim = claim_trial(sqlite_db, "a", "cpu", search.id)
     with sqlite_db.session() as session:
         session.execute(
@@ -203,34 +202,6 @@ def test_pools_are_sized_per_role(role: str, ours: int, optunas: int) -> None:
 # -- a PostgreSQL restart during a search --------------------------------------------------------
 
 
-def _spec(trials: int = 4, epochs: int = 3) -> SearchSpec:
-    return SearchSpec.from_dict(
-        {
-            "backbone": "cifar_resnet20",
-            "dataset": {
-                "name": "synthetic",
-                "options": {"size": 16, "num_samples": 256, "num_test": 32},
-                "val_fraction": 0.25,
-            },
-            "training": {"epochs": epochs, "batch_size": 32, "lr": 0.05},
-            "sampler": "random",
-            "budget": {"trials": trials},
-            "early_stopping": {"policy": "none"},
-        }
-    )
-
-
-def _free_port(start: int) -> int:
-    for port in range(start, start + 100):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}..{start + 99}")
-
-
 class _Server:
     """A PostgreSQL server of this test's own, through scripts/postgres.sh."""
 
@@ -239,7 +210,7 @@ class _Server:
         self.env = {
             **os.environ,
             "PGTMP": tempfile.mkdtemp(prefix="cbam-nas-pg-outage-"),
-            "PGPORT_CI": str(_free_port(55480)),
+            "PGPORT_CI": str(free_port(55480)),
         }
 
     def __call__(self, command: str) -> str:
@@ -269,22 +240,12 @@ def server() -> Iterator[_Server]:
         server("stop")
 
 
-def _wait_until(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_workers_ride_out_a_postgresql_restart(server: _Server, tmp_path: Path) -> None:
     url = server("start").splitlines()[-1]
     db = open_database(url)
     db.migrate()
     budget, epochs = 4, 3
-    search = create_search(db, _spec(trials=budget, epochs=epochs))
+    search = create_search(db, quick_spec(trials=budget, epochs=epochs))
     command = [sys.executable, "-m", "service.cli", "worker", "--database", url]
     command += ["--artifacts", str(tmp_path / "artifacts"), "--search", search.id]
     command += ["--no-progress", "--grace-period", str(GRACE_S), "--heartbeat-interval", "0.5"]
@@ -318,7 +279,7 @@ def test_workers_ride_out_a_postgresql_restart(server: _Server, tmp_path: Path) 
 
     try:
         # Both workers past their start, one of them between two epochs of a trial.
-        interrupted = _wait_until(mid_trial, "a trial between two epochs", 60)
+        interrupted = wait_until(mid_trial, "a trial between two epochs", 60)
         db.close()
         server("halt")
         stopped = time.monotonic()

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from optuna.trial import TrialState
 from sqlalchemy import func, select
+from support import wait_until
 
 from search.db import Database
 from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen
@@ -55,16 +55,6 @@ def _spawn(log: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("ab") as out:
         return subprocess.Popen([*command, *extra], cwd=ROOT, env=env, stdout=out, stderr=out)
-
-
-def _wait_until(predicate: Callable[[], Any], what: str, log: Path) -> Any:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
 def _exit_codes(workers: list[subprocess.Popen[bytes]], log: Path) -> list[int]:
@@ -143,12 +133,20 @@ def test_eight_workers_complete_a_budget_of_40_exactly(any_db: Database, tmp_pat
     log = tmp_path / "workers.log"
     workers = [_spawn(log, f"w{i}", "--poll-interval", "0.2") for i in range(8)]
     try:
-        _wait_until(lambda: _workers_seen(any_db) == 8, "eight idle workers", log)
+        wait_until(
+            lambda: _workers_seen(any_db) == 8,
+            "eight idle workers",
+            timeout=TIMEOUT_S,
+            log=log,
+            interval=0.1,
+        )
         search = create_search(any_db, _spec(40))
-        _wait_until(
+        wait_until(
             lambda: _search(any_db, search.id).state == SearchState.completed,
             "the search to complete",
-            log,
+            timeout=TIMEOUT_S,
+            log=log,
+            interval=0.1,
         )
     finally:
         for worker in workers:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
+from support import free_port
 
 from search.settings import Settings
 from search.space import Architecture, build_model
@@ -44,12 +44,6 @@ SPEC: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _worker_pids(server_pid: int) -> list[int]:
     found = subprocess.run(
         ["pgrep", "-P", str(server_pid)], capture_output=True, text=True
@@ -62,7 +56,7 @@ def server(
     settings: Settings, database_url: str, tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """The server on a fresh database: SQLite, then PostgreSQL (CBAM_NAS_DATABASE_URL)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1"],

@@ -9,15 +9,15 @@ one read from the database agree. Skipped without grpcio (``pip install 'cbam-na
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port, quick_spec, wait_until
 
 pytest.importorskip("grpc")
 
@@ -29,33 +29,9 @@ from search.db import Database, grpc_address, open_database
 from search.errors import InvalidValue
 from search.records import ResultState, Search, SearchState, TrialResult
 from search.searches import create_search
-from search.spec import SearchSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _spec() -> SearchSpec:
-    return SearchSpec.from_dict(
-        {
-            "backbone": "cifar_resnet20",
-            "dataset": {
-                "name": "synthetic",
-                "options": {"size": 16, "num_samples": 128, "num_test": 32},
-                "val_fraction": 0.25,
-            },
-            "training": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-            "sampler": "tpe",
-            "budget": {"trials": 4},
-            "early_stopping": {"policy": "none"},
-        }
-    )
 
 
 def _cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -77,18 +53,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _wait_until(
-    predicate: Callable[[], Any], what: str, log: Path, timeout: float = TIMEOUT_S
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
 def _rows(db: Database, search_id: str) -> list[TrialResult]:
@@ -114,8 +78,8 @@ def _summary(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[Any, ...]]:
 def test_worker_runs_a_search_through_the_proxy(
     direct_db: Database, database_url: str, tmp_path: Path
 ) -> None:
-    search = create_search(direct_db, _spec())
-    port = _free_port()
+    search = create_search(direct_db, quick_spec(epochs=1, samples=128, sampler="tpe"))
+    port = free_port()
     grpc_url = f"grpc://127.0.0.1:{port}"
     log = tmp_path / "processes.log"
     worker_args = ["worker", "--search", search.id, "--grace-period", "60"]
@@ -125,7 +89,7 @@ def test_worker_runs_a_search_through_the_proxy(
     proxy = None
     try:
         # No proxy yet: the worker claims a slot (our tables, directly) but cannot ask the study.
-        _wait_until(lambda: _rows(direct_db, search.id), "the worker's first claim", log)
+        wait_until(lambda: _rows(direct_db, search.id), "the worker's first claim", TIMEOUT_S, log)
         time.sleep(2.0)
         assert worker.poll() is None, log.read_text()[-3000:]
         study = optuna.load_study(study_name=search.study_name, storage=direct_db.rdb_storage())

@@ -14,8 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 from sqlalchemy import select, update
+from support import quick_spec, wait_until
 from typer.testing import CliRunner
 
 from search.db import Database, open_database
@@ -32,7 +32,6 @@ from search.records import ResultState, Search, SearchState, TrialResult, utcnow
 from search.searches import create_search
 from search.settings import Settings
 from search.space import Architecture, build_model
-from search.spec import SearchSpec
 from search.study import frozen_trial, load_study
 from service.cli import app
 from workers.data import load_dataset
@@ -55,23 +54,6 @@ FAST_ARGS = ["--heartbeat-interval", "0.3", "--poll-interval", "0.2"]
 FAST_ARGS += ["--latency-repeats", "1", "--threads", "1"]
 # Where no worker dies, a long grace period keeps a busy machine from making one look dead.
 PATIENT_S = 30.0
-
-
-def _spec(trials: int = 4, epochs: int = 2, samples: int = 256, **overrides: Any) -> SearchSpec:
-    data: dict[str, Any] = {
-        "backbone": "cifar_resnet20",
-        "dataset": {
-            "name": "synthetic",
-            "options": {"size": 16, "num_samples": samples, "num_test": 32},
-            "val_fraction": 0.25,
-        },
-        "training": {"epochs": epochs, "batch_size": 32, "lr": 0.05},
-        "sampler": "random",
-        "budget": {"trials": trials},
-        "early_stopping": {"policy": "none"},
-    }
-    data.update(overrides)
-    return SearchSpec.from_dict(data)
 
 
 @pytest.fixture(autouse=True)
@@ -98,16 +80,6 @@ def _spawn(
         return subprocess.Popen(
             [*command, *FAST_ARGS, *extra], cwd=ROOT, env=env, stdout=out, stderr=out
         )
-
-
-def _wait_until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _exit_code(process: subprocess.Popen[bytes], log: Path, timeout: float = TIMEOUT_S) -> int:
@@ -151,7 +123,7 @@ def _completed(rows: list[TrialResult]) -> list[TrialResult]:
 def test_worker_completes_a_search_and_weights_reproduce(
     any_db: Database, settings: Settings, tmp_path: Path
 ) -> None:
-    spec = _spec(trials=4)
+    spec = quick_spec(trials=4)
     search = create_search(any_db, spec)
     assert Worker(_options(search.id)).run() == 0
 
@@ -201,7 +173,7 @@ def test_worker_completes_a_search_and_weights_reproduce(
 
 def test_over_budget_architectures_are_measured_not_trained(sqlite_db: Database) -> None:
     objectives = {"constraint_overhead": "params", "constraint_max_pct": 0.5}
-    search = create_search(sqlite_db, _spec(trials=3, epochs=1, objectives=objectives))
+    search = create_search(sqlite_db, quick_spec(trials=3, epochs=1, objectives=objectives))
     assert Worker(_options(search.id)).run() == 0
     rows = _rows(sqlite_db, search.id)
     assert [r.state for r in rows] == [
@@ -221,7 +193,7 @@ def test_over_budget_architectures_are_measured_not_trained(sqlite_db: Database)
 
 def test_wall_clock_budget_stops_claiming(sqlite_db: Database) -> None:
     search = create_search(
-        sqlite_db, _spec(trials=4, epochs=1, budget={"trials": 4, "wall_clock_s": 0.01})
+        sqlite_db, quick_spec(trials=4, epochs=1, budget={"trials": 4, "wall_clock_s": 0.01})
     )
     assert Worker(_options(search.id)).run() == 0
     assert _search(sqlite_db, search.id).state == SearchState.completed
@@ -232,7 +204,7 @@ def test_wall_clock_budget_stops_claiming(sqlite_db: Database) -> None:
 
 
 def test_concurrent_claims_never_exceed_the_budget(any_db: Database) -> None:
-    search = create_search(any_db, _spec(trials=7))
+    search = create_search(any_db, quick_spec(trials=7))
     claims: list[Any] = []
 
     def claimer() -> None:
@@ -252,7 +224,7 @@ def test_concurrent_claims_never_exceed_the_budget(any_db: Database) -> None:
 
 
 def test_lost_trials_are_requeued_and_retried_within_bounds(sqlite_db: Database) -> None:
-    search = create_search(sqlite_db, _spec(trials=2, budget={"trials": 2, "max_retries": 1}))
+    search = create_search(sqlite_db, quick_spec(trials=2, budget={"trials": 2, "max_retries": 1}))
     first = claim_trial(sqlite_db, "a", "cpu", search.id)
     assert (first.number, first.attempt) == (0, 0)
 
@@ -292,7 +264,7 @@ def test_lost_trials_are_requeued_and_retried_within_bounds(sqlite_db: Database)
 
 
 def test_two_workers_never_exceed_the_budget(any_db: Database, tmp_path: Path) -> None:
-    search = create_search(any_db, _spec(trials=5, epochs=1, samples=128))
+    search = create_search(any_db, quick_spec(trials=5, epochs=1, samples=128))
     log = tmp_path / "workers.log"
     workers = [_spawn(search.id, log, "--name", f"w{i}") for i in range(2)]
     assert [_exit_code(w, log) for w in workers] == [0, 0], log.read_text()[-3000:]
@@ -308,7 +280,7 @@ def test_two_workers_never_exceed_the_budget(any_db: Database, tmp_path: Path) -
 def test_killed_worker_trial_is_rerun_with_the_same_parameters(
     any_db: Database, tmp_path: Path
 ) -> None:
-    search = create_search(any_db, _spec(trials=3, epochs=4, samples=384))
+    search = create_search(any_db, quick_spec(trials=3, epochs=4, samples=384))
     log = tmp_path / "worker.log"
     victim = _spawn(search.id, log, "--name", "victim")
 
@@ -318,7 +290,7 @@ def test_killed_worker_trial_is_rerun_with_the_same_parameters(
         return row if row is not None and row.number == 2 else None
 
     try:
-        running = _wait_until(cbam_reference_running, "the CBAM reference at epoch 1")
+        running = wait_until(cbam_reference_running, "the CBAM reference at epoch 1")
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=30)
@@ -341,10 +313,10 @@ def test_killed_worker_trial_is_rerun_with_the_same_parameters(
 
 
 def test_sigterm_hands_the_trial_back(sqlite_db: Database, tmp_path: Path) -> None:
-    search = create_search(sqlite_db, _spec(trials=1, epochs=8))
+    search = create_search(sqlite_db, quick_spec(trials=1, epochs=8))
     log = tmp_path / "worker.log"
     worker = _spawn(search.id, log)
-    _wait_until(lambda: _running_row(sqlite_db, search.id, min_epochs=1), "a trial at epoch 1")
+    wait_until(lambda: _running_row(sqlite_db, search.id, min_epochs=1), "a trial at epoch 1")
     worker.send_signal(signal.SIGTERM)
     assert _exit_code(worker, log, timeout=60) == 0, log.read_text()[-3000:]
     handed_back = _rows(sqlite_db, search.id)
@@ -365,12 +337,12 @@ def test_sigterm_hands_the_trial_back(sqlite_db: Database, tmp_path: Path) -> No
 
 
 def test_cancelled_search_stops_its_worker(sqlite_db: Database) -> None:
-    search = create_search(sqlite_db, _spec(trials=2, epochs=40))
+    search = create_search(sqlite_db, quick_spec(trials=2, epochs=40))
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(Worker(_options(search.id)).run()))
     thread.start()
     try:
-        _wait_until(lambda: _running_row(sqlite_db, search.id, 1), "a trial at epoch 1", 60)
+        wait_until(lambda: _running_row(sqlite_db, search.id, 1), "a trial at epoch 1", 60)
         with sqlite_db.session() as session:
             session.execute(
                 update(Search).where(Search.id == search.id).values(state=SearchState.cancelled)
@@ -448,7 +420,7 @@ def test_worker_rejects_an_unknown_search(settings: Settings) -> None:
 
 def test_missing_dataset_fails_the_search(sqlite_db: Database, tmp_path: Path) -> None:
     dataset = {"name": "cifar10", "options": {"root": str(tmp_path / "nowhere")}}
-    search = create_search(sqlite_db, _spec(trials=3, dataset=dataset))
+    search = create_search(sqlite_db, quick_spec(trials=3, dataset=dataset))
     assert Worker(_options(search.id)).run() == 0
     failed = _search(sqlite_db, search.id)
     assert failed.state == SearchState.failed and "nowhere" in failed.error

@@ -72,7 +72,15 @@ from search.attention_maps import NORMALISATION
 from search.db import RETRY_FIRST_DELAY_S, Database, is_transient, open_database
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, check_device, measure
-from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
+from search.records import (
+    OVERHEAD_FIELDS,
+    ResultState,
+    Search,
+    SearchState,
+    TrialResult,
+    WorkerSeen,
+    utcnow,
+)
 from search.settings import Settings, get_settings
 from search.space import Architecture
 from search.spec import SearchSpec
@@ -113,18 +121,6 @@ _ACTIVE_SEARCH_STATES = (SearchState.queued, SearchState.running)
 _RETRY_STATES = (ResultState.requeued, ResultState.failed)
 # A dry run's made-up figures of the backbone without attention: params, MACs, latency in ms.
 DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
-# The columns of an OverheadReport that a trial-result row keeps.
-_OVERHEAD_COLUMNS = (
-    "params",
-    "macs",
-    "attention_ops",
-    "latency_ms",
-    "train_step_ms",
-    "peak_memory_bytes",
-    "params_pct",
-    "macs_pct",
-    "latency_pct",
-)
 
 
 @dataclass
@@ -906,7 +902,7 @@ class Worker:
             repeats=self.options.latency_repeats,
             warmup=min(3, self.options.latency_repeats),
         )
-        figures = {k: getattr(overhead, k) for k in _OVERHEAD_COLUMNS}
+        figures = {k: getattr(overhead, k) for k in OVERHEAD_FIELDS}
         _update_row(self.db, claim.row_id, **figures)
         constraint = constraint_value(spec, figures)
         if constraint is not None:

@@ -10,9 +10,6 @@ per file keeps two requests from computing it twice.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -24,13 +21,12 @@ from search.records import TrialResult
 from search.results import trial
 from search.settings import Settings
 from service.api.deps import DB, AppSettings, Reader, Store
+from service.api.made_files import made_once
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["attention"], dependencies=[Reader])
 
 IMAGES = 4
 """How many of the stored sample images a report shows."""
-_locks: dict[Path, threading.Lock] = {}
-_locks_guard = threading.Lock()
 
 
 def attention_dir(settings: Settings, search_id: str) -> Path:
@@ -64,11 +60,8 @@ def attention(
 
 def _report(settings: Settings, store: object, row: TrialResult) -> bytes:
     path = attention_dir(settings, row.search_id) / f"{row.number}-{row.attempt}.json"
-    with _locks_guard:
-        lock = _locks.setdefault(path, threading.Lock())
-    with lock:
-        if path.exists():
-            return path.read_bytes()
+
+    def compute() -> bytes:
         artifacts = row.artifacts or {}
         what = f"{{}} of trial {row.number} of search {row.search_id}"
         if SAMPLES_FILE not in artifacts:
@@ -85,14 +78,6 @@ def _report(settings: Settings, store: object, row: TrialResult) -> bytes:
             read_artifact(store, artifacts[SAMPLES_FILE], what.format("sample images"))
         )
         report = attention_report(row.architecture, weights, samples, max_images=IMAGES)
-        data = json.dumps(report, separators=(",", ":")).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return data
+        return json.dumps(report, separators=(",", ":")).encode()
+
+    return made_once(path, compute).read_bytes()

@@ -1,16 +1,12 @@
 """Downloads of a trial's files: the stored artifacts, and ONNX exported on demand.
 
 The ONNX file is made from the stored weights on first request and kept under the cache
-directory (per search, removed with it); a lock per file keeps two requests from exporting it
-twice.
+directory (per search, removed with it).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import threading
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -25,13 +21,12 @@ from search.records import TrialResult
 from search.results import trial
 from search.settings import Settings
 from service.api.deps import DB, AppSettings, Reader, Store
+from service.api.made_files import made_once
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["downloads"], dependencies=[Reader])
 
 FileName = Enum("FileName", {name: name for name in MEDIA_TYPES}, type=str)  # type: ignore[misc]
 _CHUNK = 1 << 20
-_export_locks: dict[Path, threading.Lock] = {}
-_export_locks_guard = threading.Lock()
 
 
 def export_dir(settings: Settings, search_id: str) -> Path:
@@ -86,11 +81,8 @@ def download(
 
 def _onnx(settings: Settings, store: Any, row: TrialResult) -> Path:
     path = export_dir(settings, row.search_id) / f"{row.number}-{row.attempt}.onnx"
-    with _export_locks_guard:
-        lock = _export_locks.setdefault(path, threading.Lock())
-    with lock:
-        if path.exists():
-            return path
+
+    def export() -> bytes:
         from safetensors.torch import load as load_safetensors
 
         from search.export import export_onnx
@@ -101,14 +93,10 @@ def _onnx(settings: Settings, store: Any, row: TrialResult) -> Path:
         weights = load_safetensors(read_artifact(store, artifacts["weights.safetensors"], what))
         metrics = json.loads(read_artifact(store, artifacts["metrics.json"], what))
         input_shape = (metrics.get("overhead") or {}).get("input_shape")
-        model = export_onnx(
+        return export_onnx(
             Architecture.from_dict(row.architecture),
             weights,
             input_size=input_shape[-1] if input_shape else None,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(model)
-        os.replace(tmp, path)
-    return path
+
+    return made_once(path, export)
