@@ -58,6 +58,18 @@ const OVERHEADS = {
   latency: ["latency_ms", "latency_pct", "latency (ms)", fmt.ms],
 };
 
+// plotly.js (4.7 MB, about a second to parse and run) loads async on the search page: tables
+// draw without it, charts wait for it. On other pages it is already there.
+function plotly() {
+  if (window.Plotly) return Promise.resolve(window.Plotly);
+  const script = document.getElementById("plotly-js");
+  if (!script) return Promise.reject(new Error("plotly.js is not on this page"));
+  return new Promise((resolve, reject) => {
+    script.addEventListener("load", () => resolve(window.Plotly));
+    script.addEventListener("error", () => reject(new Error("plotly.js did not load")));
+  });
+}
+
 function showAlert(message) {
   const box = $("#alert");
   box.textContent = message;
@@ -355,7 +367,7 @@ function searchPage() {
 
   async function header() {
     const search = await api(`/searches/${id}`);
-    const wasActive = active();
+    const wasActive = view.state !== null && active();  // not on the first call
     view.state = search.state;
     document.title = `${search.name || id.slice(0, 8)} · cbam-nas`;
     $("#search-title").textContent = search.name || `Search ${id.slice(0, 8)}`;
@@ -447,8 +459,16 @@ function searchPage() {
     header();
   });
   setUpToken(() => {
-    every(REFRESH_MS, fast, active);
-    every(SLOW_REFRESH_MS, refreshAnalysis, active);
+    // The analysis panels (below the fold; the knobs' WebGL chart is slow to draw) start once
+    // the fast ones have drawn, so as not to hold them up.
+    let analysis = null;
+    every(REFRESH_MS, async () => {
+      try {
+        await fast();
+      } finally {
+        analysis = analysis || every(SLOW_REFRESH_MS, refreshAnalysis, active);
+      }
+    }, active);
   });
 }
 
@@ -464,7 +484,7 @@ const REFERENCE_STYLE = {
 // the Pareto front, the other trials, and each reference with its own marker; plus the front's
 // line. Hover shows the architecture and the metrics; a click opens the trial.
 async function scatterPlot(id, overhead) {
-  const data = await api(`/searches/${id}/scatter`, { params: { overhead } });
+  const [data] = await Promise.all([api(`/searches/${id}/scatter`, { params: { overhead } }), plotly()]);
   const [, , title, format] = OVERHEADS[overhead];
   const hover = (p) =>
     `trial ${p.number}: ${p.label}<br>val acc ${fmt.pct(p.val_accuracy)}%<br>` +
@@ -509,7 +529,7 @@ async function scatterPlot(id, overhead) {
 }
 
 async function knobsPlot(id) {
-  const data = await api(`/searches/${id}/knobs`);
+  const [data] = await Promise.all([api(`/searches/${id}/knobs`), plotly()]);
   if (!data.rows.length) {
     $("#knobs").replaceChildren(el("p", { class: "muted" }, "No completed trials yet."));
     return;
@@ -542,7 +562,7 @@ async function knobsPlot(id) {
 }
 
 async function importancePlot(id) {
-  const data = await api(`/searches/${id}/importance`);
+  const [data] = await Promise.all([api(`/searches/${id}/importance`), plotly()]);
   const entries = Object.entries(data.importances).sort((a, b) => a[1] - b[1]);
   $("#importance-note").textContent = entries.length
     ? `${data.evaluator} over ${data.trials} completed trials, for validation accuracy`
@@ -572,7 +592,7 @@ async function ablationTables(id, overhead) {
 }
 
 async function curvesPlot(id) {
-  const curves = await api(`/searches/${id}/curves`, { params: { top: 5 } });
+  const [curves] = await Promise.all([api(`/searches/${id}/curves`, { params: { top: 5 } }), plotly()]);
   Plotly.react("curves", curves.map((c) => ({
     name: `#${c.number} ${c.label}`, x: c.curve.epoch, y: c.curve.val_accuracy.map((v) => (v === null ? null : 100 * v)),
     mode: "lines+markers",
