@@ -53,13 +53,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
-import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,14 +65,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import optuna
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from benchmarks._timing import machine
-from benchmarks.leaderboard_latency import Filled, populate, serve_ours, serve_peer
+from benchmarks.leaderboard_latency import Filled, populate, run, serve_ours, serve_peer
 from search.cached import CACHE
-from search.db import Database, open_database
-from search.searches import delete_search
+from search.db import Database
 from search.settings import Settings
 from search.space import REFERENCE_NAMES
 from service.auth import create_token, revoke_token
@@ -720,21 +715,7 @@ def main(argv: list[str] | None = None) -> bool:
         parser.error("--loads and --refreshes must be at least 1")
     args.add_trials = False  # what populate reads
     args.intermediate_values = True
-    logging.basicConfig(level=logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    with tempfile.TemporaryDirectory(prefix="cbam-nas-bench-") as tmp:
-        url = args.database or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        db = open_database(url)
-        try:
-            db.migrate()
-            result = benchmark(db, Path(tmp), args)
-            ok = report(result, db, args)
-            if args.database:
-                delete_search(db, result["filled"].search_id)
-        finally:
-            db.close()
-    return ok
+    return run(args, benchmark, report)
 
 
 if __name__ == "__main__":

@@ -876,6 +876,16 @@ def main(argv: list[str] | None = None) -> bool:
     args = parser.parse_args(argv)
     if args.trials < len(REFERENCE_NAMES) + 1:
         parser.error(f"--trials must be at least {len(REFERENCE_NAMES) + 1}")
+    return run(args, benchmark, report)
+
+
+def run(
+    args: argparse.Namespace,
+    measure: Callable[[Database, Path, argparse.Namespace], dict[str, Any]],
+    show: Callable[[dict[str, Any], Database, argparse.Namespace], bool],
+) -> bool:
+    """Measure on ``args.database`` (default: a temporary SQLite file), print, and remove the
+    search the benchmark filled; returns whether the targets were met."""
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -884,8 +894,8 @@ def main(argv: list[str] | None = None) -> bool:
         db = open_database(url)
         try:
             db.migrate()
-            result = benchmark(db, Path(tmp), args)
-            ok = report(result, db, args)
+            result = measure(db, Path(tmp), args)
+            ok = show(result, db, args)
             if args.database:
                 delete_search(db, result["filled"].search_id)
         finally:
