@@ -9,22 +9,23 @@ signed-in session holds it.
 
 Timed in the page (``performance.now()``, from navigation start), by an init script that watches
 the DOM: a panel counts as drawn at the first frame painted after its content is in the DOM
-(header text and progress bar; leaderboard rows; the scatter's SVG points; the parallel
-coordinates' axes; the importance bars and note; the ablation tables; the learning curves).
+(header text and progress bar; leaderboard rows; the scatter's SVG points; the knobs' parallel
+categories axes; the importance bars and note; the ablation tables; the learning curves).
 
 1. First render of the search page until every panel is drawn, and until the panels above the
    fold (header, scatter, leaderboard) are: with a cold browser cache (a new browser context per
-   load: plotly.min.js, 4.7 MiB, is fetched, parsed and run each time), once more with the
-   server's cached answers dropped first (``search.cached.CACHE``: the leaderboard, scatter and
-   analyses recomputed, as after a trial finishes), and with the browser cache warm (a context
-   that loaded the page twice before, so V8 also has plotly's compiled code).
-2. Refresh of a loaded page, back to back in one page, with the server's answers cached and
-   dropped first: the fast cycle the page runs every 3 s while a search is active (the header
-   after its request, then the leaderboard's rows and the scatter's ``Plotly.react``, each after
-   its request, the two together: the page's own ``scatterPlot`` and code equivalent to the
-   closures ``header`` and ``leaderboard`` of ``searchPage`` in app.js), and the analysis cycle it
-   runs every 15 s (the page's own ``knobsPlot``, ``importancePlot``, ``ablationTables`` and
-   ``curvesPlot`` together), each until its frame is painted.
+   load: plotly.min.js, 4.7 MiB, 1.4 MiB gzipped, is fetched, parsed and run each time), once
+   more with the server's cached answers dropped first (``search.cached.CACHE``: the
+   leaderboard, scatter and analyses recomputed, as after a trial finishes), and with the
+   browser cache warm (a context that loaded the page twice before, so V8 also has plotly's
+   compiled code).
+2. Refresh of a loaded page, back to back in one page, by the page's own code
+   (``window.dashboard``): with nothing new (the answers' ETags unchanged: nothing redrawn), and
+   right after a trial completed (a completed row added to the database: the search's version
+   changes, the server recomputes its answers and every chart redraws). The fast cycle the page
+   runs every 3 s while a search is active (header, leaderboard, scatter: requests together) and
+   the analysis cycle it runs every 15 s (knobs, importance, ablation tables, curves), each
+   until its frame is painted.
 3. First render of the searches list (browser cache cold): its rows and the new-search form.
 
 The peer: optuna-dashboard's UI on the same study (its server in a child process, as in
@@ -66,11 +67,13 @@ from urllib.parse import urlsplit
 
 import httpx
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from sqlalchemy import func, insert, select
 
 from benchmarks._timing import machine
 from benchmarks.leaderboard_latency import Filled, populate, run, serve_ours, serve_peer
-from search.cached import CACHE
+from search.cached import CACHE, completed
 from search.db import Database
+from search.records import TrialResult, utcnow
 from search.settings import Settings
 from search.space import REFERENCE_NAMES
 from service.auth import create_token, revoke_token
@@ -95,7 +98,7 @@ SEARCH_PANELS = {
     "header": 'q("#search-state").textContent && q("#progress").children.length',
     "leaderboard": 'q("#leaderboard tbody tr")',
     "scatter": 'q("#pareto .scatterlayer .point")',
-    "knobs": 'q("#knobs .parcoords .y-axis")',
+    "knobs": 'q("#knobs g.dimension")',
     "importance": 'q("#importance-note").textContent && q("#importance .barlayer .point")',
     "ablation": 'q("#ablation table")',
     "curves": 'q("#curves .scatterlayer .trace")',
@@ -178,88 +181,15 @@ COLLECT = """(names) => ({
 
 ALL_MARKED = "(names) => names.every((name) => name in window.__bench.marks)"
 
-# One fast refresh cycle, as searchPage's ``fast`` runs it: ``header()``, then ``leaderboard()``
-# and the page's own ``scatterPlot`` together. ``header`` and ``leaderboard`` are closures of
-# ``searchPage`` in app.js: this is their code (with the view at its defaults), on the page's
-# own helpers (api, el, fmt, progressBar, progressText, pager, OVERHEADS).
-FAST_REFRESH = """async ([id, overhead]) => {
-  const view = { overhead, sort: "rank", order: "asc", offset: 0, limit: 20 };
+# One refresh cycle of the page's own code (``window.dashboard``, set by app.js's searchPage):
+# ``refresh`` (header, leaderboard, scatter: every 3 s while a search runs) or
+# ``refreshAnalysis`` (knobs, importance, ablation, curves: every 15 s), until painted.
+CYCLE = """async (name) => {
   const painted = () => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
   const t0 = performance.now();
-  const parts = {};
-  const timed = (name, promise) => promise.then(() => { parts[name] = performance.now() - t0; });
-  async function header() {
-    const search = await api(`/searches/${id}`);
-    document.title = `${search.name || id.slice(0, 8)} · cbam-nas`;
-    $("#search-title").textContent = search.name || `Search ${id.slice(0, 8)}`;
-    const state = $("#search-state");
-    state.textContent = search.state;
-    state.className = `state ${search.state}`;
-    $("#cancel").hidden = !ACTIVE.has(search.state);
-    const p = search.progress;
-    $("#progress").replaceChildren(
-      progressBar(p),
-      el("span", {}, progressText(p)),
-      el("span", {}, "best: ",
-        p.best ? `${fmt.pct(p.best.val_accuracy)} (trial ${p.best.number}, ${p.best.label})` : "–"),
-      el("span", {}, "ETA: ", fmt.duration(p.eta_s)),
-      el("span", { class: "muted" }, `${search.spec.backbone} on ${search.spec.dataset.name}`),
-    );
-  }
-  async function leaderboard() {
-    const [absolute, pctKey, , format] = OVERHEADS[view.overhead];
-    const sort = view.sort === "overhead" ? absolute : view.sort;
-    const board = await api(`/searches/${id}/leaderboard`, {
-      params: {
-        overhead: view.overhead, limit: view.limit, offset: view.offset, sort, order: view.order,
-      },
-    });
-    const o = view.overhead;
-    const rows = board.entries.map((e) =>
-      el("tr", { class: e.reference ? "reference" : "", "data-number": e.number },
-        el("td", {}, e.rank),
-        el("td", { class: "number" },
-          el("a", { href: `/searches/${id}/trials/${e.number}` }, e.number)),
-        el("td", {}, e.label,
-          e.reference ? el("span", { class: "muted" }, ` (${e.reference})`) : ""),
-        el("td", { class: "acc" }, fmt.pct(e.val_accuracy)),
-        el("td", {}, fmt.signed(e.delta_vs_none)),
-        el("td", {}, fmt.signed(e.delta_vs_se)),
-        el("td", {}, fmt.signed(e.delta_vs_cbam)),
-        el("td", { class: "overhead" }, format(e[absolute])),
-        el("td", {}, e[pctKey] === null ? "–" : fmt.signed(e[pctKey]) + "%"),
-        el("td", {},
-          e[`${o}_delta_vs_se`] === null ? "–" : fmt.signed(e[`${o}_delta_vs_se`]) + "%"),
-        el("td", {}, e.epochs_run),
-        el("td", {}, e.pareto ? "★" : "")));
-    $("#leaderboard tbody").replaceChildren(...rows);
-    $("#overhead-header").textContent = OVERHEADS[view.overhead][2];
-    for (const th of document.querySelectorAll("#leaderboard th[data-sort]")) {
-      th.classList.toggle("sorted-asc", th.dataset.sort === view.sort && view.order === "asc");
-      th.classList.toggle("sorted-desc", th.dataset.sort === view.sort && view.order === "desc");
-    }
-    pager($("#leaderboard-pager"), board, () => {});
-  }
-  await timed("header", header());
-  await Promise.all([
-    timed("leaderboard", leaderboard()), timed("scatter", scatterPlot(id, overhead)),
-  ]);
+  await window.dashboard[name]();
   await painted();
-  return { total: performance.now() - t0, ...parts, t0 };
-}"""
-
-# One analysis cycle, as searchPage's ``refreshAnalysis`` runs it (its four calls together).
-ANALYSIS_REFRESH = """async ([id, overhead]) => {
-  const painted = () => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
-  const t0 = performance.now();
-  const parts = {};
-  const timed = (name, promise) => promise.then(() => { parts[name] = performance.now() - t0; });
-  await Promise.all([
-    timed("knobs", knobsPlot(id)), timed("importance", importancePlot(id)),
-    timed("ablation", ablationTables(id, overhead)), timed("curves", curvesPlot(id)),
-  ]);
-  await painted();
-  return { total: performance.now() - t0, ...parts, t0 };
+  return { total: performance.now() - t0, t0 };
 }"""
 
 SINCE = """(t0) => ({
@@ -389,17 +319,36 @@ def first_render_kinds() -> dict[str, Kind]:
     }
 
 
+def add_completed_trial(db: Database, search_id: str) -> None:
+    """A copy of the search's latest completed row under the next number, finished now: the
+    search's version changes as when a worker tells a trial (answers recomputed, ETags new)."""
+    columns = [c for c in TrialResult.__table__.columns if c.key != "id"]
+    with db.session() as session:
+        latest = session.execute(
+            select(*columns)
+            .where(*completed(search_id))
+            .order_by(TrialResult.finished_at.desc(), TrialResult.id.desc())
+            .limit(1)
+        ).one()
+        number = session.scalar(
+            select(func.max(TrialResult.number)).where(TrialResult.search_id == search_id)
+        )
+        row = {**latest._asdict(), "number": number + 1, "optuna_number": None}
+        row.update(reference=None, finished_at=utcnow())
+        session.execute(insert(TrialResult), [row])
+
+
 def run_ours(
-    browsing: Browsing, base: str, search_id: str, args: argparse.Namespace
+    browsing: Browsing, db: Database, base: str, search_id: str, args: argparse.Namespace
 ) -> dict[str, Kind]:
     search_url = f"{base}/searches/{search_id}"
     kinds = first_render_kinds()
     above = {key: Kind(kind.name + ", above the fold") for key, kind in kinds.items()}
     listing = Kind("searches list, browser cold", TARGET_FIRST_MS)
-    fast = Kind("fast refresh, server answers cached", TARGET_REFRESH_MS)
-    fast_new = Kind("fast refresh, server answers dropped", TARGET_REFRESH_MS)
-    slow = Kind("analysis refresh, server answers cached")
-    slow_new = Kind("analysis refresh, server answers dropped")
+    fast = Kind("fast refresh, nothing new", TARGET_REFRESH_MS)
+    fast_new = Kind("fast refresh after a trial completed", TARGET_REFRESH_MS)
+    slow = Kind("analysis refresh, nothing new")
+    slow_new = Kind("analysis refresh after a trial completed")
 
     # Untimed: the server's answers computed once, the first request of each kind served.
     warm_context = browsing.context(SEARCH_PANELS)
@@ -437,13 +386,12 @@ def run_ours(
     # Refreshes, in one loaded page (the search is finished: the page's own timers have stopped).
     _, page = browsing.load(warm_context, search_url, SEARCH_PANELS, LOAD_TIMEOUT_MS, keep=True)
     assert page is not None
-    what = [search_id, "params"]
 
-    def refresh(kind: Kind, script: str, drop: bool) -> None:
-        if drop:
-            CACHE.clear()
+    def refresh(kind: Kind, cycle: str, new_trial: bool) -> None:
+        if new_trial:
+            add_completed_trial(db, search_id)
         time.sleep(0.1)
-        result = page.evaluate(script, what)
+        result = page.evaluate(CYCLE, cycle)
         kind.ms.append(result.pop("total"))
         since = page.evaluate(SINCE, result.pop("t0"))
         for resource in since["resources"]:
@@ -453,16 +401,16 @@ def run_ours(
             result[f"Plotly.react {draw['id']}"] = draw["end"] - draw["start"]
         kind.add_parts(result)
 
-    refresh(fast, FAST_REFRESH, False)  # untimed warm-up of the code paths
+    refresh(fast, "refresh", False)  # untimed warm-up of the code paths
     fast.ms.clear()
     fast.parts.clear()
-    # Each cached run follows a dropped one of its kind, which has just computed its answers.
+    # The analysis cycle after a new trial also finds the answers the fast cycle's trial changed.
     for i in range(args.refreshes):
-        refresh(fast_new, FAST_REFRESH, True)
-        refresh(fast, FAST_REFRESH, False)
+        refresh(fast_new, "refresh", True)
+        refresh(fast, "refresh", False)
         if i < args.analysis_refreshes:
-            refresh(slow_new, ANALYSIS_REFRESH, True)
-            refresh(slow, ANALYSIS_REFRESH, False)
+            refresh(slow_new, "refreshAnalysis", True)
+            refresh(slow, "refreshAnalysis", False)
     page.close()
     warm_context.close()
     return {
@@ -512,7 +460,7 @@ def benchmark(db: Database, tmp: Path, args: argparse.Namespace) -> dict[str, An
         with serve_ours(db, settings) as base, browser(args.chromium) as chromium:
             browsing = Browsing(chromium, token)
             start = time.perf_counter()
-            kinds = run_ours(browsing, base, filled.search_id, args)
+            kinds = run_ours(browsing, db, base, filled.search_id, args)
             ours_s = time.perf_counter() - start
             start = time.perf_counter()
             peer = None
@@ -674,20 +622,23 @@ def report(result: dict[str, Any], db: Database, args: argparse.Namespace) -> bo
             into = draws if name.startswith("Plotly.react ") else into
             into.append(f"{name.split(' ', 1)[-1]} {median(values):,.0f}")
         print(f"  {kind.name} (medians, ms):")
-        print(f"    done at: {', '.join(done)}")
+        if done:
+            print(f"    done at: {', '.join(done)}")
         print(f"    requests: {', '.join(requests)}; Plotly.react: {', '.join(draws) or '-'}")
 
-    first_ok = median(kinds["first cold"].ms) <= TARGET_FIRST_MS
+    first = [median(kinds[f"first {key}"].ms) for key in ("cold", "recomputed")]
+    first_ok = max(first) <= TARGET_FIRST_MS
     refresh_ok = max(median(kinds["fast"].ms), median(kinds["fast new"].ms)) <= TARGET_REFRESH_MS
     print(
-        f"target first render <= {TARGET_FIRST_MS:,.0f} ms (browser cache cold, every panel): "
-        f"{'PASS' if first_ok else 'FAIL'} ({median(kinds['first cold'].ms):,.0f} ms; "
-        f"above the fold {median(kinds['above cold'].ms):,.0f} ms)"
+        f"target first render <= {TARGET_FIRST_MS:,.0f} ms (browser cache cold, every panel, "
+        f"server answers cached / dropped): {'PASS' if first_ok else 'FAIL'} "
+        f"({first[0]:,.0f} / {first[1]:,.0f} ms; above the fold "
+        f"{median(kinds['above cold'].ms):,.0f} ms)"
     )
     print(
-        f"target refresh <= {TARGET_REFRESH_MS:,.0f} ms (fast panels, answers cached and dropped): "
-        f"{'PASS' if refresh_ok else 'FAIL'} ({median(kinds['fast'].ms):,.0f} / "
-        f"{median(kinds['fast new'].ms):,.0f} ms)"
+        f"target refresh <= {TARGET_REFRESH_MS:,.0f} ms (fast panels, nothing new / after a "
+        f"trial completed): {'PASS' if refresh_ok else 'FAIL'} ({median(kinds['fast'].ms):,.0f}"
+        f" / {median(kinds['fast new'].ms):,.0f} ms)"
     )
     print(f"machine: {machine()}; {os.cpu_count()} CPUs visible")
     return first_ok and refresh_ok

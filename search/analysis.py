@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import warnings
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,6 +46,7 @@ from search.cbam import ARRANGEMENTS, POOL_TYPES, SPATIAL_POOLS, has_channel_gat
 from search.errors import InvalidValue, NotFound
 from search.leaderboard import OVERHEAD_COLUMNS, pareto_flags
 from search.records import Search, TrialResult
+from search.results import ranking
 from search.space import BLOCK_CHOICES, REFERENCE_NAMES, Architecture
 from search.spec import SearchSpec
 
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_POINTS = 2000
+# Trials sampled for the knob paths: parcats draws ~100 ms per 1,000 distinct paths.
+DEFAULT_PATH_TRIALS = 1000
 # Fewer completed trials (with knob values) than this: no importances.
 MIN_IMPORTANCE_TRIALS = 3
 IMPORTANCE_EVALUATOR = "PedAnovaImportanceEvaluator"
@@ -68,7 +72,8 @@ Row = dict[str, Any]
 def clear_cache() -> None:
     """Forget every cached answer (tests; a process that rewrites rows in place)."""
     CACHE.clear()
-    _ROW_ARCHITECTURES.clear()
+    _ARCHITECTURES.searches.clear()
+    _POINT_DETAILS.searches.clear()
     _STUDY_TRIALS.clear()
 
 
@@ -86,26 +91,13 @@ def _check_positive(name: str, value: int) -> int:
 
 # -- loading -----------------------------------------------------------------------------------
 
-_POINT_COLUMNS = (
-    TrialResult.number,
-    TrialResult.val_accuracy,
-    TrialResult.params,
-    TrialResult.macs,
-    TrialResult.latency_ms,
-    TrialResult.params_pct,
-    TrialResult.macs_pct,
-    TrialResult.latency_pct,
-    TrialResult.reference,
-    TrialResult.label,
-)
-
 
 def _load(db: Database, search_id: str, *columns: Any) -> list[Row]:
     """The completed rows of the search as dicts of ``columns``; references as strings."""
     with db.session() as session:
         result = session.execute(select(*columns).where(*completed(search_id)))
         keys = list(result.keys())
-        rows = [dict(zip(keys, values, strict=True)) for values in result]
+        rows = [dict(zip(keys, values, strict=True)) for values in result.all()]
     for row in rows:
         if "reference" in row:
             row["reference"] = row["reference"].value if row["reference"] else None
@@ -119,36 +111,58 @@ def _parse(data: Mapping[str, Any] | None) -> Architecture | None:
         return None
 
 
-# (database, search) -> {row id: its Architecture (None: unreadable)}. A row's architecture
-# never changes, so each row is read and parsed once per process, not at every change.
-_ROW_ARCHITECTURES = Cache(maxsize=8)  # about 10 MB per 10,000 rows
 _IN_CHUNK = 500
 
 
-def _architectures(db: Database, search_id: str, ids: Sequence[int]) -> dict[int, Any]:
-    """Row id -> Architecture (or None) for every id of ``ids`` (rows of the search)."""
-    known: dict[int, Architecture | None] = _ROW_ARCHITECTURES.get_or_compute(
-        (repr(db), search_id), dict
-    )
-    missing = [i for i in ids if i not in known]
-    if not missing:
-        return known
-    query = select(TrialResult.id, TrialResult.architecture)
-    with db.session() as session:
-        if len(missing) > 2 * _IN_CHUNK:  # most of the search: one pass over it
-            found = session.execute(query.where(*completed(search_id))).all()
+def _by_id(db: Database, search_id: str, ids: Sequence[int], *columns: Any) -> dict[int, Row]:
+    """Row id -> ``columns`` of those completed rows of the search: in chunks of ids, or in
+    one pass over the search when they are most of it."""
+    query = select(TrialResult.id.label("id"), *columns)
+    with db.engine.connect() as connection:
+        if len(ids) > 2 * _IN_CHUNK:
+            chunks = [connection.execute(query.where(*completed(search_id)))]
         else:
-            found = [
-                row
-                for start in range(0, len(missing), _IN_CHUNK)
-                for row in session.execute(
-                    query.where(TrialResult.id.in_(missing[start : start + _IN_CHUNK]))
-                )
+            chunks = [
+                connection.execute(query.where(TrialResult.id.in_(ids[start : start + _IN_CHUNK])))
+                for start in range(0, len(ids), _IN_CHUNK)
             ]
-    for row_id, data in found:
-        if row_id not in known:
-            known[row_id] = _parse(data)
-    return known
+        keys = ["id", *(column.key for column in columns)]
+        return {
+            row[0]: dict(zip(keys, row, strict=True)) for chunk in chunks for row in chunk.all()
+        }
+
+
+class _RowFacts:
+    """What a completed row holds and never changes (its architecture, label, overhead
+    percentages), read once per process: a search's answers after a new trial read that
+    trial's row only. Kept per (database, search), for the last few searches."""
+
+    def __init__(self, read: Callable[[Row], Any], *columns: Any) -> None:
+        self.read = read
+        self.columns = columns
+        self.searches = Cache(maxsize=8)  # about 10 MB per 10,000 rows
+
+    def get(self, db: Database, search_id: str, ids: Sequence[int]) -> dict[int, Any]:
+        """Row id -> fact, for every id of ``ids`` (rows of the search)."""
+        known: dict[int, Any] = self.searches.get_or_compute((repr(db), search_id), dict)
+        missing = [i for i in ids if i not in known]
+        if missing:
+            for row_id, row in _by_id(db, search_id, missing, *self.columns).items():
+                known.setdefault(row_id, self.read(row))
+        return {i: known[i] for i in ids if i in known}
+
+
+_ARCHITECTURES = _RowFacts(lambda row: _parse(row["architecture"]), TrialResult.architecture)
+_POINT_DETAILS = _RowFacts(
+    dict,
+    TrialResult.label,
+    *(getattr(TrialResult, pct) for _, pct in OVERHEAD_COLUMNS.values()),
+)
+
+
+def _architectures(db: Database, search_id: str, ids: Sequence[int]) -> dict[int, Any]:
+    """Row id -> Architecture (None where unreadable) for every id of ``ids``."""
+    return _ARCHITECTURES.get(db, search_id, ids)
 
 
 # -- thinning ----------------------------------------------------------------------------------
@@ -215,31 +229,31 @@ def scatter(
     _check_positive("max_points", max_points)
 
     def compute() -> dict[str, Any]:
-        rows = _load(db, search_id, *_POINT_COLUMNS)
-        drawn = [row for row in rows if row[column] is not None]
-        flags = pareto_flags(drawn, [overhead])
-        keep = [
-            flag or row["reference"] is not None for row, flag in zip(drawn, flags, strict=True)
-        ]
+        # The ranking (cached, shared with the leaderboard) already holds the Pareto flags.
+        entries = ranking(db, search_id, overhead).entries
+        drawn = [entry for entry in entries if entry[column] is not None]
         shown = thin(
-            [row["val_accuracy"] for row in drawn],
-            [row[column] for row in drawn],
-            [row["number"] for row in drawn],
-            keep,
+            [entry["val_accuracy"] for entry in drawn],
+            [entry[column] for entry in drawn],
+            [entry["number"] for entry in drawn],
+            [entry["pareto"] or entry["reference"] is not None for entry in drawn],
             max_points,
         )
-        points = [
-            {
-                "number": drawn[i]["number"],
-                "val_accuracy": drawn[i]["val_accuracy"],
-                "overhead": drawn[i][column],
-                "overhead_pct": drawn[i][pct_column],
-                "pareto": flags[i],
-                "reference": drawn[i]["reference"],
-                "label": drawn[i]["label"],
-            }
-            for i in shown
-        ]
+        details = _POINT_DETAILS.get(db, search_id, [drawn[i]["id"] for i in shown])
+        points = []
+        for i in shown:
+            entry, detail = drawn[i], details[drawn[i]["id"]]
+            points.append(
+                {
+                    "number": entry["number"],
+                    "val_accuracy": entry["val_accuracy"],
+                    "overhead": entry[column],
+                    "overhead_pct": detail[pct_column],
+                    "pareto": entry["pareto"],
+                    "reference": entry["reference"],
+                    "label": detail["label"],
+                }
+            )
         points.sort(key=lambda p: (p["overhead"], -p["val_accuracy"], p["number"]))
         return {
             "search_id": search_id,
@@ -249,8 +263,8 @@ def scatter(
             "total": len(drawn),
             "shown": len(points),
             "downsampled": len(points) < len(drawn),
-            "missing": len(rows) - len(drawn),
-            "pareto": sum(flags),
+            "missing": len(entries) - len(drawn),
+            "pareto": sum(entry["pareto"] for entry in drawn),
             "points": points,
         }
 
@@ -379,6 +393,85 @@ def knobs(
         }
 
     return cached(db, search_id, ("knobs", overhead, max_points), compute)
+
+
+# Accuracy bands of :func:`knob_paths`: (share of the trials, by rank of accuracy, name).
+ACCURACY_BANDS = ((0.10, "top 10%"), (0.25, "10-25%"), (0.50, "25-50%"), (1.0, "bottom 50%"))
+NOT_APPLICABLE = "n/a"
+
+
+def knob_paths(
+    db: Database, search_id: str, max_trials: int = DEFAULT_PATH_TRIALS
+) -> dict[str, Any]:
+    """Parallel categories of the knobs against accuracy.
+
+    Every completed trial falls in one of :data:`ACCURACY_BANDS` by rank of validation
+    accuracy. Trials with the same knob values (``"n/a"`` where a knob does not apply) in the
+    same band form one path, with their ``count`` and mean accuracy. Above ``max_trials``
+    trials, the paths are drawn from a uniform random sample of that many (seeded), so that
+    counts keep their proportions (the bands still come from every trial). ``columns`` are the
+    knobs of :func:`knobs` with their values as strings; ``bands`` each band with its count and
+    accuracy range over all trials (a band may be empty when there are few); a path's ``band``
+    indexes them."""
+    _check_positive("max_trials", max_trials)
+
+    def compute() -> dict[str, Any]:
+        allowed = _space_values(_spec(db, search_id))
+        rows = _load(db, search_id, TrialResult.id, TrialResult.number, TrialResult.val_accuracy)
+        rows.sort(key=lambda r: (-r["val_accuracy"], r["number"]))
+        ends = [math.ceil(share * len(rows)) for share, _ in ACCURACY_BANDS]
+        bands = [{"name": name, "count": 0, "min": None, "max": None} for _, name in ACCURACY_BANDS]
+        band = 0
+        for rank, row in enumerate(rows):
+            while rank >= ends[band]:
+                band += 1
+            row["band"] = band
+            summary = bands[band]
+            summary["count"] += 1
+            summary["max"] = row["val_accuracy"] if summary["max"] is None else summary["max"]
+            summary["min"] = row["val_accuracy"]
+        sample = rows
+        if len(rows) > max_trials:
+            picked = sorted(random.Random(0).sample(range(len(rows)), max_trials))
+            sample = [rows[i] for i in picked]
+        architectures = _architectures(db, search_id, [row["id"] for row in sample])
+        for row in sample:
+            arch = architectures.get(row["id"])
+            for name in allowed:
+                row[name] = None if arch is None else _KNOBS[name][1](arch)
+        columns = []
+        for name, values in allowed.items():
+            known = [str(v) for v in _column(name, values, sample)["values"]]
+            if any(row[name] is None for row in sample):
+                known.append(NOT_APPLICABLE)
+            columns.append({"name": name, "values": known})
+        paths: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for row in sample:
+            values = [NOT_APPLICABLE if row[n] is None else str(row[n]) for n in allowed]
+            path = paths.setdefault(
+                (*values, row["band"]),
+                {"values": values, "band": row["band"], "count": 0, "sum": 0.0},
+            )
+            path["count"] += 1
+            path["sum"] += row["val_accuracy"]
+        return {
+            "search_id": search_id,
+            "total": len(rows),
+            "sampled": len(sample),
+            "columns": columns,
+            "bands": bands,
+            "paths": [
+                {
+                    "values": p["values"],
+                    "band": p["band"],
+                    "count": p["count"],
+                    "mean_accuracy": p["sum"] / p["count"],
+                }
+                for p in paths.values()
+            ],
+        }
+
+    return cached(db, search_id, ("knob_paths", max_trials), compute)
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:

@@ -45,18 +45,15 @@ def dominates(a: Mapping[str, Any], b: Mapping[str, Any], overheads: Sequence[st
     return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
 
-def _goodness(entry: Mapping[str, Any], overheads: Sequence[str]) -> list[float]:
+def _goodness(entry: Mapping[str, Any], overheads: Sequence[str]) -> tuple[float, ...]:
     """Accuracy and negated overheads: higher is better in every position."""
     inf = float("inf")
-
-    def value(key: str, missing: float) -> float:
-        figure = entry.get(key)
-        return missing if figure is None else float(figure)
-
-    return [
-        value(ACCURACY, -inf),
-        *(-value(OVERHEAD_COLUMNS[o][0], inf) for o in overheads),
-    ]
+    accuracy = entry.get(ACCURACY)
+    figures = [entry.get(OVERHEAD_COLUMNS[o][0]) for o in overheads]
+    return (
+        -inf if accuracy is None else float(accuracy),
+        *(-inf if figure is None else -float(figure) for figure in figures),
+    )
 
 
 def pareto_flags(entries: Sequence[Mapping[str, Any]], overheads: Sequence[str]) -> list[bool]:
@@ -68,7 +65,7 @@ def pareto_flags(entries: Sequence[Mapping[str, Any]], overheads: Sequence[str])
     with more. Optuna's ``_is_pareto_front`` needs every objective finite and a numpy array per
     call; this takes rows as they are, missing figures included.
     """
-    goodness = [tuple(_goodness(entry, overheads)) for entry in entries]
+    goodness = [_goodness(entry, overheads) for entry in entries]
     order = sorted(range(len(entries)), key=lambda i: goodness[i], reverse=True)
     flags = [False] * len(entries)
     if len(overheads) == 1:

@@ -281,7 +281,7 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
     with db.engine.connect() as connection:
         result = connection.execute(query)
         keys = list(result.keys())
-        entries = [dict(zip(keys, values, strict=True)) for values in result]
+        entries = [dict(zip(keys, values, strict=True)) for values in result.all()]
     entries.sort(key=rank_key)
     for rank, (entry, pareto) in enumerate(
         zip(entries, pareto_flags(entries, [overhead]), strict=True), start=1

@@ -383,6 +383,46 @@ def test_knobs_thin_like_the_scatter(db: Database) -> None:
     assert {r["number"] for r in answer["rows"]} == {p["number"] for p in scatter["points"]}
 
 
+def test_knob_paths_group_trials_by_knob_values_and_accuracy_band(
+    db: Database, ablation_search: Search
+) -> None:
+    answer = analysis.knob_paths(db, ablation_search.id)
+    assert answer["total"] == answer["sampled"] == 8  # completed rows only
+    # 8 trials ranked by accuracy: bands end at ranks ceil(0.8), ceil(2), ceil(4), 8.
+    bands = answer["bands"]
+    assert [b["name"] for b in bands] == [name for _, name in analysis.ACCURACY_BANDS]
+    assert [b["count"] for b in bands] == [1, 1, 2, 4]
+    assert (bands[0]["min"], bands[0]["max"]) == (0.86, 0.86)
+    assert (bands[2]["min"], bands[2]["max"]) == (0.84, 0.845)
+    assert sum(p["count"] for p in answer["paths"]) == 8
+    columns = {c["name"]: c for c in answer["columns"]}
+    by_band = {}
+    for path in answer["paths"]:
+        by_band.setdefault(path["band"], []).append(path)
+    (best,) = by_band[0]  # trial 4: the paper's CBAM in stages 1 and 2
+    values = dict(zip(columns, best["values"], strict=True))
+    assert values["arrangement"] == "channel-spatial" and values["stages"] == "1+2"
+    assert best["mean_accuracy"] == 0.86
+    # The no-attention reference has no knob at all: n/a everywhere, listed last.
+    (none,) = [p for p in answer["paths"] if p["band"] == 3 and p["mean_accuracy"] == 0.80]
+    assert set(none["values"]) == {analysis.NOT_APPLICABLE}
+    assert all(c["values"][-1] == analysis.NOT_APPLICABLE for c in columns.values())
+    assert columns["arrangement"]["values"][:2] == ["channel-spatial", "spatial-channel"]
+
+
+def test_knob_paths_sample_large_searches_but_band_every_trial(db: Database) -> None:
+    search = _many(db, 1500)
+    answer = analysis.knob_paths(db, search.id, max_trials=300)
+    assert answer["total"] == 1500 and answer["sampled"] == 300
+    assert sum(p["count"] for p in answer["paths"]) == 300
+    assert [b["count"] for b in answer["bands"]] == [150, 225, 375, 750]
+    # A uniform sample: each band keeps about its share.
+    share = sum(p["count"] for p in answer["paths"] if p["band"] == 3) / 300
+    assert 0.4 < share < 0.6
+    analysis.clear_cache()
+    assert analysis.knob_paths(db, search.id, max_trials=300) == answer
+
+
 # -- learning curves --------------------------------------------------------------------------
 
 
@@ -593,9 +633,30 @@ def test_endpoints(db: Database, settings: Settings, ablation_search: Search) ->
     importance = client.get(f"{base}/importance").json()
     assert importance["importances"] == {} and importance["reason"]
 
+    paths = client.get(f"{base}/knob-paths").json()
+    assert paths == analysis.knob_paths(db, ablation_search.id)
+
+    # Answers carry an ETag: unchanged, the server says so; a new completed trial changes it.
+    tag = scatter.headers["ETag"]
+    again = client.get(
+        f"{base}/scatter",
+        params={"overhead": "params", "max_points": 10},
+        headers={"If-None-Match": tag},
+    )
+    assert again.status_code == 304 and again.headers["ETag"] == tag and not again.content
+    _insert(db, [_row(ablation_search, 10, _cbam(reduction=4), 0.9)])
+    changed = client.get(
+        f"{base}/scatter",
+        params={"overhead": "params", "max_points": 10},
+        headers={"If-None-Match": tag},
+    )
+    assert changed.status_code == 200 and changed.headers["ETag"] != tag
+    assert changed.json()["total"] == 9
+
     assert client.get(f"{base}/scatter", params={"overhead": "flops"}).status_code == 422
     assert client.get(f"{base}/scatter", params={"max_points": 1}).status_code == 422
     assert client.get(f"{base}/curves", params={"top": 0}).status_code == 422
     missing = "/api/v1/searches/0123456789abcdef0123456789abcdef"
-    for path in ("scatter", "knobs", "ablation", "curves", "importance"):
+    assert client.get(f"{base}/knob-paths", params={"max_trials": 1}).status_code == 422
+    for path in ("scatter", "knobs", "knob-paths", "ablation", "curves", "importance"):
         assert client.get(f"{missing}/{path}").status_code == 404, path

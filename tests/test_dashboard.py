@@ -18,6 +18,8 @@ from playwright.sync_api import ConsoleMessage, Page, expect
 from safetensors.torch import load as load_safetensors
 from support import free_port
 
+from service.dashboard.routes import plotly_js
+
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 TRIALS = 5
@@ -189,7 +191,12 @@ def test_search_page_draws_every_completed_trial(
     )
     assert _plot_points(page, "#pareto", "trial") == TRIALS
     # The analysis panels filled in.
+    # The knobs against accuracy bands: one path width per completed trial, in SVG.
     page.wait_for_function("() => (document.querySelector('#knobs').data || []).length === 1")
+    knobs = page.evaluate("() => document.querySelector('#knobs').data[0]")
+    assert knobs["type"] == "parcats" and sum(knobs["counts"]) == TRIALS
+    assert knobs["dimensions"][-1]["label"] == "val accuracy"
+    expect(page.locator("#knobs g.dimension")).to_have_count(len(knobs["dimensions"]))
     expect(page.locator("#ablation table").first).to_be_visible()
     page.wait_for_function("() => (document.querySelector('#curves').data || []).length === 5")
     expect(page.locator("#importance-note")).not_to_be_empty()
@@ -306,3 +313,15 @@ def test_trial_page_shows_attention_and_serves_the_weights(
     weights = load_safetensors(Path(path).read_bytes())
     assert "fc.weight" in weights and "conv1.weight" in weights
     assert errors == []
+
+
+def test_plotly_js_is_served_from_the_package_gzipped(server: Server) -> None:
+    original = plotly_js().read_bytes()
+    url = f"{server.url}/static/vendor/plotly.min.js"
+    packed = httpx.get(url, headers={"Accept-Encoding": "gzip"})
+    assert packed.status_code == 200 and packed.headers["content-encoding"] == "gzip"
+    assert int(packed.headers["content-length"]) < len(original) / 2
+    assert packed.content == original  # httpx decodes it
+    plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.content == original
+    assert "max-age" in plain.headers["cache-control"]

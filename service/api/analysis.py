@@ -1,18 +1,20 @@
 """A search's analyses for the dashboard's search page: the Pareto scatter, parallel
 coordinates of the knobs, the paper's ablation tables, learning curves and knob importances.
 
-Each answer is computed in the process once per change of the search (see ``search.analysis``)."""
+Each answer is computed and encoded in the process once per change of the search (see
+``search.analysis``), and carries an ETag: polling an unchanged search gets 304."""
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 
 from search import analysis
 from search.leaderboard import OVERHEAD_COLUMNS
 from service.api.deps import DB, Reader
+from service.api.encoded import json_answer
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["analysis"], dependencies=[Reader])
 
@@ -27,53 +29,105 @@ MaxPoints = Annotated[
 ]
 
 
-@router.get("/scatter")
+JSON = {200: {"content": {"application/json": {}}}, 304: {"description": "Not modified"}}
+
+
+@router.get("/scatter", responses=JSON)
 def scatter(
+    request: Request,
     db: DB,
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
     max_points: MaxPoints = analysis.DEFAULT_MAX_POINTS,
-) -> dict[str, Any]:
+) -> Response:
     """Completed trials as points of validation accuracy against ``overhead``, with the Pareto
     flag, the reference name and the architecture's label; thinned above ``max_points``
     (``total`` / ``shown``)."""
-    return analysis.scatter(db, search_id, overhead.value, max_points)
+    return json_answer(
+        request,
+        db,
+        search_id,
+        ("scatter", overhead.value, max_points),
+        lambda: analysis.scatter(db, search_id, overhead.value, max_points),
+    )
 
 
-@router.get("/knobs")
+@router.get("/knobs", responses=JSON)
 def knobs(
+    request: Request,
     db: DB,
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
     max_points: MaxPoints = analysis.DEFAULT_MAX_POINTS,
-) -> dict[str, Any]:
+) -> Response:
     """Parallel coordinates: the knob columns (categorical with their values, or numeric with
     their range) and the completed trials' knob values with accuracy and overhead."""
-    return analysis.knobs(db, search_id, overhead.value, max_points)
+    return json_answer(
+        request,
+        db,
+        search_id,
+        ("knobs", overhead.value, max_points),
+        lambda: analysis.knobs(db, search_id, overhead.value, max_points),
+    )
 
 
-@router.get("/ablation")
+@router.get("/knob-paths", responses=JSON)
+def knob_paths(
+    request: Request,
+    db: DB,
+    search_id: str,
+    max_trials: Annotated[
+        int, Query(ge=10, le=20_000, description="Draw the paths from a sample of this many.")
+    ] = analysis.DEFAULT_PATH_TRIALS,
+) -> Response:
+    """Parallel categories: the completed trials in accuracy bands (top 10 %, 10-25 %, 25-50 %,
+    the rest), grouped by their knob values into paths with a count and mean accuracy."""
+    return json_answer(
+        request,
+        db,
+        search_id,
+        ("knob_paths", max_trials),
+        lambda: analysis.knob_paths(db, search_id, max_trials),
+    )
+
+
+@router.get("/ablation", responses=JSON)
 def ablation(
+    request: Request,
     db: DB,
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
-) -> dict[str, Any]:
+) -> Response:
     """The paper's ablation tables: accuracy and overhead (mean, std) of the CBAM trials grouped
     by arrangement, channel pooling, kernel size, spatial pooling, reduction and placement; the
     references apart as ``baselines``."""
-    return analysis.ablation(db, search_id, overhead.value)
+    return json_answer(
+        request,
+        db,
+        search_id,
+        ("ablation", overhead.value),
+        lambda: analysis.ablation(db, search_id, overhead.value),
+    )
 
 
-@router.get("/curves")
+@router.get("/curves", responses=JSON)
 def curves(
-    db: DB, search_id: str, top: Annotated[int, Query(ge=1, le=50)] = 5
-) -> list[dict[str, Any]]:
+    request: Request, db: DB, search_id: str, top: Annotated[int, Query(ge=1, le=50)] = 5
+) -> Response:
     """Per-epoch validation accuracy and losses of the ``top`` best completed trials."""
-    return analysis.learning_curves(db, search_id, top)
+    return json_answer(
+        request,
+        db,
+        search_id,
+        ("curves", top),
+        lambda: analysis.learning_curves(db, search_id, top),
+    )
 
 
-@router.get("/importance")
-def importance(db: DB, search_id: str) -> dict[str, Any]:
+@router.get("/importance", responses=JSON)
+def importance(request: Request, db: DB, search_id: str) -> Response:
     """Knob importances for validation accuracy (Optuna's PED-ANOVA); empty with a ``reason``
     while there are too few trials."""
-    return analysis.importance(db, search_id)
+    return json_answer(
+        request, db, search_id, ("importance",), lambda: analysis.importance(db, search_id)
+    )

@@ -109,7 +109,12 @@ const auth = {
   },
 };
 
-async function api(path, { method = "GET", body, params } = {}) {
+// What each panel last drew: the URL and ETag of its answer, for ``api(..., { panel })``.
+const drawn = new Map();
+
+// With ``panel`` (a name), answers null when that panel last drew this very answer: the same
+// URL with the same ETag (the analysis routes send ETags; the browser revalidates them).
+async function api(path, { method = "GET", body, params, panel } = {}) {
   const url = new URL("/api/v1" + path, location.origin);
   for (const [key, value] of Object.entries(params || {})) {
     if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, value);
@@ -134,6 +139,12 @@ async function api(path, { method = "GET", body, params } = {}) {
       askForToken("The token was refused: " + ApiError.describe(detail));
     }
     throw new ApiError(response.status, detail);
+  }
+  if (panel) {
+    const tag = response.headers.get("ETag");
+    const seen = tag ? `${url.href} ${tag}` : null;
+    if (seen && drawn.get(panel) === seen) return null;
+    drawn.set(panel, seen);
   }
   return response.status === 204 ? null : response.json();
 }
@@ -432,9 +443,10 @@ function searchPage() {
     });
   }
 
-  async function fast() {
-    await header();
-    await Promise.all([leaderboard(), scatterPlot(id, view.overhead)]);
+  // Every request goes out at once; charts draw as their answers (and plotly.js) arrive, the
+  // scatter first. Unchanged answers (ETag) are not drawn again.
+  function fast() {
+    return Promise.all([header(), leaderboard(), scatterPlot(id, view.overhead)]);
   }
 
   function refreshAnalysis() {
@@ -442,6 +454,9 @@ function searchPage() {
       knobsPlot(id), importancePlot(id), ablationTables(id, view.overhead), curvesPlot(id),
     ]).catch((error) => showAlert(error.message));
   }
+
+  // For scripts driving the page (the benchmarks, a console): run a refresh cycle now.
+  window.dashboard = { refresh: fast, refreshAnalysis };
 
   overheadSelect.addEventListener("change", () => {
     view.overhead = overheadSelect.value;
@@ -459,16 +474,8 @@ function searchPage() {
     header();
   });
   setUpToken(() => {
-    // The analysis panels (below the fold; the knobs' WebGL chart is slow to draw) start once
-    // the fast ones have drawn, so as not to hold them up.
-    let analysis = null;
-    every(REFRESH_MS, async () => {
-      try {
-        await fast();
-      } finally {
-        analysis = analysis || every(SLOW_REFRESH_MS, refreshAnalysis, active);
-      }
-    }, active);
+    every(REFRESH_MS, fast, active);
+    every(SLOW_REFRESH_MS, refreshAnalysis, active);
   });
 }
 
@@ -484,7 +491,10 @@ const REFERENCE_STYLE = {
 // the Pareto front, the other trials, and each reference with its own marker; plus the front's
 // line. Hover shows the architecture and the metrics; a click opens the trial.
 async function scatterPlot(id, overhead) {
-  const [data] = await Promise.all([api(`/searches/${id}/scatter`, { params: { overhead } }), plotly()]);
+  const [data] = await Promise.all([
+    api(`/searches/${id}/scatter`, { params: { overhead }, panel: "pareto" }), plotly(),
+  ]);
+  if (data === null) return;
   const [, , title, format] = OVERHEADS[overhead];
   const hover = (p) =>
     `trial ${p.number}: ${p.label}<br>val acc ${fmt.pct(p.val_accuracy)}%<br>` +
@@ -528,41 +538,56 @@ async function scatterPlot(id, overhead) {
     (data.missing ? `; ${data.missing} without this figure` : "");
 }
 
+// Parallel categories (plotly's parcats, drawn in SVG) of the knobs against accuracy bands:
+// trials with the same knob values in the same band are one path, as wide as their count.
+// Every knob is categorical in the search space; WebGL parallel coordinates cost seconds to
+// draw where the browser renders WebGL in software.
+const BAND_COLORS = ["#1a9850", "#91cf60", "#fdae61", "#bbbbbb"];
+
 async function knobsPlot(id) {
-  const [data] = await Promise.all([api(`/searches/${id}/knobs`), plotly()]);
-  if (!data.rows.length) {
-    $("#knobs").replaceChildren(el("p", { class: "muted" }, "No completed trials yet."));
+  const [data] = await Promise.all([api(`/searches/${id}/knob-paths`, { panel: "knobs" }), plotly()]);
+  if (data === null) return;
+  const note = $("#knobs-note");
+  if (!data.paths.length) {
+    Plotly.purge("knobs");
+    $("#knobs").replaceChildren();
+    note.textContent = "No completed trials yet.";
     return;
   }
-  // Categorical knobs become integer axes with their values as tick labels; a knob that does
-  // not apply to a trial (e.g. kernel size of channel-only) sits on an extra "n/a" tick.
-  const dimensions = data.columns.map((column) => {
-    const values = data.rows.map((r) => r[column.name]);
-    if (column.kind === "categorical" || (column.values && column.role === "knob")) {
-      const ticks = column.values.map(String);
-      const hasMissing = values.some((v) => v === null);
-      if (hasMissing) ticks.push("n/a");
-      return {
-        label: column.name, tickvals: ticks.map((_, i) => i), ticktext: ticks,
-        values: values.map((v) => (v === null ? ticks.length - 1 : ticks.indexOf(String(v)))),
-        range: [0, Math.max(1, ticks.length - 1)],
-      };
-    }
-    const scale = column.name === "val_accuracy" ? 100 : 1;
+  const range = (b) => (b.count ? ` (${fmt.pct(b.min)}–${fmt.pct(b.max)}%)` : "");
+  const bandNames = data.bands.map((b) => b.name + range(b));
+  // Only the values some path has: plotly's parcats fails on an empty category.
+  const dimensions = data.columns.map((column, j) => {
+    const values = data.paths.map((p) => p.values[j]);
+    const present = new Set(values);
     return {
-      label: column.name === "val_accuracy" ? "val acc (%)" : column.name,
-      values: values.map((v) => (v === null ? null : v * scale)),
+      label: column.name, values, categoryorder: "array",
+      categoryarray: column.values.filter((v) => present.has(v)),
     };
   });
-  const accuracy = data.rows.map((r) => 100 * r.val_accuracy);
-  Plotly.react("knobs", [{
-    type: "parcoords", dimensions, labelangle: -20,
-    line: { color: accuracy, colorscale: "Viridis", showscale: true, colorbar: { title: { text: "acc %" } } },
-  }], { margin: { t: 70, l: 70, r: 70 } }, PLOT_CONFIG);
+  dimensions.push({
+    label: "val accuracy", values: data.paths.map((p) => bandNames[p.band]),
+    categoryorder: "array", categoryarray: bandNames.filter((_, i) => data.bands[i].count),
+  });
+  const last = BAND_COLORS.length - 1;
+  await Plotly.react("knobs", [{
+    type: "parcats", dimensions, counts: data.paths.map((p) => p.count),
+    line: {
+      color: data.paths.map((p) => p.band), cmin: 0, cmax: last, shape: "hspline",
+      colorscale: BAND_COLORS.map((c, i) => [i / last, c]),
+    },
+    hoveron: "color", arrangement: "freeform",
+    labelfont: { size: 12 }, tickfont: { size: 10 },
+  }], { margin: { t: 40, l: 40, r: 120, b: 20 } }, PLOT_CONFIG);
+  note.textContent =
+    `${data.total} completed trials in accuracy bands by rank` +
+    (data.sampled < data.total ? `; paths drawn from a random sample of ${data.sampled}` : "") +
+    ". Hover a path for its trials; drag a category to reorder.";
 }
 
 async function importancePlot(id) {
-  const [data] = await Promise.all([api(`/searches/${id}/importance`), plotly()]);
+  const [data] = await Promise.all([api(`/searches/${id}/importance`, { panel: "importance" }), plotly()]);
+  if (data === null) return;
   const entries = Object.entries(data.importances).sort((a, b) => a[1] - b[1]);
   $("#importance-note").textContent = entries.length
     ? `${data.evaluator} over ${data.trials} completed trials, for validation accuracy`
@@ -574,7 +599,8 @@ async function importancePlot(id) {
 }
 
 async function ablationTables(id, overhead) {
-  const data = await api(`/searches/${id}/ablation`, { params: { overhead } });
+  const data = await api(`/searches/${id}/ablation`, { params: { overhead }, panel: "ablation" });
+  if (data === null) return;
   const meanStd = (mean, std, scale = 1, digits = 2) =>
     mean === null ? "–" : (scale * mean).toFixed(digits) + (std === null ? "" : " ± " + (scale * std).toFixed(digits));
   const table = (title, rows) =>
@@ -592,7 +618,10 @@ async function ablationTables(id, overhead) {
 }
 
 async function curvesPlot(id) {
-  const [curves] = await Promise.all([api(`/searches/${id}/curves`, { params: { top: 5 } }), plotly()]);
+  const [curves] = await Promise.all([
+    api(`/searches/${id}/curves`, { params: { top: 5 }, panel: "curves" }), plotly(),
+  ]);
+  if (curves === null) return;
   Plotly.react("curves", curves.map((c) => ({
     name: `#${c.number} ${c.label}`, x: c.curve.epoch, y: c.curve.val_accuracy.map((v) => (v === null ? null : 100 * v)),
     mode: "lines+markers",
