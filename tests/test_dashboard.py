@@ -191,6 +191,10 @@ def test_search_page_draws_every_completed_trial(
     )
     assert _plot_points(page, "#pareto", "trial") == TRIALS
     # The analysis panels filled in.
+    # The analysis charts draw when scrolled to.
+    assert page.evaluate("() => document.querySelector('#curves').data === undefined")
+    for panel in ("#knobs", "#importance", "#curves"):
+        page.locator(panel).scroll_into_view_if_needed()
     # The knobs against accuracy bands: one path width per completed trial, in SVG.
     page.wait_for_function("() => (document.querySelector('#knobs').data || []).length === 1")
     knobs = page.evaluate("() => document.querySelector('#knobs').data[0]")

@@ -443,20 +443,49 @@ function searchPage() {
     });
   }
 
-  // Every request goes out at once; charts draw as their answers (and plotly.js) arrive, the
-  // scatter first. Unchanged answers (ETag) are not drawn again.
+  // Charts draw as their answers (and plotly.js) arrive; unchanged answers (ETag) are not drawn
+  // again. ``tables`` settles once the header and the leaderboard are drawn.
   function fast() {
-    return Promise.all([header(), leaderboard(), scatterPlot(id, view.overhead)]);
+    const tables = Promise.all([header(), leaderboard()]);
+    return { tables, all: Promise.all([tables, scatterPlot(id, view.overhead)]) };
   }
 
+  // The analysis panels sit below the fold. Their answers are requested with the first view
+  // (the server computes them, the browser keeps them), but each chart draws when first
+  // scrolled near: a plotly chart costs ~0.1 s of a slow machine's main thread, and the first
+  // view should not wait for charts it does not show. After that they refresh with the slow
+  // cycle. The ablation tables are plain HTML: they draw at once.
+  const analysisPanels = [
+    { element: $("#knobs"), draw: () => knobsPlot(id), path: "knob-paths" },
+    { element: $("#importance"), draw: () => importancePlot(id), path: "importance" },
+    { element: $("#ablation"), draw: () => ablationTables(id, view.overhead), eager: true },
+    { element: $("#curves"), draw: () => curvesPlot(id), path: "curves", params: { top: 5 } },
+  ];
+
   function refreshAnalysis() {
-    return Promise.all([
-      knobsPlot(id), importancePlot(id), ablationTables(id, view.overhead), curvesPlot(id),
-    ]).catch((error) => showAlert(error.message));
+    return Promise.all(analysisPanels.filter((p) => p.seen || p.eager).map((p) => p.draw()))
+      .catch((error) => showAlert(error.message));
+  }
+
+  function startAnalysis() {
+    for (const panel of analysisPanels.filter((p) => p.path)) {
+      api(`/searches/${id}/${panel.path}`, { params: panel.params }).catch(() => {});
+    }
+    const observer = new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        const panel = analysisPanels.find((p) => p.element === entry.target);
+        if (!entry.isIntersecting || panel.seen) continue;
+        panel.seen = true;
+        observer.unobserve(entry.target);
+        if (!panel.eager) panel.draw().catch((error) => showAlert(error.message));
+      }
+    }, { rootMargin: "200px" });
+    for (const panel of analysisPanels) observer.observe(panel.element);
+    every(SLOW_REFRESH_MS, refreshAnalysis, active);
   }
 
   // For scripts driving the page (the benchmarks, a console): run a refresh cycle now.
-  window.dashboard = { refresh: fast, refreshAnalysis };
+  window.dashboard = { refresh: () => fast().all, refreshAnalysis };
 
   overheadSelect.addEventListener("change", () => {
     view.overhead = overheadSelect.value;
@@ -473,9 +502,18 @@ function searchPage() {
     }
     header();
   });
+  // The analysis requests go out once the tables are drawn (the server answers those first),
+  // while plotly.js is still loading.
   setUpToken(() => {
-    every(REFRESH_MS, fast, active);
-    every(SLOW_REFRESH_MS, refreshAnalysis, active);
+    let first = true;
+    every(REFRESH_MS, async () => {
+      const cycle = fast();
+      if (first) {
+        first = false;
+        cycle.tables.finally(startAnalysis);
+      }
+      await cycle.all;
+    }, active);
   });
 }
 
