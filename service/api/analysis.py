@@ -43,13 +43,7 @@ def scatter(
     """Completed trials as points of validation accuracy against ``overhead``, with the Pareto
     flag, the reference name and the architecture's label; thinned above ``max_points``
     (``total`` / ``shown``)."""
-    return json_answer(
-        request,
-        db,
-        search_id,
-        ("scatter", overhead.value, max_points),
-        lambda: analysis.scatter(db, search_id, overhead.value, max_points),
-    )
+    return json_answer(request, db, search_id, analysis.scatter, overhead.value, max_points)
 
 
 @router.get("/knobs", responses=JSON)
@@ -62,13 +56,7 @@ def knobs(
 ) -> Response:
     """Parallel coordinates: the knob columns (categorical with their values, or numeric with
     their range) and the completed trials' knob values with accuracy and overhead."""
-    return json_answer(
-        request,
-        db,
-        search_id,
-        ("knobs", overhead.value, max_points),
-        lambda: analysis.knobs(db, search_id, overhead.value, max_points),
-    )
+    return json_answer(request, db, search_id, analysis.knobs, overhead.value, max_points)
 
 
 @router.get("/knob-paths", responses=JSON)
@@ -82,13 +70,7 @@ def knob_paths(
 ) -> Response:
     """Parallel categories: the completed trials in accuracy bands (top 10 %, 10-25 %, 25-50 %,
     the rest), grouped by their knob values into paths with a count and mean accuracy."""
-    return json_answer(
-        request,
-        db,
-        search_id,
-        ("knob_paths", max_trials),
-        lambda: analysis.knob_paths(db, search_id, max_trials),
-    )
+    return json_answer(request, db, search_id, analysis.knob_paths, max_trials)
 
 
 @router.get("/ablation", responses=JSON)
@@ -101,13 +83,7 @@ def ablation(
     """The paper's ablation tables: accuracy and overhead (mean, std) of the CBAM trials grouped
     by arrangement, channel pooling, kernel size, spatial pooling, reduction and placement; the
     references apart as ``baselines``."""
-    return json_answer(
-        request,
-        db,
-        search_id,
-        ("ablation", overhead.value),
-        lambda: analysis.ablation(db, search_id, overhead.value),
-    )
+    return json_answer(request, db, search_id, analysis.ablation, overhead.value)
 
 
 @router.get("/curves", responses=JSON)
@@ -115,19 +91,11 @@ def curves(
     request: Request, db: DB, search_id: str, top: Annotated[int, Query(ge=1, le=50)] = 5
 ) -> Response:
     """Per-epoch validation accuracy and losses of the ``top`` best completed trials."""
-    return json_answer(
-        request,
-        db,
-        search_id,
-        ("curves", top),
-        lambda: analysis.learning_curves(db, search_id, top),
-    )
+    return json_answer(request, db, search_id, analysis.learning_curves, top)
 
 
 @router.get("/importance", responses=JSON)
 def importance(request: Request, db: DB, search_id: str) -> Response:
     """Knob importances for validation accuracy (Optuna's PED-ANOVA); empty with a ``reason``
     while there are too few trials."""
-    return json_answer(
-        request, db, search_id, ("importance",), lambda: analysis.importance(db, search_id)
-    )
+    return json_answer(request, db, search_id, analysis.importance)

@@ -34,17 +34,20 @@ def json_answer(
     request: Request,
     db: Database,
     search_id: str,
-    question: Hashable,
-    compute: Callable[[], Any],
+    compute: Callable[..., Any],
+    *args: Hashable,
 ) -> Response:
-    """``compute()`` as JSON, encoded once per version of the search (shared, LRU cached)."""
+    """``compute(db, search_id, *args)`` as JSON, encoded once per version of the search
+    (shared, LRU cached)."""
     current = version(db, search_id)
+    question = (compute.__module__, compute.__qualname__, *args)
     tag = hashlib.sha256(repr((search_id, current, question)).encode()).hexdigest()[:20]
     etag = f'"{tag}"'
     headers = {**_HEADERS, "ETag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     body = CACHE.get_or_compute(
-        (repr(db), search_id, current, ("json", question)), lambda: _encode(compute())
+        (repr(db), search_id, current, ("json", *question)),
+        lambda: _encode(compute(db, search_id, *args)),
     )
     return Response(body, media_type="application/json", headers=headers)
