@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Select, String, func, select, type_coerce
+from sqlalchemy.orm import aliased
 
 from search.cached import cached, completed
 from search.errors import InvalidValue, NotFound
@@ -109,22 +110,20 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
     """The progress of several searches in three queries, whatever their number."""
     ids = [search.id for search in searches]
     counts: dict[str, dict[ResultState, int]] = {search_id: {} for search_id in ids}
-    rank = (
-        func.row_number()
-        .over(
-            partition_by=TrialResult.search_id,
-            order_by=(TrialResult.val_accuracy.desc(), TrialResult.params, TrialResult.number),
-        )
-        .label("rank")
-    )
-    ranked = (
-        select(TrialResult.id, rank)
+    # The best completed row of each search: a correlated ORDER BY ... LIMIT 1 walks the
+    # covering ranking index (microseconds); a window over every row took ~13 ms at 10k trials.
+    top = aliased(TrialResult)
+    best_id = (
+        select(top.id)
         .where(
-            TrialResult.search_id.in_(ids),
-            TrialResult.state == ResultState.completed,
-            TrialResult.val_accuracy.is_not(None),
+            top.search_id == Search.id,
+            top.state == ResultState.completed,
+            top.val_accuracy.is_not(None),
         )
-        .subquery()
+        .order_by(top.val_accuracy.desc(), top.params, top.number)
+        .limit(1)
+        .correlate(Search)
+        .scalar_subquery()
     )
     with db.session() as session:
         for search_id, state, n in session.execute(
@@ -143,9 +142,9 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
         best = {
             row.search_id: row
             for row in session.scalars(
-                select(TrialResult)
-                .join(ranked, TrialResult.id == ranked.c.id)
-                .where(ranked.c.rank == 1)
+                select(TrialResult).where(
+                    TrialResult.id.in_(select(best_id).where(Search.id.in_(ids)))
+                )
             )
         }
     out = {}
