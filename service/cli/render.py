@@ -1,0 +1,234 @@
+"""What the commands print: number and text formatting, and the rich tables built with it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from search.overhead import OverheadReport
+
+# Trial states in the order progress lines list them.
+TRIAL_STATES = ("completed", "running", "pruned", "failed", "over_budget", "requeued")
+
+
+def si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3f} {prefix}{unit}".rstrip()
+    return f"{value:g} {unit}".rstrip()
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def points(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def acc(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def escape(text: str) -> str:
+    """Server text (names, labels, errors) shown literally, not read as rich markup."""
+    from rich.markup import escape as escape_markup
+
+    return escape_markup(text)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def when(value: str | None) -> str:
+    return "-" if not value else value.replace("T", " ")[:19]
+
+
+def trials_by_state(progress: dict[str, Any]) -> str:
+    """A search's progress as trial counts by state, e.g. ``3 completed, 1 running, ...``."""
+    return ", ".join(f"{progress.get(s, 0)} {s.replace('_', ' ')}" for s in TRIAL_STATES)
+
+
+def stdout_console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not squeeze tables into 80 columns
+        console = Console(width=200)
+    return console
+
+
+def overhead_table(report: OverheadReport) -> Table:
+    """An architecture's figures against the same backbone without attention."""
+    rows = (
+        ("Parameters", "params", si, "params_pct"),
+        ("MACs (conv + matmul)", "macs", si, "macs_pct"),
+        ("Attention elementwise ops", "attention_ops", si, None),
+        (f"Latency (batch {report.batch_size})", "latency_ms", ms, "latency_pct"),
+        (f"Train step (batch {report.train_batch_size})", "train_step_ms", ms, "train_step_pct"),
+        (
+            "Peak train memory" + (" (estimate)" if report.peak_memory_estimated else ""),
+            "peak_memory_bytes",
+            mib,
+            "peak_memory_pct",
+        ),
+    )
+    table = Table(
+        title=f"{report.label}  [dim]({report.architecture_id})[/dim]",
+        caption=(
+            f"{report.backbone}, input {'x'.join(map(str, report.input_shape))}, "
+            f"{report.num_classes} classes, device {report.device}"
+        ),
+    )
+    table.add_column("figure")
+    table.add_column("with attention", justify="right")
+    table.add_column("without", justify="right")
+    table.add_column("overhead", justify="right")
+    for title, key, fmt, pct_key in rows:
+        value, baseline = getattr(report, key), getattr(report, f"baseline_{key}")
+        if value is None:
+            continue
+        percent = getattr(report, pct_key) if pct_key else None
+        table.add_row(
+            title,
+            fmt(value),
+            fmt(baseline),
+            "-" if percent is None else f"{percent:+.2f}%",
+        )
+    return table
+
+
+def leaderboard_table(rows: Sequence[Any], overheads: Sequence[str], title: str = "") -> Table:
+    """The leaderboard of a search's rows as a rich table."""
+    from search.leaderboard import OVERHEAD_COLUMNS, leaderboard
+
+    table = Table(title=title or None)
+    for column in ("#", "architecture", "val acc", "Δ none", "Δ SE", "Δ CBAM", "params"):
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for overhead in overheads:
+        table.add_column(f"{overhead} %", justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("Pareto", justify="center")
+    for entry in leaderboard(rows, overheads):
+        label = entry["label"] + (
+            f" [dim]({entry['reference']})[/dim]" if entry["reference"] else ""
+        )
+        table.add_row(
+            str(entry["rank"]),
+            label,
+            f"{100 * entry['val_accuracy']:.2f}",
+            points(entry["delta_vs_none"]),
+            points(entry["delta_vs_se"]),
+            points(entry["delta_vs_cbam"]),
+            si(entry["params"] or 0),
+            *(pct(entry[OVERHEAD_COLUMNS[o][1]]) for o in overheads),
+            str(entry["epochs_run"]),
+            "*" if entry["pareto"] else "",
+        )
+    return table
+
+
+def _best_line(best: dict[str, Any] | None) -> str:
+    if not best:
+        return "-"
+    label = escape(best["label"])
+    line = f"trial {best['number']}: {label}, val acc {acc(best['val_accuracy'])}%"
+    if best.get("params_pct") is not None:
+        line += f", params {pct(best['params_pct'])}"
+    return line
+
+
+def status_table(search: dict[str, Any]) -> Table:
+    """The API's search as a table of its state and progress."""
+    progress = search.get("progress") or {}
+    spec = search.get("spec") or {}
+    state = search["state"]
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(state, "cyan")
+    table = Table(title=f"search {search['id']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("name", escape(search.get("name") or "-"))
+    table.add_row("state", f"[{colour}]{state}[/{colour}]")
+    dataset = (spec.get("dataset") or {}).get("name", "-")
+    table.add_row("backbone", f"{spec.get('backbone', '-')} on {dataset}")
+    budget = progress.get("budget", search.get("budget_trials"))
+    table.add_row("trials", f"{progress.get('done', 0)} of {budget} done (budget {budget})")
+    table.add_row("by state", trials_by_state(progress))
+    table.add_row("best so far", _best_line(progress.get("best")))
+    table.add_row("ETA", duration(progress.get("eta_s")))
+    table.add_row("created", when(search.get("created_at")))
+    table.add_row("started", when(search.get("started_at")))
+    table.add_row("finished", when(search.get("finished_at")))
+    if search.get("error"):
+        table.add_row("error", f"[red]{escape(search['error'])}[/red]")
+    return table
+
+
+def _absolute(overhead: str, entry: dict[str, Any]) -> str:
+    if overhead == "latency":
+        value = entry.get("latency_ms")
+        return "-" if value is None else ms(value)
+    value = entry.get(overhead)
+    return "-" if value is None else si(value)
+
+
+def board_table(board: dict[str, Any], title: str = "") -> Table:
+    """The API's leaderboard page as a table: its entries carry rank, pareto and the deltas
+    against the references already (computed over the whole search, not just this page)."""
+    overhead = board["overhead"]
+    entries = board["entries"]
+    shown = f"{board['offset'] + 1}-{board['offset'] + len(entries)}" if entries else "none"
+    table = Table(
+        title=title or None,
+        caption=(
+            f"{shown} of {board['total']} ranked trials; Δ in accuracy points; "
+            f"Pareto: accuracy against {overhead}"
+        ),
+    )
+    columns = ["#", "trial", "architecture", "val acc", "Δ none", "Δ SE", "Δ CBAM", "params"]
+    if overhead != "params":
+        columns.append(overhead)
+    columns += [f"{overhead} %", "epochs", "Pareto"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for entry in entries:
+        label = escape(entry["label"]) + (
+            f" [dim]({entry['reference']})[/dim]" if entry.get("reference") else ""
+        )
+        cells = [
+            str(entry["rank"]),
+            str(entry["number"]),
+            label,
+            acc(entry["val_accuracy"]),
+            points(entry.get("delta_vs_none")),
+            points(entry.get("delta_vs_se")),
+            points(entry.get("delta_vs_cbam")),
+            _absolute("params", entry),
+        ]
+        if overhead != "params":
+            cells.append(_absolute(overhead, entry))
+        cells += [
+            pct(entry.get(f"{overhead}_pct")),
+            str(entry.get("epochs_run", "-")),
+            "*" if entry["pareto"] else "",
+        ]
+        table.add_row(*cells)
+    return table
