@@ -1,37 +1,58 @@
 """Coordination between workers: claimed trials per second and the overhead each trial costs.
 
-For 1, 2, 4 and 8 workers, on SQLite (a temporary file in WAL mode) and on PostgreSQL, one fresh
-search (random sampler, ``--trials`` slots) is run to completion by dry-run workers
-(``WorkerOptions.dry_run``): each trial is claimed, asked (the architecture sampled, its
-parameters written to the study), written to its row and told with made-up metrics, without data,
-measuring or training. A trial's cost is then nothing but coordination: our claim queries, the
-trial-result row updates, the worker's liveness rows, and Optuna's ask and tell on its RDB
-storage.
+For 1, 2, 4 and 8 workers, on SQLite (a temporary file in WAL mode) and on PostgreSQL, fresh
+searches (random sampler) are run to completion by dry-run workers (``WorkerOptions.dry_run``):
+each trial is claimed, asked (the architecture sampled, its parameters written to the study),
+written to its row and told with made-up metrics, without data, measuring or training. What a
+trial costs besides its training is then nothing but coordination: our claim (with the worker's
+liveness row and, when due, the completion of a search), the trial-result row updates, the sweep
+for lost trials, and Optuna's ask and tell on its RDB storage. Two modes:
 
-Workers are forked from this process once everything is imported, wait at a start line and run
-the real loop (``Worker.run``: migration check, claims, trials, completion) until the search is
-completed; process start-up (interpreter, torch, Optuna) is timed apart, once, as a real
-``cbam-nas worker --dry-run`` process with one trial.
+* back to back (no-op trials, ``--trials`` per run): the workers do nothing but coordinate, so
+  this is the saturation figure, the trials per second that the database and the CPUs can
+  coordinate. With more workers than free cores every process waits for a core, so the
+  worker-time per trial (about workers x wall / trials) grows with the oversubscription even
+  where trials/s does not drop: read the CPU columns for what a trial costs.
+* simulated trials (``--trial-seconds S``, default 1 s; ``--sim-trials`` per worker): each
+  dry-run trial holds its worker for S seconds in place of training
+  (``WorkerOptions.dry_run_seconds``: a sleep, no CPU, heartbeats going as in training), as a
+  GPU worker is held by its trials; 8 such workers do not oversubscribe 2 cores. The overhead
+  per trial = worker-time / trials - S is the time per trial that a worker spends not
+  training: what every GPU worker pays between two trials. Target: <= 50 ms of overhead per
+  trial at 8 workers on PostgreSQL in this mode. Worker i starts i/workers of S after the
+  start line, so that the workers' claims are spread over a trial's time as those of GPU
+  workers whose trials differ in length are: equal sleeps started together would keep all
+  workers in step, all claiming at once every round (the worst case, not the usual one).
 
-Printed per run: wall time from the start line to the last worker's exit, trials per second (what
-users feel), and the coordination overhead per trial = workers x wall / trials: the worker-time
-a trial occupies (a trial's own work is zero, so all of it is overhead; with one worker it is the
-latency of a claim-ask-tell round). Also the CPU time the workers spent per trial (user + system,
-summed over the worker processes) and, for a PostgreSQL server this script started itself, the
-server's. With more workers than free cores the overhead per trial grows by the oversubscription
-factor even where trials/s does not drop: read the CPU columns to see what a trial costs.
-Target: <= 50 ms of overhead per trial at 8 workers on PostgreSQL.
+Worker-time is the workers' times from their own start to their exit, summed: workers x wall
+when they all start at the start line.
+
+Workers are forked from this process once everything is imported. Each runs the real loop
+(``Worker.run``: migration check, claims, trials, completion), but waits at a start line after
+its first trial: what a worker pays once (the process's connections, Optuna's schema check, the
+study loaded, the search's first reads, all workers starting at once) is left out of the timed
+part, and a worker process's start-up (interpreter, torch, Optuna) is timed apart, once, as a
+real ``cbam-nas worker --dry-run`` process with one trial. The timed trials follow the start
+line (the search's budget is the timed trials plus one warm-up trial per worker), until the
+search is completed and the last worker has exited.
+
+Printed per run: wall time from the start line to the last worker's exit, trials per second,
+the worker-time or overhead per trial, and the CPU time per trial of the workers (user + system,
+summed over the worker processes) and, for a PostgreSQL server this script started itself, of
+the server.
 
 PostgreSQL: ``--database URL`` (a role that may create tables; a search per run is added there),
 else a throwaway server started with ``scripts/postgres.sh`` when PostgreSQL's binaries are
 installed, else those rows are skipped. ``--profile`` adds a breakdown of one worker's time per
-trial (Optuna's ask, parameter writes and tell; our claims, row updates, liveness rows, sweeps).
+back-to-back trial (Optuna's ask, parameter writes and tell; our claims, row updates, sweeps).
 
-    python -m benchmarks.coordination [--trials 120] [--workers 1,2,4,8] [--database URL]
-        [--no-sqlite] [--no-postgres] [--sampler random] [--profile]
+    python -m benchmarks.coordination [--trials 120] [--trial-seconds 1.0] [--sim-trials 12]
+        [--workers 1,2,4,8] [--database URL] [--no-sqlite] [--no-postgres] [--sampler random]
+        [--no-back-to-back] [--profile]
 
-About a minute on 2 busy CPU cores with the defaults (``--profile`` adds 15 s); ``--trials 24
---workers 1,2`` checks the plumbing in about 30 seconds.
+About three minutes on 2 busy CPU cores with the defaults (``--profile`` adds 15 s; the
+simulated trials take about ``--sim-trials`` x S per run, 8 runs); ``--trials 24 --sim-trials 3
+--workers 1,2`` checks the plumbing in about a minute.
 """
 
 from __future__ import annotations
@@ -78,8 +99,10 @@ class Run:
     workers: int
     trials: int
     wall_s: float
+    worker_s: float  # the workers' times from their start to their exit, summed
     worker_cpu_s: float
     server_cpu_s: float | None
+    trial_s: float = 0.0  # the simulated training time of each trial (0: back to back)
 
     @property
     def trials_per_s(self) -> float:
@@ -87,8 +110,8 @@ class Run:
 
     @property
     def overhead_ms(self) -> float:
-        """Worker-time per trial: workers x wall / trials."""
-        return 1e3 * self.workers * self.wall_s / self.trials
+        """Worker-time per trial not spent training: worker-time / trials - trial time."""
+        return 1e3 * (self.worker_s / self.trials - self.trial_s)
 
     @property
     def worker_cpu_ms(self) -> float:
@@ -175,8 +198,31 @@ def server_cpu_s(data_dir: Path | None) -> float | None:
 # -- one run --------------------------------------------------------------------------------
 
 
-def _worker_process(url: str, search_id: str, name: str, ready: Any, go: Any, results: Any) -> None:
-    """A forked worker: builds its Worker, waits at the start line, runs, reports CPU time."""
+@dataclass
+class Report:
+    """What a forked worker sends back: its exit status, the trials it ran after the start line
+    and the CPU seconds it used meanwhile."""
+
+    name: str
+    status: int
+    trials: int
+    seconds: float
+    cpu_s: float
+
+
+def _worker_process(
+    url: str,
+    search_id: str,
+    name: str,
+    trial_s: float,
+    delay_s: float,
+    ready: Any,
+    go: Any,
+    results: Any,
+) -> None:
+    """A forked worker: runs one warm-up trial (its study loaded, the search's first reads),
+    waits at the start line after it, then ``delay_s`` more (its place in the round), runs on
+    until the search is completed and reports what it did from then on."""
     from workers.worker import Worker, WorkerOptions
 
     logging.basicConfig(level=logging.WARNING, format=f"{name}: %(message)s")
@@ -185,30 +231,53 @@ def _worker_process(url: str, search_id: str, name: str, ready: Any, go: Any, re
         search_id=search_id,
         name=name,
         dry_run=True,
+        dry_run_seconds=trial_s,
         exit_when_idle=True,
         poll_interval_s=0.05,
     )
     worker = Worker(options)
-    ready.release()
-    go.wait()
-    cpu = time.process_time()
+    run_trial = worker.run_trial
+    started: list[tuple[float, float]] = []  # (wall, CPU) when the timed part started
+
+    def trial_then_start_line(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return run_trial(*args, **kwargs)
+        finally:
+            if not started:  # the warm-up trial
+                ready.release()
+                go.wait()
+                time.sleep(delay_s)
+                started.append((time.perf_counter(), time.process_time()))
+
+    worker.run_trial = trial_then_start_line  # type: ignore[method-assign]
     status = worker.run()
-    results.put((name, status, worker.trials_run, time.process_time() - cpu))
+    wall, cpu = started[0] if started else (time.perf_counter(), time.process_time())
+    seconds, used = time.perf_counter() - wall, time.process_time() - cpu
+    results.put(Report(name, status, worker.trials_run - 1, seconds, used))
 
 
 def run_once(
-    url: str, backend: str, workers: int, args: argparse.Namespace, data_dir: Path | None
+    url: str,
+    backend: str,
+    workers: int,
+    trials: int,
+    trial_s: float,
+    args: argparse.Namespace,
+    data_dir: Path | None,
 ) -> Run:
+    """``trials`` timed trials of ``workers`` workers, after one warm-up trial each; with
+    simulated trials (``trial_s``) worker i starts i / workers of a trial after the others."""
+    budget = trials + workers
     db = open_database(url)
     db.migrate()
-    search = create_search(db, make_spec(args.trials, args.sampler, args.seed))
+    search = create_search(db, make_spec(budget, args.sampler, args.seed))
     db.close()  # nothing open crosses the fork
     context = multiprocessing.get_context("fork")
     ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
     processes = [
         context.Process(
             target=_worker_process,
-            args=(url, search.id, f"bench-{i}", ready, go, results),
+            args=(url, search.id, f"bench-{i}", trial_s, i * trial_s / workers, ready, go, results),
             daemon=True,
         )
         for i in range(workers)
@@ -216,23 +285,26 @@ def run_once(
     for process in processes:
         process.start()
     for _ in processes:
-        if not ready.acquire(timeout=120):
-            raise RuntimeError("a worker did not start")
+        if not ready.acquire(timeout=300):
+            raise RuntimeError("a worker did not start or finish its warm-up trial")
     server_before = server_cpu_s(data_dir)
     start = time.perf_counter()
     go.set()
-    reports = [results.get(timeout=600) for _ in processes]
+    reports: list[Report] = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join(timeout=60)
     wall = time.perf_counter() - start
     server_after = server_cpu_s(data_dir)
-    if any(status != 0 for _, status, _, _ in reports):
+    if any(r.status != 0 for r in reports):
         raise RuntimeError(f"a worker failed: {reports}")
-    check(url, search.id, args.trials)
+    check(url, search.id, budget)
+    if sum(r.trials for r in reports) != trials:
+        raise RuntimeError(f"not {trials} trials after the start line: {reports}")
     server = None
     if server_before is not None and server_after is not None:
         server = server_after - server_before
-    return Run(backend, workers, args.trials, wall, sum(r[3] for r in reports), server)
+    seconds, cpu = sum(r.seconds for r in reports), sum(r.cpu_s for r in reports)
+    return Run(backend, workers, trials, wall, seconds, cpu, server, trial_s)
 
 
 def check(url: str, search_id: str, trials: int) -> None:
@@ -309,18 +381,25 @@ def profile(url: str, args: argparse.Namespace) -> list[tuple[str, float, float]
 
     # The worker asks through its own two-step ``_ask`` where it has one.
     ask = (worker_module, "_ask") if hasattr(worker_module, "_ask") else (optuna.Study, "ask")
+    # The worker tells through search.study.tell_trial where it has one.
+    tell = (
+        (worker_module, "tell_trial")
+        if hasattr(worker_module, "tell_trial")
+        else (optuna.Study, "tell")
+    )
     parts = [
-        (*ask, "Optuna ask (queue read, new trial, sampler)"),
-        (worker_module, "architecture_for", "Optuna parameter writes (one per knob)"),
-        (optuna.Study, "tell", "Optuna tell"),
+        (*ask, "Optuna ask (new trial; the queue until empty)"),
+        (worker_module, "architecture_for", "Optuna sampling and parameter writes"),
+        (*tell, "Optuna tell"),
         (worker_module.Worker, "_study", "Optuna study and sampler"),
-        (worker_module, "claim_trial", "ours: claim"),
-        (worker_module, "_update_row", "ours: trial-row updates"),
-        (worker_module.Worker, "_row", "ours: trial-row read (the trial's log line)"),
-        (worker_module.Worker, "seen", "ours: worker liveness row"),
+        (worker_module, "claim_trial", "ours: claim (+ liveness row, completions due)"),
+        (worker_module, "_update_row", "ours: trial-row update (architecture)"),
+        (worker_module, "_close_row", "ours: trial-row close (figures, state)"),
+        (worker_module.Worker, "seen", "ours: worker liveness row (idle, exit)"),
         (worker_module, "sweep_lost", "ours: sweep for lost trials"),
         (worker_module, "maybe_complete", "ours: completion check"),
     ]
+    parts = [part for part in parts if hasattr(part[0], part[1])]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
     db = open_database(url)
     db.migrate()
@@ -352,29 +431,55 @@ def profile(url: str, args: argparse.Namespace) -> list[tuple[str, float, float]
 # -- report ---------------------------------------------------------------------------------
 
 
+def _cpu(run: Run) -> str:
+    server = "-" if run.server_cpu_ms is None else f"{run.server_cpu_ms:.1f}"
+    return f"{run.worker_cpu_ms:>13.1f}{server:>13}"
+
+
 def report(runs: list[Run], startup: dict[str, float], args: argparse.Namespace) -> bool | None:
     print(
-        f"coordination: dry-run workers, {args.trials} trials per run, {args.sampler} sampler; "
-        f"{machine()}; {os.cpu_count()} CPUs"
+        f"coordination: dry-run workers, {args.sampler} sampler; {machine()}; "
+        f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    header = f"{'database':<12}{'workers':>8}{'wall s':>9}{'trials/s':>10}"
-    header += f"{'overhead ms/trial':>19}{'worker CPU ms/trial':>21}{'server CPU ms/trial':>21}"
-    print(header)
+    back_to_back = [run for run in runs if run.trial_s == 0]
+    simulated = [run for run in runs if run.trial_s > 0]
+    cpu_header = f"{'worker CPU':>13}{'server CPU':>13}"
+    if back_to_back:
+        print(
+            f"back to back: no-op trials, {back_to_back[0].trials} per run (saturation; "
+            "worker-time ~ workers x wall / trials; CPU in ms per trial)"
+        )
+        print(
+            f"{'database':<12}{'workers':>8}{'wall s':>9}{'trials/s':>10}"
+            f"{'worker-time ms':>16}{cpu_header}"
+        )
+        for run in back_to_back:
+            line = f"{run.backend:<12}{run.workers:>8}{run.wall_s:>9.2f}{run.trials_per_s:>10.1f}"
+            print(line + f"{run.overhead_ms:>16.1f}{_cpu(run)}")
     verdict = None
-    for run in runs:
-        server = "-" if run.server_cpu_ms is None else f"{run.server_cpu_ms:.1f}"
-        line = f"{run.backend:<12}{run.workers:>8}{run.wall_s:>9.2f}{run.trials_per_s:>10.1f}"
-        line += f"{run.overhead_ms:>19.1f}{run.worker_cpu_ms:>21.1f}{server:>21}"
-        if run.backend == "postgresql" and run.workers == TARGET_WORKERS:
-            verdict = run.overhead_ms <= TARGET_MS
-            line += f"  {'PASS' if verdict else 'FAIL'}"
-        print(line)
+    if simulated:
+        print(
+            f"simulated trials: each holds its worker {simulated[0].trial_s:g} s (a sleep), "
+            f"{args.sim_trials} per worker, starts spread over one (overhead = worker-time / "
+            f"trials - {simulated[0].trial_s:g} s; ms per trial)"
+        )
+        print(
+            f"{'database':<12}{'workers':>8}{'wall s':>9}{'trials/s':>10}"
+            f"{'overhead ms':>13}{cpu_header}"
+        )
+        for run in simulated:
+            line = f"{run.backend:<12}{run.workers:>8}{run.wall_s:>9.2f}{run.trials_per_s:>10.2f}"
+            line += f"{run.overhead_ms:>13.1f}{_cpu(run)}"
+            if run.backend == "postgresql" and run.workers == TARGET_WORKERS:
+                verdict = run.overhead_ms <= TARGET_MS
+                line += f"  {'PASS' if verdict else 'FAIL'}"
+            print(line)
     for backend, seconds in startup.items():
         print(f"start-up of a worker process ({backend}), exec to exit, 1 trial: {seconds:.2f} s")
     outcome = "not measured" if verdict is None else "PASS" if verdict else "FAIL"
     print(
-        f"target <= {TARGET_MS:.0f} ms per trial at {TARGET_WORKERS} workers on PostgreSQL: "
-        f"{outcome}"
+        f"target <= {TARGET_MS:.0f} ms of overhead per simulated trial at {TARGET_WORKERS} "
+        f"workers on PostgreSQL: {outcome}"
     )
     return verdict
 
@@ -388,7 +493,24 @@ def print_profile(backend: str, rows: list[tuple[str, float, float]], trials: in
 
 def main(argv: list[str] | None = None) -> bool | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=120, help="trials per run (the budget)")
+    parser.add_argument(
+        "--trials", type=int, default=120, help="trials per back-to-back run (the budget)"
+    )
+    parser.add_argument(
+        "--trial-seconds",
+        type=float,
+        default=1.0,
+        help="simulated training time of each trial in the second mode (0: that mode is skipped)",
+    )
+    parser.add_argument(
+        "--sim-trials", type=int, default=12, help="simulated trials per worker in a run"
+    )
+    parser.add_argument(
+        "--back-to-back",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the no-op back-to-back mode",
+    )
     parser.add_argument(
         "--workers", default="1,2,4,8", help="comma-separated worker counts, e.g. 1,2,4,8"
     )
@@ -424,12 +546,20 @@ def main(argv: list[str] | None = None) -> bool | None:
                 print("PostgreSQL is not installed and no --database given: its rows are skipped")
             else:
                 backends.append(("postgresql", *server))
+        modes = [(args.trials, 0.0)] if args.back_to_back else []
+        if args.trial_seconds > 0:
+            modes.append((args.sim_trials, args.trial_seconds))
         for backend, url, data_dir in backends:
-            for workers in counts:
-                runs.append(run_once(url, backend, workers, args, data_dir))
-                print(
-                    f"  {backend} x{workers}: {runs[-1].wall_s:.2f} s", file=sys.stderr, flush=True
-                )
+            for per_run, trial_s in modes:
+                for workers in counts:
+                    trials = per_run * workers if trial_s else per_run
+                    runs.append(run_once(url, backend, workers, trials, trial_s, args, data_dir))
+                    print(
+                        f"  {backend} x{workers}, {trial_s:g} s trials: {runs[-1].wall_s:.2f} s, "
+                        f"load {os.getloadavg()[0]:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if args.startup:
                 startup[backend] = startup_s(url, args)
             if args.profile:

@@ -24,8 +24,11 @@ trial-result rows), Optuna's median or Hyperband pruner in the constrained mode,
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +40,8 @@ from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_a
 from search.spec import SearchSpec
 
 if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.storages import BaseStorage
     from optuna.trial import BaseTrial, FrozenTrial
 
     from search.db import Database
@@ -222,16 +227,197 @@ def load_study(
 
 
 def architecture_for(trial: BaseTrial, spec: SearchSpec) -> tuple[Architecture, str | None]:
-    """The architecture a trial evaluates and its reference name (None for sampled trials)."""
+    """The architecture a trial evaluates and its reference name (None for sampled trials).
+
+    The parameters of a study's trial are written to the storage together when the sampling
+    ends (:func:`params_written_at_once`), not one transaction per parameter."""
     reference = trial.user_attrs.get(REFERENCE_ATTR)
-    if reference is None:
-        return spec.space.sample(trial, spec.backbone), None
-    architecture = reference_architectures(spec.backbone)[reference]
-    if spec.space.contains(architecture):
-        # Enqueued with its parameters (create_study): suggesting them records them in the
-        # trial, so that the sampler learns from the reference like from any other trial.
-        spec.space.sample(trial, spec.backbone)
+    with params_written_at_once(trial):
+        if reference is None:
+            return spec.space.sample(trial, spec.backbone), None
+        architecture = reference_architectures(spec.backbone)[reference]
+        if spec.space.contains(architecture):
+            # Enqueued with its parameters (create_study): suggesting them records them in the
+            # trial, so that the sampler learns from the reference like from any other trial.
+            spec.space.sample(trial, spec.backbone)
     return architecture, reference
+
+
+# Parameters suggested but not yet written, per trial (see params_written_at_once).
+_PendingParam = tuple[str, float, "BaseDistribution"]
+_pending_params: weakref.WeakKeyDictionary[optuna.Trial, list[_PendingParam]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _ParamRecorder:
+    """Stands in for a trial's storage while its parameters are suggested: records each
+    ``set_trial_param`` instead of writing it; every other call goes to the storage."""
+
+    def __init__(self, storage: BaseStorage, pending: list[_PendingParam]) -> None:
+        self._storage = storage
+        self._pending = pending
+
+    def set_trial_param(
+        self, trial_id: int, name: str, value: float, distribution: BaseDistribution
+    ) -> None:
+        self._pending.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+@contextlib.contextmanager
+def params_written_at_once(trial: BaseTrial) -> Iterator[None]:
+    """Within the block, the parameters that ``trial`` (a study's :class:`optuna.Trial`) is
+    suggested are kept in memory (the trial itself knows them at once, as usual); when the block
+    ends without an error they are written to the storage, in one transaction on Optuna's RDB
+    storage (:func:`write_params`) instead of one per parameter. If that write fails, the
+    parameters stay pending and the next block on the same trial writes them: retrying the
+    whole sampling through a database outage loses none (a trial answers a parameter it knows
+    without suggesting it again). Other trials (frozen, fixed, ...) are left alone."""
+    if not isinstance(trial, optuna.Trial):
+        yield
+        return
+    pending = _pending_params.setdefault(trial, [])
+    storage = trial.storage
+    trial.storage = _ParamRecorder(storage, pending)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trial.storage = storage
+    if pending:
+        write_params(storage, trial._trial_id, pending)
+        pending.clear()
+
+
+def write_params(storage: BaseStorage, trial_id: int, params: Sequence[_PendingParam]) -> None:
+    """Write a trial's parameters (name, internal value, distribution): on Optuna's cached RDB
+    storage in one transaction, with the checks and the distribution cache of its
+    ``set_trial_param``; on any other storage one ``set_trial_param`` at a time."""
+    if not _write_params_in_one_transaction(storage, trial_id, params):
+        for name, value, distribution in params:
+            storage.set_trial_param(trial_id, name, value, distribution)
+
+
+def _write_params_in_one_transaction(
+    storage: BaseStorage, trial_id: int, params: Sequence[_PendingParam]
+) -> bool:
+    """``_CachedStorage.set_trial_param`` for several parameters in one session, the trial
+    read and checked once (Optuna's internals, as in Optuna 5.0); False where they are not as
+    expected (the caller then writes one parameter at a time)."""
+    try:
+        from optuna.distributions import check_distribution_compatibility, distribution_to_json
+        from optuna.storages._cached_storage import _CachedStorage
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
+    except ImportError:
+        return False
+    backend = getattr(storage, "_backend", None)
+    if not (
+        isinstance(storage, _CachedStorage)
+        and isinstance(backend, RDBStorage)
+        and hasattr(backend, "_set_trial_param_without_commit")
+        and hasattr(models, "TrialParamModel")
+    ):
+        return False
+    with storage._lock:
+        study_id, _ = storage._trial_id_to_study_id_and_number[trial_id]
+        known = storage._studies[study_id].param_distribution
+        # The rows are inserted together when the session commits.
+        scoped = _create_scoped_session(backend.scoped_session, True)
+        with scoped as session, session.no_autoflush:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            backend.check_trial_is_updatable(trial_id, trial.state)
+            for name, value, distribution in params:
+                previous = known.get(name)
+                if previous is None:  # the study's first: Optuna looks for an earlier one
+                    backend._set_trial_param_without_commit(
+                        session, trial_id, name, value, distribution
+                    )
+                    continue
+                check_distribution_compatibility(previous, distribution)
+                session.add(
+                    models.TrialParamModel(
+                        trial_id=trial_id,
+                        param_name=name,
+                        param_value=value,
+                        distribution_json=distribution_to_json(distribution),
+                    )
+                )
+        for name, _, distribution in params:
+            known.setdefault(name, distribution)
+    return True
+
+
+def created_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """``optuna.Trial(study, trial_id)`` for a trial that this process has just created with
+    ``study._storage.create_new_trial`` (no template): the Trial starts from the storage's own
+    copy of what it created (running, nothing recorded yet) instead of reading it back (six
+    queries on Optuna's RDB storage). Where that copy is not at hand (another storage, other
+    Optuna internals) the trial is read as usual."""
+    storage = study._storage
+    created = _created_frozen_trial(storage, trial_id)
+    if created is None:
+        return optuna.Trial(study, trial_id)
+    study._storage = _KnownTrial(storage, created)  # type: ignore[assignment]
+    try:
+        trial = optuna.Trial(study, trial_id)
+    finally:
+        study._storage = storage
+    trial.storage = storage
+    return trial
+
+
+def _created_frozen_trial(storage: BaseStorage, trial_id: int) -> FrozenTrial | None:
+    """A copy of the trial that Optuna's cached storage keeps since it created it, if it is
+    still as created (running, no parameters, attributes or values); else None."""
+    try:
+        study_id, number = storage._trial_id_to_study_id_and_number[trial_id]  # type: ignore[attr-defined]
+        created = storage._studies[study_id].trials[number]  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    fresh = (
+        isinstance(created, optuna.trial.FrozenTrial)
+        and created._trial_id == trial_id
+        and created.state == optuna.trial.TrialState.RUNNING
+        and not (created.params or created.user_attrs or created.system_attrs)
+        and not (created.values or created.intermediate_values)
+    )
+    return copy.deepcopy(created) if fresh else None
+
+
+class _KnownTrial:
+    """A storage that answers ``get_trial`` for one trial from a copy; all else goes through."""
+
+    def __init__(self, storage: BaseStorage, trial: FrozenTrial) -> None:
+        self._storage = storage
+        self._trial = trial
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if trial_id == self._trial._trial_id:
+            return self._trial
+        return self._storage.get_trial(trial_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+def tell_trial(
+    study: optuna.Study,
+    trial: optuna.Trial | int,
+    values: Sequence[float] | None = None,
+    state: optuna.trial.TrialState | None = None,
+) -> None:
+    """``study.tell(trial, values, state, skip_if_finished=True)`` without reading the told
+    trial back from the storage for a return value nobody uses (Optuna's own tell, less its
+    last read, where its internals are as expected)."""
+    try:
+        from optuna.study._tell import _tell_with_warning
+    except ImportError:
+        study.tell(trial, values, state=state, skip_if_finished=True)
+        return
+    _tell_with_warning(study, trial, values, state, skip_if_finished=True)
 
 
 def retry_trial(study: optuna.Study, previous: FrozenTrial) -> optuna.Trial:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from optuna.trial import TrialState
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from support import wait_until
 
 from search.db import Database
@@ -28,7 +29,7 @@ from search.searches import create_search
 from search.space import Architecture
 from search.spec import SearchSpec
 from search.study import load_study
-from workers.worker import Worker, WorkerOptions, dry_run_figures
+from workers.worker import STOPPED_REASON, Worker, WorkerOptions, claim_trial, dry_run_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -122,6 +123,61 @@ def test_dry_run_records_made_up_metrics_without_training(any_db: Database) -> N
         accuracy, figures = dry_run_figures(Architecture.from_dict(row.architecture))
         assert row.val_accuracy == accuracy and row.params == figures["params"]
         assert row.learning_curve == [] and row.wall_time_s == 0.0
+
+
+def test_dry_run_seconds_hold_each_trial_and_a_stop_hands_it_back(sqlite_db: Database) -> None:
+    """``dry_run_seconds`` stands in for training: each trial holds its worker that long (a
+    sleep), and a stop meanwhile hands the trial back as at an epoch boundary."""
+    search = create_search(sqlite_db, _spec(3, sampler="random"))
+    options = WorkerOptions(
+        search_id=search.id, dry_run=True, dry_run_seconds=0.4, poll_interval_s=0.05
+    )
+    started = time.perf_counter()
+    assert Worker(options).run() == 0
+    assert time.perf_counter() - started >= 3 * 0.4
+    rows = _assert_completed_exactly(sqlite_db, search.id, 3)
+    assert all(r.wall_time_s == 0.4 for r in rows)
+
+    stopped = create_search(sqlite_db, _spec(2, sampler="random"))
+    options = WorkerOptions(
+        search_id=stopped.id, dry_run=True, dry_run_seconds=60, poll_interval_s=0.05
+    )
+    worker = Worker(options)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_until(lambda: _rows(sqlite_db, stopped.id), "a claimed trial", timeout=TIMEOUT_S)
+    worker.stopping.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    [row] = _rows(sqlite_db, stopped.id)
+    assert row.state == ResultState.requeued and row.failure_reason.startswith(STOPPED_REASON)
+    trial = load_study(sqlite_db, _search(sqlite_db, stopped.id)).trials[row.optuna_number]
+    assert trial.state == TrialState.FAIL
+
+
+def test_a_claim_completes_a_finished_search_and_records_the_worker(any_db: Database) -> None:
+    """No completion check follows a trial: the next claim, of any search, completes a search
+    whose slots are all claimed and none running, and writes the worker's row in passing."""
+    done = create_search(any_db, _spec(1, name="done", sampler="random"))
+    other = create_search(any_db, _spec(5, name="other", sampler="random"))
+    seen = {"id": "w", "host": "h", "device": "cpu"}
+    first = claim_trial(any_db, "w", "cpu", done.id, seen=seen)
+    assert first is not None and first.number == 0
+    with any_db.session() as session:
+        worker = session.get(WorkerSeen, "w")
+        assert (worker.current_search_id, worker.current_trial) == (done.id, 0)
+        session.execute(
+            update(TrialResult)
+            .where(TrialResult.id == first.row_id)
+            .values(state=ResultState.completed)
+        )
+    assert _search(any_db, done.id).state == SearchState.running
+    claim = claim_trial(any_db, "w", "cpu", seen=seen)
+    assert claim is not None and claim.search_id == other.id
+    assert _search(any_db, done.id).state == SearchState.completed
+    with any_db.session() as session:
+        worker = session.get(WorkerSeen, "w")
+        assert (worker.current_search_id, worker.current_trial) == (other.id, 0)
 
 
 # -- many workers ---------------------------------------------------------------------------

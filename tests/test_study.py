@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
+import search.study as study_module
 from search.db import Database
 from search.records import ResultState, Search, TrialResult
 from search.searches import create_search
@@ -31,6 +35,7 @@ from search.study import (
     promoted,
     retry_trial,
     set_constraint,
+    tell_trial,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -189,6 +194,81 @@ def test_retry_trial_has_the_same_params_and_attrs(db: Database) -> None:
         assert again.number != previous.number
         assert again.params == previous.params and again.user_attrs == previous.user_attrs
         assert architecture_for(again, spec) == drawn[number]
+
+
+def _count_statements(db: Database) -> Counter[str]:
+    """Commits and parameter inserts on Optuna's storage engine, from now on (for the test)."""
+    counts: Counter[str] = Counter()
+    engine = db.rdb_storage().engine
+
+    @event.listens_for(engine, "commit")
+    def commit(_connection: Any) -> None:
+        counts["commit"] += 1
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def statement(_c: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        if sql.startswith("INSERT INTO trial_params"):
+            counts["param inserts"] += 1
+
+    return counts
+
+
+def test_sampled_parameters_are_written_in_one_transaction(any_db: Database) -> None:
+    db = any_db
+    spec = _spec(sampler="random", budget={"trials": 1})
+    search = create_search(db, spec)
+    study = load_study(db, search, seed_offset=1)
+    tell_trial(study, study.ask(), state=TrialState.FAIL)  # the reference
+    counts = _count_statements(db)
+    for _ in range(2):  # the study's first parameters, then known distributions
+        counts.clear()
+        trial = study.ask()
+        counts.clear()
+        architecture, reference = architecture_for(trial, spec)
+        assert reference is None and len(trial.params) >= 4
+        assert counts["commit"] == 1
+        if not db.is_sqlite:  # one statement (SQLite's are in-process: one per row)
+            assert counts["param inserts"] == 1
+        stored = frozen_trial(load_study(db, search), trial.number)
+        assert stored.params == trial.params and stored.distributions == trial.distributions
+        assert spec.space.sample(stored, spec.backbone) == architecture
+        tell_trial(study, trial, [0.5, 1.0])
+    told = frozen_trial(load_study(db, search), trial.number)
+    assert told.state == TrialState.COMPLETE and told.values == [0.5, 1.0]
+
+
+def test_parameters_whose_write_failed_are_written_by_the_retry(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampling retried through a database outage writes what the failed one drew."""
+    spec = _spec(sampler="random", budget={"trials": 1})
+    search = create_search(db, spec)
+    study = load_study(db, search, seed_offset=2)
+    tell_trial(study, study.ask(), state=TrialState.FAIL)  # the reference
+    trial = study.ask()
+    write = study_module._write_params_in_one_transaction
+
+    def outage(*_args: Any) -> bool:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(study_module, "_write_params_in_one_transaction", outage)
+    with pytest.raises(OperationalError):
+        architecture_for(trial, spec)
+    assert frozen_trial(load_study(db, search), trial.number).params == {}
+    monkeypatch.setattr(study_module, "_write_params_in_one_transaction", write)
+    architecture, _ = architecture_for(trial, spec)
+    stored = frozen_trial(load_study(db, search), trial.number)
+    assert stored.params == trial.params
+    assert spec.space.sample(stored, spec.backbone) == architecture
+
+
+def test_parameters_on_other_storages_are_written_one_by_one() -> None:
+    spec = _spec(sampler="random")
+    study = optuna.create_study(sampler=make_sampler(spec))
+    trial = study.ask()
+    architecture, _ = architecture_for(trial, spec)
+    assert study.trials[0].params == trial.params and len(trial.params) >= 4
+    assert spec.space.sample(study.trials[0], spec.backbone) == architecture
 
 
 # -- early stopping --------------------------------------------------------------------------

@@ -11,11 +11,13 @@ retries are bounded by ``budget.max_retries`` (hand-backs by a signal do not cou
 searches with work, a worker takes the one with the fewest trials in flight relative to its budget.
 
 Liveness. Each trial row's ``heartbeat_at`` is refreshed every ``heartbeat_interval_s`` by a
-background thread and at every epoch. Any worker sweeps rows whose heartbeat is older than its
-``grace_period_s``: the attempt is requeued ("worker lost"), its Optuna trial failed, and the slot
-runs again. A worker that finds its own row swept stops that trial. SIGTERM/SIGINT stop training
-at the next epoch boundary, hand the trial back at once (requeued, "worker stopped") and end the
-worker with status 0. A cancelled search is noticed at the next epoch boundary.
+background thread and at every epoch; the worker's own row (``workers``) is written with each claim
+and by that thread. Any worker looking for work sweeps (at most every quarter of its grace period,
+and at most 5 s apart) rows whose heartbeat is older than its ``grace_period_s``: the attempt is
+requeued ("worker lost"), its Optuna trial failed, and the slot runs again. A worker that finds its
+own row swept stops that trial. SIGTERM/SIGINT stop training at the next epoch boundary, hand the
+trial back at once (requeued, "worker stopped") and end the worker with status 0. A cancelled
+search is noticed at the next epoch boundary.
 
 Database outages (a restart, a failover). During a trial every read and write of the database
 is retried through transient errors with backoff (:meth:`search.db.Database.retrying`) for up
@@ -32,12 +34,20 @@ heartbeat interval plus a second; a worker cut off from a database that others s
 swept as a dead one is.
 
 A search is completed, in one conditional update, once every slot is claimed (or its wall-clock
-budget has passed), no trial is running and no retry is pending.
+budget has passed), no trial is running and no retry is pending: by the next claim of any worker
+that reads it so (the worker that ran its last trial, at the latest), or by a worker that stops.
 
-Dry runs (``WorkerOptions.dry_run``, ``cbam-nas worker --dry-run``) go through exactly this
-path (claim, ask, row updates, tell, completion) but record made-up metrics instead of loading
-data, measuring and training (:func:`dry_run_figures`), and store no artifacts: load tests and
-``benchmarks/coordination.py`` use them.
+Per trial, coordination costs a claim (one transaction: the searches read, the slot claimed,
+the trial-result row inserted, the worker's row written), Optuna's ask (the references are
+taken from the study's queue until a worker finds it empty; then new trials only), the sampled
+parameters written in one transaction (:func:`search.study.params_written_at_once`), the
+architecture written to the row, Optuna's tell, and one update closing the row with its figures.
+
+Dry runs (``WorkerOptions.dry_run``, ``cbam-nas worker --dry-run``) go through exactly this path
+(claim, ask, row updates, tell, completion) but record made-up metrics instead of loading data,
+measuring and training (:func:`dry_run_figures`), after ``WorkerOptions.dry_run_seconds`` of sleep
+in place of training, and store no artifacts: load tests and ``benchmarks/coordination.py`` use
+them.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,7 +76,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from search.artifacts import ARTIFACT_FILES, SAMPLES_FILE, artifact_store
 from search.attention_maps import NORMALISATION
@@ -88,6 +99,7 @@ from search.study import (
     EpochContext,
     architecture_for,
     constraint_value,
+    created_trial,
     early_stopping_policy,
     frozen_trial,
     load_study,
@@ -95,6 +107,7 @@ from search.study import (
     objective_values,
     retry_trial,
     set_constraint,
+    tell_trial,
 )
 from workers.data import DatasetNotFound, DatasetTensors, StreamingData, load_dataset
 from workers.train import EpochReport, StopTraining, TrainResult, TrialFailed, train
@@ -121,6 +134,8 @@ _ACTIVE_SEARCH_STATES = (SearchState.queued, SearchState.running)
 _RETRY_STATES = (ResultState.requeued, ResultState.failed)
 # A dry run's made-up figures of the backbone without attention: params, MACs, latency in ms.
 DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
+SWEEP_INTERVAL_S = 5.0
+"""The longest time between two sweeps for lost trials of a worker looking for work."""
 
 
 @dataclass
@@ -145,6 +160,9 @@ class WorkerOptions:
     """Coordination only: claim, ask and tell with made-up metrics (:func:`dry_run_figures`)
     without loading data, measuring or training; no artifacts. For load tests and
     ``benchmarks/coordination.py``, never for a real search."""
+    dry_run_seconds: float = 0.0
+    """With ``dry_run``: how long each trial holds the worker in place of training (a sleep, no
+    CPU; heartbeats and signals as in training), so that workers stand in for GPU workers."""
 
 
 @dataclass
@@ -325,6 +343,14 @@ def _claim_retry(
 def _claim_slot(
     db: Database, search: Search, spec: SearchSpec, worker: str, device: str
 ) -> Claim | None:
+    with db.session() as session:
+        return _claim_slot_in(session, db, search, spec, worker, device)
+
+
+def _claim_slot_in(
+    session: Session, db: Database, search: Search, spec: SearchSpec, worker: str, device: str
+) -> Claim | None:
+    """Claim a new slot of ``search`` in ``session``'s transaction (see the module docstring)."""
     now = utcnow()
     claim = (
         update(Search)
@@ -341,27 +367,64 @@ def _claim_slot(
         )
         .execution_options(synchronize_session=False)
     )
-    with db.session() as session:
-        if db.engine.dialect.update_returning:  # PostgreSQL, SQLite >= 3.35: one round trip
-            claimed = session.scalar(claim.returning(Search.claimed))
-        else:
-            result = session.execute(claim)
-            claimed = None
-            if result.rowcount == 1:
-                claimed = session.scalar(select(Search.claimed).where(Search.id == search.id))
-        if claimed is None:
-            return None
-        number = claimed - 1
-        row = _new_row(search, number, 0, worker, device)
-        session.add(row)
-        session.flush()
-        return Claim(search.id, search.study_name, spec, row.id, number, 0)
+    if db.engine.dialect.update_returning:  # PostgreSQL, SQLite >= 3.35: one round trip
+        claimed = session.scalar(claim.returning(Search.claimed))
+    else:
+        result = session.execute(claim)
+        claimed = None
+        if result.rowcount == 1:
+            claimed = session.scalar(select(Search.claimed).where(Search.id == search.id))
+    if claimed is None:
+        return None
+    number = claimed - 1
+    row = _new_row(search, number, 0, worker, device)
+    session.add(row)
+    session.flush()
+    return Claim(search.id, search.study_name, spec, row.id, number, 0)
+
+
+def _seen_statement(db: Database, **values: Any) -> Any:
+    """One statement that inserts or updates a worker's liveness row (``values`` has its id)."""
+    if db.dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    statement = insert(WorkerSeen).values(**values)
+    return statement.on_conflict_do_update(
+        index_elements=[WorkerSeen.id],
+        set_={name: statement.excluded[name] for name in values if name != "id"},
+    )
+
+
+def _seen_values(seen: dict[str, Any], claim: Claim | None) -> dict[str, Any]:
+    return {
+        **seen,
+        "last_seen": utcnow(),
+        "current_search_id": claim.search_id if claim else None,
+        "current_trial": claim.number if claim else None,
+    }
 
 
 def claim_trial(
-    db: Database, worker: str, device: str, search_id: str | None = None
+    db: Database,
+    worker: str,
+    device: str,
+    search_id: str | None = None,
+    *,
+    seen: dict[str, Any] | None = None,
 ) -> Claim | None:
-    """Claim the next attempt of the fairest search with work left (see the module docstring)."""
+    """Claim the next attempt of the fairest search with work left (see the module docstring).
+
+    One transaction reads the active searches and their attempts in flight and claims a new
+    slot of the fairest search that has one, unless a search before it may have a retry
+    pending (or its wall-clock budget is gone): then, or when that claim loses a race, the
+    searches are gone through in order, one transaction per attempt. A search that looks
+    finished in what was read (every slot claimed or its wall-clock budget gone, nothing
+    running) is completed on the way (:func:`maybe_complete`), so that workers need no
+    completion check after each trial. With ``seen`` (the worker's ``id``, ``host`` and
+    ``device``) the worker's liveness row is written in that first transaction, naming the
+    claimed trial (or none)."""
+    tried: str | None = None
     with db.session() as session:
         query = select(Search).where(Search.state.in_(_ACTIVE_SEARCH_STATES))
         if search_id is not None:
@@ -375,27 +438,63 @@ def claim_trial(
             )
             .group_by(TrialResult.search_id, TrialResult.state)
         ).all()
-    in_flight = {s: n for s, state, n in counts if state == ResultState.running}
-    # Searches without a requeued or failed attempt have no retry to look for.
-    may_retry = {s for s, state, _ in counts if state in _RETRY_STATES}
+        in_flight = {s: n for s, state, n in counts if state == ResultState.running}
+        # Searches without a requeued or failed attempt have no retry to look for.
+        may_retry = {s for s, state, _ in counts if state in _RETRY_STATES}
 
-    def fairness(search: Search) -> tuple[float, float, float]:
-        budget = max(1, search.budget_trials)
-        return (in_flight.get(search.id, 0) / budget, search.claimed / budget, random.random())
+        def fairness(search: Search) -> tuple[float, float, float]:
+            budget = max(1, search.budget_trials)
+            return (in_flight.get(search.id, 0) / budget, search.claimed / budget, random.random())
 
-    for search in sorted(searches, key=fairness):
-        spec = SearchSpec.from_dict(search.spec)
-        if _deadline_passed(search, spec):
-            maybe_complete(db, search.id)
-            continue
+        ordered = [(search, SearchSpec.from_dict(search.spec)) for search in searches]
+        ordered.sort(key=lambda pair: fairness(pair[0]))
+        done = [
+            search.id
+            for search, spec in ordered
+            if search.state == SearchState.running
+            and not in_flight.get(search.id)
+            and (search.claimed >= search.budget_trials or _deadline_passed(search, spec))
+        ]
         claim = None
+        for search, spec in ordered:
+            if search.id in may_retry or _deadline_passed(search, spec):
+                break  # a retry or a completion to look at first: the loop below
+            if search.claimed < search.budget_trials:
+                tried = search.id
+                claim = _claim_slot_in(session, db, search, spec, worker, device)
+                break
+        if seen is not None:
+            session.execute(_seen_statement(db, **_seen_values(seen, claim)))
+    completed = set()
+    for finished in done:
+        try:
+            if maybe_complete(db, finished):
+                completed.add(finished)
+        except Exception as exc:
+            if claim is None or not is_transient(exc):
+                raise
+            break  # keep the claim: a later claim completes the search
+    if claim is not None:
+        return claim
+    for search, spec in ordered:
+        if search.id in completed:
+            continue
+        if _deadline_passed(search, spec):
+            if search.id not in done:
+                maybe_complete(db, search.id)
+            continue
         if search.id in may_retry:
             claim = _claim_retry(db, search, spec, worker, device)
-        claim = claim or _claim_slot(db, search, spec, worker, device)
+        if claim is None and search.id != tried:
+            claim = _claim_slot(db, search, spec, worker, device)
         if claim is not None:
+            if seen is not None:
+                with db.session() as session:
+                    session.execute(_seen_statement(db, **_seen_values(seen, claim)))
             return claim
         # Nothing to claim: the search may be over (e.g. its last lost trial is out of retries).
-        maybe_complete(db, search.id)
+        if search.id not in done:
+            maybe_complete(db, search.id)
     return None
 
 
@@ -448,6 +547,41 @@ def sweep_lost(db: Database, grace_period_s: float) -> list[int]:
             tell_failed(db, study_name, optuna_number)
             swept.append(row_id)
     return swept
+
+
+def sweep_interval_s(grace_period_s: float) -> float:
+    """How often a worker looking for work sweeps for lost trials: a quarter of the grace
+    period, at most :data:`SWEEP_INTERVAL_S`; a lost trial is requeued within its grace period
+    plus this."""
+    return min(grace_period_s / 4, SWEEP_INTERVAL_S)
+
+
+def _close_row(db: Database, row_id: int, **values: Any) -> TrialResult | None:
+    """Set columns of a running trial-result row (its final state and figures) and return what
+    the trial's log line shows (label, accuracy, params %, epochs), one round trip where the
+    database returns updated rows; None when the row was no longer running (swept)."""
+    statement = (
+        update(TrialResult)
+        .where(TrialResult.id == row_id, TrialResult.state == ResultState.running)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    with db.session() as session:
+        if db.engine.dialect.update_returning:
+            shown = session.execute(statement.returning(*_SHOWN)).first()
+            return None if shown is None else TrialResult(**shown._asdict())
+        if session.execute(statement).rowcount != 1:
+            return None
+        return session.get(TrialResult, row_id)
+
+
+# The trial-result columns of a trial's log line (_close_row).
+_SHOWN = (
+    TrialResult.label,
+    TrialResult.val_accuracy,
+    TrialResult.params_pct,
+    TrialResult.epochs_run,
+)
 
 
 def _update_row(
@@ -700,6 +834,13 @@ class Worker:
         # study name -> the Study this worker asks and tells: Optuna's cached storage inside it
         # keeps the finished trials, so that an ask reads only the new and unfinished ones.
         self._studies: dict[str, optuna.Study] = {}
+        # Studies whose queue of enqueued trials (the references) this worker found empty: they
+        # are enqueued when the study is created, before its search can be claimed, so an ask
+        # need not look there again (see _ask).
+        self._drained: set[str] = set()
+        # The worker's liveness row (its id, host and device), written with each claim.
+        self._identity = {"id": self.name, "host": socket.gethostname(), "device": self.device}
+        self._swept_at: float | None = None
 
     # -- bookkeeping --
 
@@ -709,16 +850,7 @@ class Worker:
 
         def write() -> None:
             with self.db.session() as session:
-                session.merge(
-                    WorkerSeen(
-                        id=self.name,
-                        host=socket.gethostname(),
-                        device=self.device,
-                        last_seen=utcnow(),
-                        current_search_id=claim.search_id if claim else None,
-                        current_trial=claim.number if claim else None,
-                    )
-                )
+                session.execute(_seen_statement(self.db, **_seen_values(self._identity, claim)))
 
         self.db.retrying(write, what="recording the worker") if retry else write()
 
@@ -749,9 +881,15 @@ class Worker:
 
         return self.db.retrying(read, what="reading the search")
 
-    def _row(self, row_id: int) -> TrialResult | None:
-        with self.db.session() as session:
-            return session.get(TrialResult, row_id)
+    def _sweep(self) -> None:
+        """:func:`sweep_lost`, at most once per :func:`sweep_interval_s` (lost trials wait a
+        grace period anyway), so that back-to-back trials do not each pay for it."""
+        now = time.monotonic()
+        interval = sweep_interval_s(self.options.grace_period_s)
+        if self._swept_at is not None and now - self._swept_at < interval:
+            return
+        sweep_lost(self.db, self.options.grace_period_s)
+        self._swept_at = now
 
     # -- the loop --
 
@@ -771,6 +909,7 @@ class Worker:
             self.device,
             " (dry run: made-up metrics, nothing trained)" if self.options.dry_run else "",
         )
+        last_search: str | None = None  # the search of the last trial, if no claim came since
         with self._signals(), _Progress(self.options.progress) as progress:
             while not self.stopping.is_set():
                 if (
@@ -779,9 +918,14 @@ class Worker:
                 ):
                     break
                 try:
-                    self.seen(retry=False)
-                    sweep_lost(self.db, self.options.grace_period_s)
-                    claim = claim_trial(self.db, self.name, self.device, self.options.search_id)
+                    self._sweep()
+                    claim = claim_trial(
+                        self.db,
+                        self.name,
+                        self.device,
+                        self.options.search_id,
+                        seen=self._identity,
+                    )
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
@@ -790,6 +934,7 @@ class Worker:
                     self.stopping.wait(self.options.poll_interval_s)
                     continue
                 self.db.outage.ok()
+                last_search = None
                 if claim is None:
                     if self.options.search_id is not None and self._search_finished():
                         break
@@ -811,7 +956,11 @@ class Worker:
                     self.db.close()
                     return 1
                 self.trials_run += 1
-                maybe_complete(self.db, claim.search_id)
+                # The next claim completes the search if this was its last trial (claim_trial);
+                # a worker that ends here does it now.
+                last_search = claim.search_id
+        if last_search is not None:
+            maybe_complete(self.db, last_search)
         self.seen()
         log.info("worker %s stopped after %d trials", self.name, self.trials_run)
         self.db.close()
@@ -821,7 +970,6 @@ class Worker:
         """Run one claimed attempt to its end; returns the row's final state (None if the row
         was taken from this worker)."""
         progress = progress or _Progress(False)
-        self.seen(claim)
         with _Heartbeat(self, claim):
             trial: optuna.Trial | None = None
             try:
@@ -859,7 +1007,8 @@ class Worker:
                 lambda: frozen_trial(study, claim.retry_of), what="reading a trial"
             )
             return self.db.retrying(lambda: retry_trial(study, previous), what="asking the study")
-        return _ask(self.db, study)
+        queue = claim.study_name not in self._drained
+        return _ask(self.db, study, queue=queue, drained=self._drained)
 
     def _data(self, spec: SearchSpec) -> DatasetTensors | StreamingData:
         try:
@@ -932,18 +1081,33 @@ class Worker:
     def _dry_run(
         self, claim: Claim, trial: optuna.Trial, architecture: Architecture
     ) -> ResultState | None:
-        """End a dry-run trial: made-up figures, written and told as a trained trial's are."""
+        """End a dry-run trial: made-up figures, written and told as a trained trial's are,
+        after ``dry_run_seconds`` in place of training (a signal meanwhile hands the trial back,
+        as at an epoch boundary)."""
+        seconds = self.options.dry_run_seconds
+        if seconds > 0 and self.stopping.wait(seconds):
+            return self._end(claim, trial, ResultState.requeued, f"{STOPPED_REASON} (signal)")
         accuracy, figures = dry_run_figures(architecture)
         constraint = constraint_value(claim.spec, figures)
         if constraint is not None:
             self.db.retrying(lambda: set_constraint(trial, constraint), what="telling a constraint")
             if constraint > 0:
-                _update_row(self.db, claim.row_id, **figures)
-                return self._end(claim, trial, ResultState.over_budget, None, TrialState.PRUNED)
-        metrics = {"val_accuracy": accuracy, "final_val_accuracy": accuracy, "wall_time_s": 0.0}
-        _update_row(self.db, claim.row_id, epochs_run=0, **figures, **metrics)
+                return self._end(
+                    claim, trial, ResultState.over_budget, None, TrialState.PRUNED, **figures
+                )
+        metrics = {"val_accuracy": accuracy, "final_val_accuracy": accuracy}
         values = objective_values(claim.spec, accuracy, figures)
-        return self._end(claim, trial, ResultState.completed, None, values=values)
+        return self._end(
+            claim,
+            trial,
+            ResultState.completed,
+            None,
+            values=values,
+            epochs_run=0,
+            wall_time_s=seconds,
+            **figures,
+            **metrics,
+        )
 
     def _on_epoch(
         self, claim: Claim, trial: optuna.Trial, reference: str | None, progress: _Progress
@@ -1024,8 +1188,7 @@ class Worker:
         if result.stopped == "cancelled":
             return self._end(claim, trial, ResultState.failed, CANCELLED_REASON)
         if result.stopped == "pruned":
-            _update_row(self.db, claim.row_id, **common)
-            return self._end(claim, trial, ResultState.pruned, None, TrialState.PRUNED)
+            return self._end(claim, trial, ResultState.pruned, None, TrialState.PRUNED, **common)
         if self._store is None:
             self._store = artifact_store(self.settings, self.options.artifacts_dir)
         samples = None
@@ -1038,8 +1201,9 @@ class Worker:
             self._store, trial, architecture, result, overhead, samples, db=self.db
         )
         values = objective_values(claim.spec, result.best_val_accuracy, overhead.to_dict())
-        _update_row(self.db, claim.row_id, artifacts=artifacts, **common)
-        return self._end(claim, trial, ResultState.completed, None, values=values)
+        return self._end(
+            claim, trial, ResultState.completed, None, values=values, artifacts=artifacts, **common
+        )
 
     def _end(
         self,
@@ -1049,26 +1213,29 @@ class Worker:
         reason: str | None,
         optuna_state: TrialState = TrialState.FAIL,
         values: list[float] | None = None,
+        **row_values: Any,
     ) -> ResultState | None:
-        """Tell the study and close the row (if it is still ours); log the trial's line."""
+        """Tell the study, then close the row (if it is still ours) with its final state and
+        ``row_values`` (the trial's figures) in one update; log the trial's line."""
         if trial is not None:
-            study = trial.study
             if values is not None:
-                tell = functools.partial(study.tell, trial, values, skip_if_finished=True)
+                tell = functools.partial(tell_trial, trial.study, trial, values)
             else:
-                tell = functools.partial(
-                    study.tell, trial, state=optuna_state, skip_if_finished=True
-                )
+                tell = functools.partial(tell_trial, trial.study, trial, state=optuna_state)
             self.db.retrying(tell, what="telling the study")
-        closed = _update_row(
-            self.db,
-            claim.row_id,
-            state=state,
-            failure_reason=reason,
-            finished_at=utcnow(),
+        finished_at = utcnow()
+        row = self.db.retrying(
+            lambda: _close_row(
+                self.db,
+                claim.row_id,
+                state=state,
+                failure_reason=reason,
+                finished_at=finished_at,
+                **row_values,
+            ),
+            what="updating a trial",
         )
-        row = self.db.retrying(lambda: self._row(claim.row_id), what="reading a trial")
-        if not closed or row is None:
+        if row is None:
             log.warning("%s was taken from this worker before it ended", claim.label)
             return None
         params_pct = "-" if row.params_pct is None else f"{row.params_pct:+.2f}%"
@@ -1086,24 +1253,42 @@ class Worker:
         return state
 
 
-def _ask(db: Database, study: optuna.Study) -> optuna.Trial:
+def _ask(
+    db: Database, study: optuna.Study, queue: bool = True, drained: set[str] | None = None
+) -> optuna.Trial:
     """``study.ask()`` in two steps, each retried through database outages: take an enqueued
     trial or create one, then build the Trial (the sampler's reads), so that an outage after the
-    first does not leave a second running trial behind when the whole ask is retried."""
+    first does not leave a second running trial behind when the whole ask is retried.
+
+    Without ``queue`` no enqueued trial is looked for (the study's queue was found empty
+    before, and trials are only enqueued when a study is created): that saves reading the
+    study's new trials, which only the queue needs (samplers read them when they need them).
+    ``drained`` gets the study's name when its queue is found empty."""
     pop = getattr(study, "_pop_waiting_trial_id", None)
     if pop is None:  # an Optuna without it: retry the whole ask
         return db.retrying(study.ask, what="asking the study")
 
+    created = False
+
     def take() -> int:
-        trial_id = pop()
+        nonlocal created
+        trial_id = pop() if queue else None
         if trial_id is None:
+            if queue and drained is not None:
+                drained.add(study.study_name)
             trial_id = study._storage.create_new_trial(study._study_id)
+            created = True
         return trial_id
 
-    with sqlite_ask_lock(db):
+    if queue:
+        with sqlite_ask_lock(db):
+            trial_id = db.retrying(take, what="asking the study")
+    else:
         trial_id = db.retrying(take, what="asking the study")
     with contextlib.suppress(AttributeError):
         study._thread_local.cached_all_trials = None  # as ask does: read the trials anew
+    if created:  # a new trial, not one from the queue: built without reading it back
+        return db.retrying(lambda: created_trial(study, trial_id), what="asking the study")
     return db.retrying(lambda: optuna.Trial(study, trial_id), what="asking the study")
 
 

@@ -178,6 +178,12 @@ def worker(
         "hash of the architecture) without loading data, measuring or training; no artifacts. "
         "For load tests and benchmarks/coordination.py: never on a real search.",
     ),
+    dry_run_seconds: float = typer.Option(
+        0.0,
+        "--dry-run-seconds",
+        min=0.0,
+        help="With --dry-run: seconds each trial holds the worker in place of training (a sleep).",
+    ),
 ) -> None:
     """Pull trials from the database and run them until stopped (SIGTERM/SIGINT: the current
     trial is handed back at the next epoch boundary). With --dry-run the trials are recorded
@@ -209,6 +215,7 @@ def worker(
         threads=threads,
         progress=on_terminal,
         dry_run=dry_run,
+        dry_run_seconds=dry_run_seconds,
     )
     try:
         status = Worker(options).run()
