@@ -11,6 +11,11 @@ ARG GPU_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
 FROM ${CPU_IMAGE} AS base-cpu
 ARG TORCH_SPEC="torch>=2.3 torchvision>=0.18"
 ARG TORCH_INDEX_URL=""
+# g++: CPU workers compile the CBAM CPU kernels on first use (search/cbam_cpu.py).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 # The torch build is the builder's choice (TORCH_SPEC), hence no pin here.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} ${TORCH_SPEC}

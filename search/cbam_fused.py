@@ -15,6 +15,12 @@ read+write passes over the feature map for forward+backward, most of them in the
 
 The k x k convolution over the 1-2 pooled maps is a banded matrix product (``_banded_conv``):
 oneDNN's convolution is slowest exactly there (one output channel, backward).
+
+On CPU, in float32/float64, the paper's arrangement (channel then spatial) with avg/max channel
+pooling and max & mean spatial pooling runs in hand-written kernels instead (``_cbam_cpu.cpp``,
+loaded by :mod:`search.cbam_cpu`): each sample is pooled, gated and differentiated while it sits
+in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead. Every
+other case (CUDA, half precision, other knobs, or no compiler) takes the torch-op path below.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from search import cbam_cpu
+
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from search.cbam import CBAM, ChannelGate, SpatialGate
 
 # Widths up to this use the banded-matrix convolution; wider maps use oneDNN's.
@@ -395,8 +405,118 @@ class Saved:
     spatial: _SpatialState | None = None
 
 
-def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor, Saved]:
+@dataclass
+class KernelSaved:
+    """What the compiled CPU kernels' forward keeps for their backward (all small but ``x``)."""
+
+    kernels: ModuleType
+    gate_c: Tensor  # A, (B, C)
+    pooled: Tensor  # (T, B, C)
+    hidden: Tensor  # MLP pre-activation, (T, B, hidden)
+    hw_argmax: Tensor  # (B, C) int32
+    maps: Tensor  # (B, 2, H, W)
+    c_argmax: Tensor  # (B, H*W) int32
+    conv_out: Tensor  # (B, 1, H, W)
+    bn_mean: Tensor | None
+    bn_invstd: Tensor | None
+    gate_s: Tensor  # S, (B, H*W)
+    bn_training: bool
+
+
+def _kernel_args(m: CBAM) -> tuple[list[Any], list[Any]]:
+    """The (module-dependent) leading and trailing arguments of the kernels' entry points."""
+    channel, spatial = m.channel_gate, m.spatial_gate
+    pools = channel.pool_types
+    avg = pools.index("avg") if "avg" in pools else -1
+    mx = pools.index("max") if "max" in pools else -1
+    bn = spatial.bn
+    bn_args = [None] * 4 if bn is None else [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return bn_args, [avg, mx, spatial.mean_first, bn is not None]
+
+
+def cpu_kernels_for(x: Tensor, m: CBAM) -> ModuleType | None:
+    """The compiled CPU kernels if they cover this input and module, else ``None``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if m.config.arrangement != "channel-spatial" or not cbam_cpu.enabled():
+        return None
+    channel, spatial = m.channel_gate, m.spatial_gate
+    if spatial.pool_conv is not None or not set(channel.pool_types) <= {"avg", "max"}:
+        return None
+    bn = spatial.bn
+    if bn is not None and (bn.momentum is None or (bn.running_mean is None and not bn.training)):
+        return None
+    if any(p.dtype != x.dtype or p.device != x.device for p in m.parameters()):
+        return None
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return cbam_cpu.kernels()
+
+
+def _kernel_forward(kernels: ModuleType, x: Tensor, m: CBAM) -> tuple[Tensor, KernelSaved]:
+    channel, spatial = m.channel_gate, m.spatial_gate
+    bn = spatial.bn
+    training = bn is not None and bn.training
+    if training and bn.running_mean is not None:
+        bn.num_batches_tracked.add_(1)
+    bn_args, flags = _kernel_args(m)
+    out, *state = kernels.forward(
+        x,
+        channel.fc1.weight.detach(),
+        channel.fc1.bias,
+        channel.fc2.weight.detach(),
+        channel.fc2.bias,
+        spatial.conv.weight.detach(),
+        *bn_args,
+        *flags,
+        training,
+        bn.momentum if bn is not None else 0.0,
+        bn.eps if bn is not None else 0.0,
+    )
+    return out, KernelSaved(kernels, *state, training)
+
+
+def _kernel_backward(
+    x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved
+) -> tuple[Tensor, dict[Tensor, Tensor]]:
+    channel, spatial = m.channel_gate, m.spatial_gate
+    bn = spatial.bn
+    bn_args, flags = _kernel_args(m)
+    dx, *grads = saved.kernels.backward(
+        g,
+        x,
+        saved.gate_c,
+        saved.gate_s,
+        saved.pooled,
+        saved.hidden,
+        saved.hw_argmax,
+        saved.maps,
+        saved.c_argmax,
+        saved.conv_out,
+        saved.bn_mean,
+        saved.bn_invstd,
+        channel.fc1.weight.detach(),
+        channel.fc1.bias is not None,
+        channel.fc2.weight.detach(),
+        channel.fc2.bias is not None,
+        spatial.conv.weight.detach(),
+        *bn_args,
+        *flags,
+        saved.bn_training,
+        bn.eps if bn is not None else 0.0,
+    )
+    params = [channel.fc1.weight, channel.fc1.bias, channel.fc2.weight, channel.fc2.bias]
+    params += [spatial.conv.weight] + ([bn.weight, bn.bias] if bn is not None else [None, None])
+    return dx, {p: d for p, d in zip(params, grads, strict=True) if p is not None}
+
+
+def fused_forward(
+    x: Tensor, m: CBAM, for_backward: bool = True
+) -> tuple[Tensor, Saved | KernelSaved]:
     """``out = x * A * S``; with ``for_backward=False`` (inference) no argmax is kept."""
+    kernels = cpu_kernels_for(x, m)
+    if kernels is not None:
+        return _kernel_forward(kernels, x, m)
     b, c, h, w = x.shape
     arrangement = m.config.arrangement
     saved = Saved()
@@ -421,13 +541,15 @@ def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor
 
 
 def fused_backward(
-    x: Tensor, g: Tensor, m: CBAM, saved: Saved
+    x: Tensor, g: Tensor, m: CBAM, saved: Saved | KernelSaved
 ) -> tuple[Tensor, dict[Tensor, Tensor]]:
     """dx and parameter gradients of ``out = x * A * S`` for the module's arrangement.
 
     Reductions over channels run as (1 x C) @ (C x HW) products, reductions over positions as
     sums of an in-place product; max pooling adds its gradient at the saved argmax offsets.
     """
+    if isinstance(saved, KernelSaved):
+        return _kernel_backward(x, g, m, saved)
     b, c, h, w = x.shape
     dt = x.dtype
     arrangement = m.config.arrangement

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
         default=False,
         description="Let callers without a token read (GET) searches and leaderboards.",
     )
+    cpu_kernels: bool = Field(
+        default=True,
+        description="Compile and use the hand-written C++ CBAM kernels on CPU (needs a C++ "
+        "compiler; about a minute once per machine); off: the torch-op path.",
+    )
+    kernel_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "cbam-nas",
+        description="Where the compiled CPU kernels are kept, per machine (not per state dir).",
+    )
 
     # Optional S3-compatible artifact store; artifacts stay in artifacts_dir when no bucket is set.
     s3_endpoint_url: str | None = None

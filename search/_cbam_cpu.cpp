@@ -1,0 +1,632 @@
+// Hand-written CPU kernels for CBAM's channel-then-spatial path (search/cbam_fused.py).
+//
+// Why a hand-written kernel: CBAM is memory-bound, and as torch ops even the fused autograd
+// function makes ~20 passes over the feature map plus ~60 small ops, transposing copies and
+// index searches. Here every sample's slice (C*H*W values, 64-256 KB at CIFAR sizes) is handled
+// while it sits in the core's L2 cache: forward reads x twice and writes out once, backward reads
+// g and x twice and writes dx once (re-reads within a sample come from cache). Only
+// BatchNorm(1) (its statistics span the whole batch), the sigmoid of the spatial logits and the
+// parameter-gradient products run as ATen ops between the per-sample loops. The k x k
+// convolution over the two pooled maps keeps output rows in SIMD registers across its taps.
+//
+// Supported: arrangement channel-spatial, channel pools avg and/or max (any order), spatial pool
+// max & mean (either order), any odd kernel, spatial BatchNorm or none, MLP bias or none, float32
+// and float64, NCHW-contiguous or channels_last input. Ties in a max go to the first index, as
+// in the torch path.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+struct Shape {
+  int64_t B, C, H, W, HW, T, Hd, K, pad, Hp, Wr, Ws;  // Wr, Ws: padded row strides
+  bool cl;  // channels_last: a sample is (HW, C) in memory, else (C, HW)
+};
+
+// One 64-byte SIMD register of T (GCC vector extension): the k x k convolution keeps a row
+// segment of its output in registers across all taps.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+constexpr int64_t lanes = 64 / sizeof(T);
+
+template <typename T>
+inline V<T> loadu(const T* p) {
+  V<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+Shape shape_of(const Tensor& x, const Tensor& fc1_w, const Tensor& conv_w, int64_t pools) {
+  Shape s{};
+  s.B = x.size(0);
+  s.C = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.HW = s.H * s.W;
+  s.T = pools;
+  s.Hd = fc1_w.size(0);
+  s.K = conv_w.size(-1);
+  s.pad = s.K / 2;
+  s.Hp = s.H + 2 * s.pad;
+  const int64_t n = x.scalar_type() == at::kDouble ? lanes<double> : lanes<float>;
+  s.Wr = (s.W + n - 1) / n * n;  // output rows, whole registers
+  s.Ws = s.Wr + s.K - 1;          // padded input rows: every tap's register load stays inside
+  s.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return s;
+}
+
+const Tensor& dense_like(const Tensor& t, const Tensor& like, Tensor& holder) {
+  // ``t`` in the memory order of ``like`` (contiguous or channels_last).
+  bool cl = !like.is_contiguous() && like.is_contiguous(at::MemoryFormat::ChannelsLast);
+  auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(fmt) && t.strides() == like.strides()) return t;
+  holder = t.contiguous(fmt);
+  if (holder.strides() != like.strides()) holder = at::empty_like(like).copy_(t);
+  return holder;
+}
+
+// Zero-padded copy of M (H, W) maps into (M, Hp, Ws) rows (p zeros before each row, zeros after).
+template <typename T>
+void pad_maps(const Shape& s, int64_t maps, const T* src, T* dst) {
+  std::fill(dst, dst + maps * s.Hp * s.Ws, T(0));
+  for (int64_t m = 0; m < maps; ++m)
+    for (int64_t h = 0; h < s.H; ++h)
+      std::copy(src + (m * s.H + h) * s.W, src + (m * s.H + h + 1) * s.W,
+                dst + (m * s.Hp + h + s.pad) * s.Ws + s.pad);
+}
+
+// out (H, W) = sum over maps of the k x k cross-correlation of padded input (M, Hp, Ws) with
+// weight (M, K, K). K is a template argument so that the tap loop unrolls.
+template <typename T, int K>
+void conv_rows_k(const Shape& s, const T* in, int64_t maps, const T* wt, T* out) {
+  constexpr int64_t N = lanes<T>;
+  T tail[N];
+  for (int64_t h = 0; h < s.H; ++h)
+    for (int64_t w0 = 0; w0 < s.Wr; w0 += N) {
+      V<T> acc = {};
+      for (int64_t m = 0; m < maps; ++m)
+        for (int i = 0; i < K; ++i) {
+          const T* row = in + (m * s.Hp + h + i) * s.Ws + w0;
+          const T* wr = wt + (m * K + i) * K;
+          for (int j = 0; j < K; ++j) acc += wr[j] * loadu(row + j);
+        }
+      const int64_t n = std::min(N, s.W - w0);
+      std::memcpy(tail, &acc, sizeof(acc));
+      std::copy(tail, tail + n, out + h * s.W + w0);
+    }
+}
+
+// d_weight (M, K, K) = sum_{h,w} padded maps (M, Hp, Ws)[m, h+i, w+j] * d_out (H, Wr)[h, w], with
+// d_out's columns past W zero.
+template <typename T, int K>
+void conv_weight_grad_k(const Shape& s, const T* in, int64_t maps, const T* d_out, T* d_wt) {
+  constexpr int64_t N = lanes<T>;
+  T tail[N];
+  for (int64_t m = 0; m < maps; ++m)
+    for (int i = 0; i < K; ++i) {
+      V<T> acc[K] = {};
+      for (int64_t h = 0; h < s.H; ++h)
+        for (int64_t w0 = 0; w0 < s.Wr; w0 += N) {
+          const V<T> d = loadu(d_out + h * s.Wr + w0);
+          const T* row = in + (m * s.Hp + h + i) * s.Ws + w0;
+          for (int j = 0; j < K; ++j) acc[j] += loadu(row + j) * d;
+        }
+      for (int j = 0; j < K; ++j) {
+        std::memcpy(tail, &acc[j], sizeof(acc[j]));
+        T total = 0;
+        for (int64_t l = 0; l < N; ++l) total += tail[l];
+        d_wt[(m * K + i) * K + j] = total;
+      }
+    }
+}
+
+#define CBAM_DISPATCH_K(K, CALL) \
+  switch (K) {                   \
+    case 1: CALL(1); break;      \
+    case 3: CALL(3); break;      \
+    case 5: CALL(5); break;      \
+    case 7: CALL(7); break;      \
+    default: CALL(9); break;     \
+  }
+
+template <typename T>
+void conv_rows(const Shape& s, const T* in, int64_t maps, const T* wt, T* out) {
+#define CBAM_CALL(k) conv_rows_k<T, k>(s, in, maps, wt, out)
+  CBAM_DISPATCH_K(s.K, CBAM_CALL)
+#undef CBAM_CALL
+}
+
+template <typename T>
+void conv_weight_grad(const Shape& s, const T* in, int64_t maps, const T* d_out, T* d_wt) {
+#define CBAM_CALL(k) conv_weight_grad_k<T, k>(s, in, maps, d_out, d_wt)
+  CBAM_DISPATCH_K(s.K, CBAM_CALL)
+#undef CBAM_CALL
+}
+
+// Sum, max and first index of the max of v[i] = row[i] * scale[i] (scale may be null: 1): a
+// vectorised reduction, then a search for the max in blocks of 16 (the row is in L1 by then).
+template <typename T>
+inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max, int64_t& arg) {
+  T s = 0, m = -std::numeric_limits<T>::infinity();
+  if (scale) {
+#pragma omp simd reduction(+ : s) reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = row[i] * scale[i];
+      s += v;
+      m = v > m ? v : m;
+    }
+  } else {
+#pragma omp simd reduction(+ : s) reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) {
+      s += row[i];
+      m = row[i] > m ? row[i] : m;
+    }
+  }
+  constexpr int64_t L = 16;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    int hit = 0;
+    if (scale) {
+#pragma omp simd reduction(| : hit)
+      for (int64_t l = i; l < i + L; ++l) hit |= row[l] * scale[l] == m;
+    } else {
+#pragma omp simd reduction(| : hit)
+      for (int64_t l = i; l < i + L; ++l) hit |= row[l] == m;
+    }
+    if (hit) break;
+  }
+  for (; i < n; ++i)
+    if ((scale ? row[i] * scale[i] : row[i]) == m) break;
+  sum = s;
+  max = m;
+  arg = i < n ? i : 0;
+}
+
+template <typename T>
+void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T* w2, const T* b2,
+                  const T* cw, int64_t avg_slot, int64_t max_slot, bool mean_first, T* pooled,
+                  T* hidden, T* gate_c, int32_t* hw_arg, T* maps, int32_t* c_arg, T* conv_out) {
+  const int64_t C = s.C, HW = s.HW, Hd = s.Hd, B = s.B;
+  const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(C), mx(C), act(Hd), smean(HW), smax(HW), padded(2 * s.Hp * s.Ws);
+    std::vector<int32_t> arg(C), sarg(HW);
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xs = x + b * C * HW;
+      // Channel pooling over H x W: sum, max and its first index.
+      if (!s.cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          int64_t i = 0;
+          sum_max_arg<T>(xs + c * HW, nullptr, HW, sum[c], mx[c], i);
+          arg[c] = static_cast<int32_t>(i);
+        }
+      } else {
+        std::fill(sum.begin(), sum.end(), T(0));
+        std::fill(mx.begin(), mx.end(), neg_inf);
+        std::fill(arg.begin(), arg.end(), 0);
+        T* sp = sum.data();
+        T* mp = mx.data();
+        int32_t* ap = arg.data();
+        for (int64_t i = 0; i < HW; ++i) {
+          const T* row = xs + i * C;
+          const int32_t ii = static_cast<int32_t>(i);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T v = row[c];
+            sp[c] += v;
+            const bool gt = v > mp[c];
+            mp[c] = gt ? v : mp[c];
+            ap[c] = gt ? ii : ap[c];
+          }
+        }
+      }
+      // Shared MLP on each descriptor, summed, sigmoid.
+      std::fill(act.begin(), act.end(), T(0));
+      for (int64_t t = 0; t < s.T; ++t) {
+        T* pt = pooled + (t * B + b) * C;
+        if (t == avg_slot)
+          for (int64_t c = 0; c < C; ++c) pt[c] = sum[c] / static_cast<T>(HW);
+        else
+          for (int64_t c = 0; c < C; ++c) pt[c] = mx[c];
+        T* ht = hidden + (t * B + b) * Hd;
+        for (int64_t j = 0; j < Hd; ++j) {
+          T acc = b1 ? b1[j] : T(0);
+          const T* wj = w1 + j * C;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < C; ++c) acc += wj[c] * pt[c];
+          ht[j] = acc;
+          act[j] += acc > 0 ? acc : T(0);
+        }
+      }
+      if (max_slot >= 0)
+        for (int64_t c = 0; c < C; ++c) hw_arg[b * C + c] = arg[c];
+      T* a = gate_c + b * C;
+      for (int64_t c = 0; c < C; ++c) {
+        T acc = b2 ? b2[c] * static_cast<T>(s.T) : T(0);
+        const T* wc = w2 + c * Hd;
+        const T* ac = act.data();
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < Hd; ++j) acc += wc[j] * ac[j];
+        a[c] = sigmoid(acc);
+      }
+      // Spatial pooling across channels of y = x * A: max (first index) and mean.
+      int32_t* sa = c_arg + b * HW;
+      if (!s.cl) {
+        std::fill(smean.begin(), smean.end(), T(0));
+        std::fill(smax.begin(), smax.end(), neg_inf);
+        std::fill(sarg.begin(), sarg.end(), 0);
+        T* mp = smean.data();
+        T* xp = smax.data();
+        int32_t* ap = sarg.data();
+        for (int64_t c = 0; c < C; ++c) {
+          const T* row = xs + c * HW;
+          const T ac = a[c];
+          const int32_t cc = static_cast<int32_t>(c);
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const T v = row[i] * ac;
+            mp[i] += v;
+            const bool gt = v > xp[i];
+            xp[i] = gt ? v : xp[i];
+            ap[i] = gt ? cc : ap[i];
+          }
+        }
+        for (int64_t i = 0; i < HW; ++i) {
+          smean[i] /= static_cast<T>(C);
+          sa[i] = sarg[i];
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) {
+          T acc = 0;
+          int64_t c = 0;
+          sum_max_arg<T>(xs + i * C, a, C, acc, smax[i], c);
+          smean[i] = acc / static_cast<T>(C);
+          sa[i] = static_cast<int32_t>(c);
+        }
+      }
+      T* ms = maps + b * 2 * HW;
+      std::copy(smax.begin(), smax.end(), ms + max_ch * HW);
+      std::copy(smean.begin(), smean.end(), ms + mean_ch * HW);
+      // k x k convolution of the two maps (zero padding).
+      pad_maps(s, 2, ms, padded.data());
+      conv_rows(s, padded.data(), 2, cw, conv_out + b * HW);
+    }
+  });
+}
+
+template <typename T>
+void apply_impl(const Shape& s, const T* x, const T* gate_c, const T* gate_s, T* out) {
+  const int64_t C = s.C, HW = s.HW;
+  at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xs = x + b * C * HW;
+      T* os = out + b * C * HW;
+      const T* a = gate_c + b * C;
+      const T* sg = gate_s + b * HW;
+      if (!s.cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T ac = a[c];
+          const T* row = xs + c * HW;
+          T* o = os + c * HW;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) o[i] = row[i] * ac * sg[i];
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) {
+          const T si = sg[i];
+          const T* row = xs + i * C;
+          T* o = os + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = row[c] * a[c] * si;
+        }
+      }
+    }
+  });
+}
+
+// d(logits of S) = sigmoid'(.) * sum_c g * x * A.
+template <typename T>
+void spatial_grad_impl(const Shape& s, const T* g, const T* x, const T* gate_c, const T* gate_s,
+                       T* d_logits) {
+  const int64_t C = s.C, HW = s.HW;
+  at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xs = x + b * C * HW;
+      const T* gs = g + b * C * HW;
+      const T* a = gate_c + b * C;
+      const T* sg = gate_s + b * HW;
+      T* d = d_logits + b * HW;
+      if (!s.cl) {
+        std::fill(d, d + HW, T(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const T ac = a[c];
+          const T* xr = xs + c * HW;
+          const T* gr = gs + c * HW;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) d[i] += xr[i] * ac * gr[i];
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) {
+          const T* xr = xs + i * C;
+          const T* gr = gs + i * C;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < C; ++c) acc += xr[c] * a[c] * gr[c];
+          d[i] = acc;
+        }
+      }
+      for (int64_t i = 0; i < HW; ++i) d[i] *= (T(1) - sg[i]) * sg[i];
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, const T* gate_s,
+                   const T* hidden, const int32_t* hw_arg, const T* maps, const int32_t* c_arg,
+                   const T* d_conv, const T* w1, const T* w2, const T* cw, int64_t avg_slot,
+                   int64_t max_slot, bool mean_first, T* dx, T* d_logits_c, T* d_hidden,
+                   T* d_cw_part) {
+  const int64_t C = s.C, HW = s.HW, Hd = s.Hd, B = s.B, K = s.K;
+  const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
+  const int64_t plane = s.Hp * s.Ws;
+  std::vector<T> flipped(2 * K * K);  // d(maps) = the weight flipped in both axes over d(out)
+  for (int64_t m = 0; m < 2; ++m)
+    for (int64_t i = 0; i < K * K; ++i) flipped[m * K * K + i] = cw[m * K * K + K * K - 1 - i];
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(2 * plane), d_padded(plane), d_rows(s.H * s.Wr), d_mean(HW),
+        d_max(HW), d_a(C), d_act(Hd), d_pool(C), add(C);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xs = x + b * C * HW;
+      const T* gs = g + b * C * HW;
+      T* ds = dx + b * C * HW;
+      const T* a = gate_c + b * C;
+      const T* sg = gate_s + b * HW;
+      const T* dco = d_conv + b * HW;
+      const int32_t* sa = c_arg + b * HW;
+      // Convolution backward: d(maps) (the flipped kernel over padded d_out) and this sample's
+      // share of d(weight).
+      pad_maps(s, 2, maps + b * 2 * HW, padded.data());
+      pad_maps(s, 1, dco, d_padded.data());
+      std::fill(d_rows.begin(), d_rows.end(), T(0));
+      for (int64_t h = 0; h < s.H; ++h)
+        std::copy(dco + h * s.W, dco + (h + 1) * s.W, d_rows.data() + h * s.Wr);
+      conv_weight_grad(s, padded.data(), 2, d_rows.data(), d_cw_part + b * 2 * K * K);
+      conv_rows(s, d_padded.data(), 1, flipped.data() + max_ch * K * K, d_max.data());
+      conv_rows(s, d_padded.data(), 1, flipped.data() + mean_ch * K * K, d_mean.data());
+      for (int64_t i = 0; i < HW; ++i) d_mean[i] /= static_cast<T>(C);
+      // dy = g * S + d(mean) / C (+ d(max) at the argmax) into dx; dA = sum_hw x * dy.
+      const T* dm = d_mean.data();
+      if (!s.cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xr = xs + c * HW;
+          const T* gr = gs + c * HW;
+          T* dr = ds + c * HW;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < HW; ++i) {
+            const T v = gr[i] * sg[i] + dm[i];
+            dr[i] = v;
+            acc += xr[i] * v;
+          }
+          d_a[c] = acc;
+        }
+      } else {
+        std::fill(d_a.begin(), d_a.end(), T(0));
+        T* da = d_a.data();
+        for (int64_t i = 0; i < HW; ++i) {
+          const T* xr = xs + i * C;
+          const T* gr = gs + i * C;
+          T* dr = ds + i * C;
+          const T si = sg[i], mi = dm[i];
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T v = gr[c] * si + mi;
+            dr[c] = v;
+            da[c] += xr[c] * v;
+          }
+        }
+      }
+      const int64_t sc = s.cl ? 1 : HW, sp = s.cl ? C : 1;  // strides of c and hw in a sample
+      for (int64_t i = 0; i < HW; ++i) {
+        const int64_t c = sa[i], off = c * sc + i * sp;
+        ds[off] += d_max[i];
+        d_a[c] += xs[off] * d_max[i];
+      }
+      // MLP backward: d(logits) -> d(hidden) -> d(pooled).
+      T* dl = d_logits_c + b * C;
+      for (int64_t c = 0; c < C; ++c) dl[c] = d_a[c] * (T(1) - a[c]) * a[c];
+      for (int64_t j = 0; j < Hd; ++j) d_act[j] = 0;
+      T* da_ = d_act.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const T* wc = w2 + c * Hd;
+        const T dlc = dl[c];
+#pragma omp simd
+        for (int64_t j = 0; j < Hd; ++j) da_[j] += wc[j] * dlc;
+      }
+      std::fill(add.begin(), add.end(), T(0));
+      std::vector<T> max_term;
+      for (int64_t t = 0; t < s.T; ++t) {
+        const T* ht = hidden + (t * B + b) * Hd;
+        T* dh = d_hidden + (t * B + b) * Hd;
+        std::fill(d_pool.begin(), d_pool.end(), T(0));
+        for (int64_t j = 0; j < Hd; ++j) {
+          const T v = ht[j] > 0 ? d_act[j] : T(0);
+          dh[j] = v;
+          const T* wj = w1 + j * C;
+          T* dp = d_pool.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dp[c] += wj[c] * v;
+        }
+        if (t == avg_slot)
+          for (int64_t c = 0; c < C; ++c) add[c] = d_pool[c] / static_cast<T>(HW);
+        else
+          max_term = d_pool;
+      }
+      // dx = A * dy + d(avg) / HW (+ d(max) at the argmax).
+      if (!s.cl) {
+        for (int64_t c = 0; c < C; ++c) {
+          const T ac = a[c], ad = add[c];
+          T* dr = ds + c * HW;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) dr[i] = dr[i] * ac + ad;
+        }
+      } else {
+        const T* ad = add.data();
+        for (int64_t i = 0; i < HW; ++i) {
+          T* dr = ds + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dr[c] = dr[c] * a[c] + ad[c];
+        }
+      }
+      if (max_slot >= 0)
+        for (int64_t c = 0; c < C; ++c) ds[c * sc + hw_arg[b * C + c] * sp] += max_term[c];
+    }
+  });
+}
+
+void check_input(const Tensor& x, const Tensor& conv_w) {
+  TORCH_CHECK(conv_w.size(-1) <= 9 && conv_w.size(-1) % 2 == 1, "cbam_cpu: odd kernel <= 9");
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_cpu: a 4-d CPU tensor expected");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "cbam_cpu: contiguous or channels_last input expected");
+}
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->contiguous().data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// out, A, pooled, hidden, hw_argmax, maps, c_argmax, conv_out, bn_mean, bn_invstd, S
+std::vector<Tensor> forward(const Tensor& x, const Tensor& fc1_w, const OptTensor& fc1_b,
+                            const Tensor& fc2_w, const OptTensor& fc2_b, const Tensor& conv_w,
+                            const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& bn_rm,
+                            const OptTensor& bn_rv, int64_t avg_slot, int64_t max_slot,
+                            bool mean_first, bool has_bn, bool bn_training, double momentum,
+                            double eps) {
+  check_input(x, conv_w);
+  const int64_t pools = (avg_slot >= 0) + (max_slot >= 0);
+  const Shape s = shape_of(x, fc1_w, conv_w, pools);
+  auto opts = x.options();
+  Tensor gate_c = at::empty({s.B, s.C}, opts);
+  Tensor pooled = at::empty({s.T, s.B, s.C}, opts);
+  Tensor hidden = at::empty({s.T, s.B, s.Hd}, opts);
+  Tensor hw_arg = at::empty({s.B, s.C}, opts.dtype(at::kInt));
+  Tensor maps = at::empty({s.B, 2, s.H, s.W}, opts);
+  Tensor c_arg = at::empty({s.B, s.HW}, opts.dtype(at::kInt));
+  Tensor conv_out = at::empty({s.B, 1, s.H, s.W}, opts);
+  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
+    forward_impl<scalar_t>(s, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(),
+                           ptr_or_null<scalar_t>(fc1_b), w2.data_ptr<scalar_t>(),
+                           ptr_or_null<scalar_t>(fc2_b), cw.data_ptr<scalar_t>(), avg_slot,
+                           max_slot, mean_first, pooled.data_ptr<scalar_t>(),
+                           hidden.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
+                           hw_arg.data_ptr<int32_t>(), maps.data_ptr<scalar_t>(),
+                           c_arg.data_ptr<int32_t>(), conv_out.data_ptr<scalar_t>());
+  });
+  Tensor logits = conv_out, bn_mean, bn_invstd;
+  if (has_bn) {
+    if (bn_training) {
+      std::tie(logits, bn_mean, bn_invstd) =
+          at::native_batch_norm(conv_out, bn_w, bn_b, bn_rm, bn_rv, true, momentum, eps);
+    } else {
+      logits = at::batch_norm(conv_out, bn_w, bn_b, bn_rm, bn_rv, false, 0.0, eps, false);
+    }
+  }
+  Tensor gate_s = at::sigmoid(logits).reshape({s.B, s.HW}).contiguous();
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
+    apply_impl<scalar_t>(s, x.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
+                         gate_s.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  });
+  return {out, gate_c, pooled, hidden, hw_arg, maps, c_arg, conv_out, bn_mean, bn_invstd, gate_s};
+}
+
+// dx, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_conv_w, d_bn_w, d_bn_b (undefined where absent)
+std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& gate_c,
+                             const Tensor& gate_s, const Tensor& pooled, const Tensor& hidden,
+                             const Tensor& hw_arg, const Tensor& maps, const Tensor& c_arg,
+                             const Tensor& conv_out, const OptTensor& bn_mean,
+                             const OptTensor& bn_invstd, const Tensor& fc1_w, bool fc1_bias,
+                             const Tensor& fc2_w, bool fc2_bias, const Tensor& conv_w,
+                             const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& bn_rm,
+                             const OptTensor& bn_rv, int64_t avg_slot, int64_t max_slot,
+                             bool mean_first, bool has_bn, bool bn_training, double eps) {
+  check_input(x, conv_w);
+  Tensor holder;
+  const Tensor& g = dense_like(grad, x, holder);
+  const Shape s = shape_of(x, fc1_w, conv_w, pooled.size(0));
+  auto opts = x.options();
+  Tensor d_logits = at::empty({s.B, 1, s.H, s.W}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_grad", [&] {
+    spatial_grad_impl<scalar_t>(s, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                gate_c.data_ptr<scalar_t>(), gate_s.data_ptr<scalar_t>(),
+                                d_logits.data_ptr<scalar_t>());
+  });
+  Tensor d_conv = d_logits, d_bn_w, d_bn_b;
+  if (has_bn) {
+    bool wg = bn_w.has_value() && bn_w->defined();
+    bool bg = bn_b.has_value() && bn_b->defined();
+    std::tie(d_conv, d_bn_w, d_bn_b) = at::native_batch_norm_backward(
+        d_logits, conv_out, bn_w, bn_rm, bn_rv, bn_mean, bn_invstd, bn_training, eps,
+        {true, wg, bg});
+    d_conv = d_conv.contiguous();
+  }
+  Tensor dx = at::empty_like(x);
+  Tensor d_logits_c = at::empty({s.B, s.C}, opts);
+  Tensor d_hidden = at::empty({s.T, s.B, s.Hd}, opts);
+  Tensor d_cw_part = at::empty({s.B, 2 * s.K * s.K}, opts);
+  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_backward", [&] {
+    backward_impl<scalar_t>(
+        s, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
+        gate_s.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(), hw_arg.data_ptr<int32_t>(),
+        maps.data_ptr<scalar_t>(), c_arg.data_ptr<int32_t>(), d_conv.data_ptr<scalar_t>(),
+        w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), cw.data_ptr<scalar_t>(), avg_slot,
+        max_slot, mean_first, dx.data_ptr<scalar_t>(), d_logits_c.data_ptr<scalar_t>(),
+        d_hidden.data_ptr<scalar_t>(), d_cw_part.data_ptr<scalar_t>());
+  });
+  Tensor d_fc2_w = d_logits_c.t().mm(hidden.clamp_min(0).sum(0));
+  Tensor d_fc2_b = fc2_bias ? d_logits_c.sum(0).mul_(static_cast<double>(s.T)) : Tensor();
+  Tensor d_fc1_w = d_hidden.view({s.T * s.B, s.Hd}).t().mm(pooled.view({s.T * s.B, s.C}));
+  Tensor d_fc1_b = fc1_bias ? d_hidden.sum(at::IntArrayRef{0, 1}) : Tensor();
+  Tensor d_conv_w = d_cw_part.sum(0).view_as(conv_w);
+  return {dx, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_conv_w, d_bn_w, d_bn_b};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "CBAM channel-spatial forward (CPU)");
+  m.def("backward", &backward, "CBAM channel-spatial backward (CPU)");
+}

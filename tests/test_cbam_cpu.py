@@ -1,0 +1,178 @@
+"""The compiled CPU kernels of CBAM (search/_cbam_cpu.cpp) against the plain definition."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from search import cbam_cpu, cbam_fused
+from search.cbam import CBAM, CBAMConfig, reference_forward
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cbam_cpu.kernels()
+    if module is None:
+        reason = "the CBAM CPU kernels could not be built here (no compiler or headers)"
+        if os.environ.get("CI"):  # CI installs a compiler: a build failure there is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return module
+
+
+def _module(channels: int, config: CBAMConfig, train: bool, dtype: torch.dtype) -> CBAM:
+    torch.manual_seed(0)
+    module = CBAM(channels, config).to(dtype).train(train)
+    bn = module.spatial_gate.bn
+    if bn is not None:
+        torch.nn.init.normal_(bn.weight)
+        torch.nn.init.normal_(bn.bias)
+    return module
+
+
+def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor, forward) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    out = forward(module, x)
+    out.backward(grad)
+    return [
+        out.detach(),
+        x.grad,
+        *(p.grad for p in module.parameters()),
+        *module.buffers(),
+    ]
+
+
+CONFIGS = {
+    "paper": CBAMConfig(),
+    "timm": CBAMConfig.timm(),
+    "max-k9": CBAMConfig(pool_types=("max",), kernel_size=9),
+    "avg-k1-nobn": CBAMConfig(pool_types=("avg",), kernel_size=1, spatial_bn=False),
+    "max-avg-k3-nobias": CBAMConfig(pool_types=("max", "avg"), kernel_size=3, mlp_bias=False),
+    "k5-r2": CBAMConfig(kernel_size=5, reduction=2),
+}
+SHAPES = [(3, 16, 5, 7), (2, 8, 17, 40), (2, 4, 1, 1), (2, 20, 9, 70), (2, 32, 16, 16)]
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_float64_reference(kernels, config, shape) -> None:
+    for channels_last in (False, True):
+        for train in (True, False):
+            module = _module(shape[1], config, train, torch.float64)
+            ref = copy.deepcopy(module)
+            x = torch.randn(shape, dtype=torch.float64)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            assert cbam_fused.cpu_kernels_for(x, module) is kernels
+            grad = torch.randn(shape, dtype=torch.float64)
+            got = _run(module, x, grad, CBAM.__call__)
+            want = _run(ref, x, grad, reference_forward)
+            assert got[0].is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_kernels_agree_with_torch_path(kernels, monkeypatch) -> None:
+    shape = (8, 64, 12, 12)
+    x = torch.randn(shape)
+    grad = torch.randn(shape)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        module = _module(64, CBAMConfig(), True, torch.float32)
+        other = copy.deepcopy(module)
+        got = _run(module, xl, grad, CBAM.__call__)
+        monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+        assert cbam_fused.cpu_kernels_for(xl, other) is None
+        want = _run(other, xl, grad, CBAM.__call__)
+        monkeypatch.delenv("CBAM_NAS_CPU_KERNELS")
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_input_and_gradient(kernels) -> None:
+    module = _module(16, CBAMConfig(), True, torch.float64)
+    ref = copy.deepcopy(module)
+    base = torch.randn(3, 32, 9, 11, dtype=torch.float64)
+    x = base[:, ::2]  # neither contiguous nor channels_last
+    grad = torch.randn(3, 16, 11, 9, dtype=torch.float64).transpose(2, 3)  # an odd layout
+    for g, w in zip(
+        _run(module, x, grad, CBAM.__call__), _run(ref, x, grad, reference_forward), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        out = module(xl.requires_grad_())
+        out.backward(torch.ones(1, dtype=torch.float64).expand_as(out))  # a stride-0 gradient
+        want = torch.autograd.grad(reference_forward(ref, xl).sum(), xl)[0]
+        torch.testing.assert_close(xl.grad, want, rtol=1e-10, atol=1e-10)
+
+
+def test_ties_go_to_the_first_index_as_on_the_torch_path(kernels, monkeypatch) -> None:
+    module = _module(8, CBAMConfig(), True, torch.float64)
+    other = copy.deepcopy(module)
+    x = torch.ones(2, 8, 4, 4, dtype=torch.float64)  # every max is a tie
+    grad = torch.randn_like(x)
+    got = _run(module, x, grad, CBAM.__call__)
+    monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+    want = _run(other, x, grad, CBAM.__call__)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_other_cases_stay_on_the_torch_path(kernels) -> None:
+    x = torch.randn(2, 16, 6, 6)
+    assert cbam_fused.cpu_kernels_for(x, CBAM(16)) is kernels
+    for config in (
+        CBAMConfig(arrangement="parallel"),
+        CBAMConfig(pool_types=("avg", "lp")),
+        CBAMConfig(spatial_pool="conv"),
+    ):
+        assert cbam_fused.cpu_kernels_for(x, CBAM(16, config)) is None
+    assert cbam_fused.cpu_kernels_for(x.bfloat16(), CBAM(16).bfloat16()) is None
+    assert cbam_fused.cpu_kernels_for(x.double(), CBAM(16)) is None  # parameters in float32
+
+
+def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
+    def broken() -> None:
+        raise RuntimeError("Error building extension 'cbam_nas_cpu'\ng++: not found")
+
+    monkeypatch.setattr(cbam_cpu, "_build", broken)
+    monkeypatch.setattr(cbam_cpu, "_state", {})
+    module = _module(16, CBAMConfig(), True, torch.float64)
+    ref = copy.deepcopy(module)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    with caplog.at_level(logging.WARNING, logger="search.cbam_cpu"):
+        assert cbam_cpu.kernels() is None
+        got = _run(module, x, grad, CBAM.__call__)
+        _run(module, x, grad, CBAM.__call__)
+    warnings = [r for r in caplog.records if r.name == "search.cbam_cpu"]
+    assert len(warnings) == 1 and "g++: not found" in warnings[0].getMessage()
+    want = _run(ref, x, grad, reference_forward)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_environment_turns_the_kernels_off_and_names_the_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+    assert not cbam_cpu.enabled()
+    assert cbam_fused.cpu_kernels_for(torch.randn(2, 8, 4, 4), CBAM(8)) is None
+    monkeypatch.setenv("CBAM_NAS_KERNEL_CACHE_DIR", str(tmp_path))
+    assert cbam_cpu.cache_dir() == tmp_path
+    monkeypatch.delenv("CBAM_NAS_KERNEL_CACHE_DIR")
+    assert cbam_cpu.cache_dir() == Path.home() / ".cache" / "cbam-nas"
+    assert cbam_cpu._build_name().startswith("cbam_nas_cpu_")
+
+
+def test_torch_compile_still_traces_the_plain_definition(kernels) -> None:
+    module = _module(8, CBAMConfig(), False, torch.float32)
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compiled(x), module(x))
