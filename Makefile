@@ -21,7 +21,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
 .PHONY: $(STAMP)
 endif
 
-.PHONY: install demo test pytest lint format check-docker bench clean distclean
+.PHONY: install kernels demo test pytest lint format check-docker bench clean distclean
 
 install: $(STAMP)
 
@@ -36,12 +36,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # State lives in ./.cbam-nas; running it again resumes the same search (same spec, same key).
 DEMO_SPEC ?= examples/cluttered-digits.yaml
 DEMO_PORT ?= 8000
-demo: $(STAMP)
+# The CBAM CPU kernels, compiled once per machine (about a minute) before anything needs them.
+kernels: $(STAMP)
+	$(BIN)/python -m search.cbam_cpu
+
+demo: $(STAMP) kernels
 	$(BIN)/cbam-nas serve --port $(DEMO_PORT) --workers 1 --device cpu --submit $(DEMO_SPEC)
 
 test: lint check-docker pytest
 
-pytest: $(STAMP)
+pytest: $(STAMP) kernels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

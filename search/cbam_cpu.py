@@ -145,3 +145,17 @@ def reset() -> None:
     """Forget the loaded kernels (tests: re-evaluate :func:`enabled` and the build)."""
     with _lock:
         _state.clear()
+
+
+def main() -> None:
+    """``python -m search.cbam_cpu``: build (or find) the kernels now, and say which path runs."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = kernels()
+    if module is None:
+        print("CBAM CPU kernels: not available here; the torch-op path runs")
+    else:
+        print(f"CBAM CPU kernels: ready ({Path(module.__file__).parent})")
+
+
+if __name__ == "__main__":
+    main()
