@@ -173,7 +173,8 @@ void conv_weight_grad(const Shape& s, const T* in, int64_t maps, const T* d_out,
 }
 
 // Sum, max and first index of the max of v[i] = row[i] * scale[i] (scale may be null: 1): a
-// vectorised reduction, then a search for the max in blocks of 16 (the row is in L1 by then).
+// vectorised reduction, then a search for the max (the row is in L1 by then): one vectorised
+// min-index pass on short rows, else blocks of 16 with an early exit.
 template <typename T>
 inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max, int64_t& arg) {
   T s = 0, m = -std::numeric_limits<T>::infinity();
@@ -191,6 +192,24 @@ inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max,
       m = row[i] > m ? row[i] : m;
     }
   }
+  sum = s;
+  max = m;
+  if (n <= 256) {
+    // Short rows (8x8 and 16x16 maps, up to 256 channels): one vectorised pass for the smallest
+    // index holding the max beats a block search ending in a scalar loop (the whole forward at
+    // 64x256x8x8: 0.71 -> 0.46 ms). The index is 32-bit: as many SIMD lanes as the float compare.
+    const int32_t len = static_cast<int32_t>(n);
+    int32_t first = len;
+    if (scale) {
+#pragma omp simd reduction(min : first)
+      for (int32_t l = 0; l < len; ++l) first = row[l] * scale[l] == m && l < first ? l : first;
+    } else {
+#pragma omp simd reduction(min : first)
+      for (int32_t l = 0; l < len; ++l) first = row[l] == m && l < first ? l : first;
+    }
+    arg = first < len ? first : 0;
+    return;
+  }
   constexpr int64_t L = 16;
   int64_t i = 0;
   for (; i + L <= n; i += L) {
@@ -206,8 +225,6 @@ inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max,
   }
   for (; i < n; ++i)
     if ((scale ? row[i] * scale[i] : row[i]) == m) break;
-  sum = s;
-  max = m;
   arg = i < n ? i : 0;
 }
 

@@ -11,6 +11,7 @@ path. ``CBAM_NAS_CPU_KERNELS=0`` turns the kernels off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -37,14 +38,22 @@ _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
 
+@functools.cache
+def settings() -> Settings:
+    """The settings the kernels follow, read once per process: asked on every CBAM call, where
+    building a ``Settings`` (~0.4 ms) would cost more than the kernel itself. ``reset`` (or
+    ``settings.cache_clear()``) reads them again."""
+    return Settings()
+
+
 def enabled() -> bool:
     """Whether the kernels may be used at all (``CBAM_NAS_CPU_KERNELS=0`` says no)."""
-    return Settings().cpu_kernels
+    return settings().cpu_kernels
 
 
 def cache_dir() -> Path:
     """Where builds go: the settings' ``kernel_cache_dir``."""
-    return Settings().kernel_cache_dir
+    return settings().kernel_cache_dir
 
 
 def _cpu_fingerprint() -> str:
@@ -145,6 +154,7 @@ def reset() -> None:
     """Forget the loaded kernels (tests: re-evaluate :func:`enabled` and the build)."""
     with _lock:
         _state.clear()
+    settings.cache_clear()
 
 
 def main() -> None:

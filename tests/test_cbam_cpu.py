@@ -14,6 +14,23 @@ from search import cbam_cpu, cbam_fused
 from search.cbam import CBAM, CBAMConfig, reference_forward
 
 
+@pytest.fixture(autouse=True)
+def _settings_read_again():
+    """Each test sees the environment it sets (the kernels read their settings once)."""
+    cbam_cpu.settings.cache_clear()
+    yield
+    cbam_cpu.settings.cache_clear()
+
+
+def _switch(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Turn the kernels on or off as a user would, through the environment."""
+    if on:
+        monkeypatch.delenv("CBAM_NAS_CPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+    cbam_cpu.settings.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def kernels():
     module = cbam_cpu.kernels()
@@ -88,10 +105,10 @@ def test_float32_kernels_agree_with_torch_path(kernels, monkeypatch) -> None:
         module = _module(64, CBAMConfig(), True, torch.float32)
         other = copy.deepcopy(module)
         got = _run(module, xl, grad, CBAM.__call__)
-        monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+        _switch(monkeypatch, False)
         assert cbam_fused.cpu_kernels_for(xl, other) is None
         want = _run(other, xl, grad, CBAM.__call__)
-        monkeypatch.delenv("CBAM_NAS_CPU_KERNELS")
+        _switch(monkeypatch, True)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
@@ -114,13 +131,21 @@ def test_non_contiguous_input_and_gradient(kernels) -> None:
         torch.testing.assert_close(xl.grad, want, rtol=1e-10, atol=1e-10)
 
 
-def test_ties_go_to_the_first_index_as_on_the_torch_path(kernels, monkeypatch) -> None:
-    module = _module(8, CBAMConfig(), True, torch.float64)
+# Rows of up to 256 values search the max in one vectorised pass, longer ones in blocks.
+TIE_SHAPES = [(2, 8, 4, 4), (2, 8, 20, 20), (1, 300, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", TIE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_ties_go_to_the_first_index_as_on_the_torch_path(
+    kernels, monkeypatch, shape, layout
+) -> None:
+    module = _module(shape[1], CBAMConfig(), True, torch.float64)
     other = copy.deepcopy(module)
-    x = torch.ones(2, 8, 4, 4, dtype=torch.float64)  # every max is a tie
+    x = torch.ones(shape, dtype=torch.float64).contiguous(memory_format=layout)  # all max tie
     grad = torch.randn_like(x)
     got = _run(module, x, grad, CBAM.__call__)
-    monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+    _switch(monkeypatch, False)
     want = _run(other, x, grad, CBAM.__call__)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -161,12 +186,14 @@ def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
 
 
 def test_environment_turns_the_kernels_off_and_names_the_cache(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
+    _switch(monkeypatch, False)
     assert not cbam_cpu.enabled()
     assert cbam_fused.cpu_kernels_for(torch.randn(2, 8, 4, 4), CBAM(8)) is None
     monkeypatch.setenv("CBAM_NAS_KERNEL_CACHE_DIR", str(tmp_path))
+    cbam_cpu.settings.cache_clear()
     assert cbam_cpu.cache_dir() == tmp_path
     monkeypatch.delenv("CBAM_NAS_KERNEL_CACHE_DIR")
+    cbam_cpu.settings.cache_clear()
     assert cbam_cpu.cache_dir() == Path.home() / ".cache" / "cbam-nas"
     assert cbam_cpu._build_name().startswith("cbam_nas_cpu_")
 
