@@ -248,7 +248,14 @@ def test_two_searches_share_the_workers_fairly(any_db: Database, tmp_path: Path)
     first = create_search(any_db, _spec(budget, name="first", sampler="random"))
     second = create_search(any_db, _spec(budget, name="second", sampler="random"))
     log = tmp_path / "workers.log"
-    workers = [_spawn(log, f"w{i}", "--exit-when-idle", "--poll-interval", "0.1") for i in range(4)]
+    # Trials that last (0.2 s, as training would) make the trials in flight, not claim races
+    # between back-to-back no-op trials, decide which search a worker takes.
+    workers = [
+        _spawn(
+            log, f"w{i}", "--exit-when-idle", "--poll-interval", "0.1", "--dry-run-seconds", "0.2"
+        )
+        for i in range(4)
+    ]
     assert _exit_codes(workers, log) == [0] * 4, log.read_text()[-3000:]
 
     rows = [r for s in (first, second) for r in _assert_completed_exactly(any_db, s.id, budget)]
