@@ -59,7 +59,6 @@ import json
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,13 +71,11 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from sqlalchemy import func, insert, select
 
 from benchmarks._timing import machine
-from benchmarks.leaderboard_latency import Filled, populate, run, serve_ours, serve_peer
+from benchmarks.leaderboard_latency import Filled, populate, run, serve_peer, serving_ours
 from search.cached import CACHE, completed
 from search.db import Database
 from search.records import TrialResult, utcnow
-from search.settings import Settings
 from search.space import REFERENCE_NAMES
-from service.auth import create_token, revoke_token
 
 BROWSER_ARGS = [
     "--no-sandbox",
@@ -469,31 +466,20 @@ def benchmark(db: Database, tmp: Path, args: argparse.Namespace) -> dict[str, An
     start = time.perf_counter()
     filled = populate(db, args)
     populate_s = time.perf_counter() - start
-    token_name = f"bench-{uuid.uuid4().hex[:8]}"
-    token = create_token(db, token_name)
-    settings = Settings(
-        database_url=db.url,
-        artifacts_dir=tmp / "artifacts",
-        cache_dir=tmp / "cache",
-        max_trials_per_search=max(args.trials, 1000),
-    )
-    try:
-        with serve_ours(db, settings) as base, browser(args.chromium) as chromium:
-            browsing = Browsing(chromium, token)
-            start = time.perf_counter()
-            kinds = run_ours(browsing, db, base, filled.search_id, args)
-            ours_s = time.perf_counter() - start
-            start = time.perf_counter()
-            peer = None
-            if args.peer_loads:
-                try:
-                    peer = run_peer(browsing, db, filled, args)
-                except RuntimeError as error:  # ours still reported
-                    print(f"optuna-dashboard: {error}")
-            peer_s = time.perf_counter() - start
-            version = chromium.version
-    finally:
-        revoke_token(db, token_name)
+    with serving_ours(db, tmp, args.trials) as (base, token), browser(args.chromium) as chromium:
+        browsing = Browsing(chromium, token)
+        start = time.perf_counter()
+        kinds = run_ours(browsing, db, base, filled.search_id, args)
+        ours_s = time.perf_counter() - start
+        start = time.perf_counter()
+        peer = None
+        if args.peer_loads:
+            try:
+                peer = run_peer(browsing, db, filled, args)
+            except RuntimeError as error:  # ours still reported
+                print(f"optuna-dashboard: {error}")
+        peer_s = time.perf_counter() - start
+        version = chromium.version
     return {
         "filled": filled,
         "populate_s": populate_s,

@@ -743,6 +743,25 @@ def _check_answers(
     assert max(complete) == best, (max(complete), best)
 
 
+@contextlib.contextmanager
+def serving_ours(db: Database, tmp: Path, trials: int) -> Iterator[tuple[str, str]]:
+    """Our app (``serve_ours``) on the filled database, with a fresh API token: (its URL, the
+    token). The token is revoked afterwards."""
+    token_name = f"bench-{uuid.uuid4().hex[:8]}"
+    token = create_token(db, token_name)
+    settings = Settings(
+        database_url=db.url,
+        artifacts_dir=tmp / "artifacts",
+        cache_dir=tmp / "cache",
+        max_trials_per_search=max(trials, 1000),
+    )
+    try:
+        with serve_ours(db, settings) as url:
+            yield url, token
+    finally:
+        revoke_token(db, token_name)
+
+
 def benchmark(db: Database, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     filled = populate(db, args)
@@ -758,19 +777,12 @@ def benchmark(db: Database, tmp: Path, args: argparse.Namespace) -> dict[str, An
             .order_by(TrialResult.val_accuracy.desc())
             .limit(1)
         )
-    token_name = f"bench-{uuid.uuid4().hex[:8]}"
-    token = create_token(db, token_name)
-    settings = Settings(
-        database_url=db.url,
-        artifacts_dir=tmp / "artifacts",
-        cache_dir=tmp / "cache",
-        max_trials_per_search=max(args.trials, 1000),
-    )
-    headers = {"Authorization": f"Bearer {token}"}
     with (
-        serve_ours(db, settings) as ours_url,
+        serving_ours(db, tmp, args.trials) as (ours_url, token),
         serve_peer(db.url) as peer_url,
-        httpx.Client(base_url=ours_url, headers=headers, timeout=120) as client,
+        httpx.Client(
+            base_url=ours_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+        ) as client,
         httpx.Client(base_url=peer_url, timeout=600) as peer,
     ):
         _check_answers(client, peer, filled, study_id, best)
@@ -790,7 +802,6 @@ def benchmark(db: Database, tmp: Path, args: argparse.Namespace) -> dict[str, An
         warm.before = lambda: peer.get("/__bench__/touch-cache").raise_for_status()
         requests += [cold, warm]
         run_rounds(requests, rounds, args.warmup)
-    revoke_token(db, token_name)
     return {"filled": filled, "populate_s": populate_s, "requests": requests}
 
 
