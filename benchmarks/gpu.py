@@ -49,7 +49,7 @@ BLOCK_SHAPES = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (256, 256,
 BACKBONES = {"cifar_resnet20": "CIFAR ResNet-20", "resnet18": "ResNet-18"}
 # name -> label; "ours" is the project's fused CBAM, the others are swapped in for it.
 VARIANTS = {
-    "ours": "ours (fused CBAM)",
+    "ours": "ours (search.cbam.CBAM)",
     "timm": "timm CbamModule",
     "plain": "plain CBAM definition",
     "none": "no attention",

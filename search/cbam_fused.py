@@ -20,7 +20,8 @@ On CPU, in float32/float64, the paper's arrangement (channel then spatial) with 
 pooling and max & mean spatial pooling runs in hand-written kernels instead (``_cbam_cpu.cpp``,
 loaded by :mod:`search.cbam_cpu`): each sample is pooled, gated and differentiated while it sits
 in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead. Every
-other case (CUDA, half precision, other knobs, or no compiler) takes the torch-op path below.
+other CPU case (half precision, other knobs, or no compiler) takes the torch-op path below. CUDA
+takes neither: ``CBAM.forward`` runs the plain definition there (see :mod:`search.cbam`).
 """
 
 from __future__ import annotations
@@ -97,8 +98,16 @@ def _banded_conv_backward(d_out: Tensor, maps: Tensor, weight: Tensor) -> tuple[
 
 
 def spatial_conv(maps: Tensor, weight: Tensor) -> Tensor:
-    """The spatial gate's k x k convolution (differentiable; used by the plain path too)."""
-    if maps.shape[-1] <= BANDED_CONV_MAX_WIDTH and weight.shape[-1] > 1:
+    """The spatial gate's k x k convolution (differentiable; used by the plain path too).
+
+    Banded on the CPU only: cuDNN's convolution is one launch each way where the banded product
+    is several.
+    """
+    if (
+        maps.device.type == "cpu"
+        and maps.shape[-1] <= BANDED_CONV_MAX_WIDTH
+        and weight.shape[-1] > 1
+    ):
         return _banded_conv(maps, weight)
     return F.conv2d(maps, weight, padding=weight.shape[-1] // 2)
 

@@ -306,6 +306,23 @@ def test_works_under_torch_compile() -> None:
     torch.testing.assert_close(compiled(x), module(x))
 
 
+def test_runs_the_plain_definition_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accelerators (here the meta device, which has no CPU kernels) get the plain ops, with a
+    real convolution for the spatial gate, not the fused function or the banded product."""
+    from search import cbam_fused
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the fused path ran off the CPU")
+
+    monkeypatch.setattr(cbam_fused.FusedGates, "apply", refuse)
+    monkeypatch.setattr(cbam_fused, "_banded_conv", refuse)
+    module = CBAM(16).to("meta")
+    x = torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)
+    out = module(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
