@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from workers.train import tune_allocator
+
 
 def machine() -> str:
     """One line naming the hardware and software a table was measured on."""
@@ -45,12 +47,30 @@ def interleaved_medians(
 
 
 def parse_args(parser: argparse.ArgumentParser, rounds: int) -> argparse.Namespace:
-    """The flags every timing script takes (--rounds, --threads, --device), applied."""
+    """The flags every timing script takes (--rounds, --threads, --device, --default-malloc),
+    applied.
+
+    The process's allocator is set up as a trial's is (``workers.train.tune_allocator``) unless
+    ``--default-malloc``: every candidate runs in this one process, so ours and its peers get the
+    same allocator either way. Left at glibc's default, whichever candidate frees the largest
+    block first decides (through glibc's sliding mmap threshold) whether the others' multi-MB
+    tensors page-fault in on every call.
+    """
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's allocator at its defaults instead of a trial's setting",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
+    args.allocator = (
+        "glibc defaults"
+        if args.default_malloc or not tune_allocator()
+        else ("glibc keeping freed memory, as in trials")
+    )
     return args

@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     args = parse_args(parser, rounds=15)
     device = args.device
-    print(f"CBAM block, fp32, {machine()}")
+    print(f"CBAM block, fp32, {machine()}; allocator: {args.allocator}")
     print(
         f"{'shape':>18} {'layout':>6} {'pass':>8} {'ours ms':>8} {'timm ms':>8} {'ref ms':>8} "
         f"{'ours/timm':>9} {'ours/ref':>9}"

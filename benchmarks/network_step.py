@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     args = parse_args(parser, rounds=10)
     device = args.device
-    print(f"CIFAR ResNet-20 training step, batch {args.batch}, fp32, {machine()}")
+    print(
+        f"CIFAR ResNet-20 training step, batch {args.batch}, fp32, {machine()}; "
+        f"allocator: {args.allocator}"
+    )
     print(f"{'layout':>6} " + " ".join(f"{name:>10}" for name in ATTENTION) + "   (ms; ratio)")
     for layout in (torch.contiguous_format, torch.channels_last):
         steps = {name: _step(make, layout, args.batch, device) for name, make in ATTENTION.items()}

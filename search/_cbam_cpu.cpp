@@ -6,8 +6,9 @@
 // while it sits in the core's L2 cache: forward reads x twice and writes out once, backward reads
 // g and x twice and writes dx once (re-reads within a sample come from cache). Only
 // BatchNorm(1) (its statistics span the whole batch), the sigmoid of the spatial logits and the
-// parameter-gradient products run as ATen ops between the per-sample loops. The k x k
-// convolution over the two pooled maps keeps output rows in SIMD registers across its taps.
+// parameter-gradient products run as short single-threaded loops between the per-sample loops.
+// The k x k convolution over the two pooled maps keeps output rows in SIMD registers across its
+// taps.
 //
 // Supported: arrangement channel-spatial, channel pools avg and/or max (any order), spatial pool
 // max & mean (either order), any odd kernel, spatial BatchNorm or none, MLP bias or none, float32
@@ -36,6 +37,36 @@ inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+// exp for float in a form GCC vectorises (std::exp stays scalar without -ffast-math): 2^n * p(r)
+// with n = round(v / ln 2), r = v - n ln 2 in two parts, p a degree-6 polynomial (Cephes' expf
+// coefficients, ~1 ulp on the range used here).
+inline float exp_simd(float v) {
+  v = std::min(std::max(v, -87.0f), 88.0f);
+  const float n = std::nearbyint(v * 1.44269504088896341f);
+  const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// v[i] = sigmoid(v[i] * scale + shift), vectorised for float.
+inline void sigmoid_inplace(float* v, int64_t n, float scale = 1.0f, float shift = 0.0f) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + exp_simd(-(v[i] * scale + shift)));
+}
+
+inline void sigmoid_inplace(double* v, int64_t n, double scale = 1.0, double shift = 0.0) {
+  for (int64_t i = 0; i < n; ++i) v[i] = sigmoid(v[i] * scale + shift);
+}
+
 struct Shape {
   int64_t B, C, H, W, HW, T, Hd, K, pad, Hp, Wr, Ws;  // Wr, Ws: padded row strides
   bool cl;  // channels_last: a sample is (HW, C) in memory, else (C, HW)
@@ -55,6 +86,19 @@ struct Vec<double> {
 };
 template <typename T>
 using V = typename Vec<T>::type;
+// The integer vector that a comparison of two V<T> gives (same lane count and width).
+template <typename T>
+struct IVec;
+template <>
+struct IVec<float> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct IVec<double> {
+  typedef int64_t type __attribute__((vector_size(64)));
+};
+template <typename T>
+using VI = typename IVec<T>::type;
 template <typename T>
 constexpr int64_t lanes = 64 / sizeof(T);
 
@@ -228,15 +272,85 @@ inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max,
   arg = i < n ? i : 0;
 }
 
+// Mean, max and first index of the max across channels of y = x * A (NCHW), over positions
+// [i0, HW): an accumulator array in memory walked once per channel.
+template <typename T>
+void spatial_pool_rows(const T* xs, const T* a, int64_t C, int64_t HW, int64_t i0, T* mean, T* mx,
+                       int32_t* arg) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  std::fill(mean + i0, mean + HW, T(0));
+  std::fill(mx + i0, mx + HW, neg_inf);
+  std::fill(arg + i0, arg + HW, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = xs + c * HW;
+    const T ac = a[c];
+    const int32_t cc = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t i = i0; i < HW; ++i) {
+      const T v = row[i] * ac;
+      mean[i] += v;
+      const bool gt = v > mx[i];
+      mx[i] = gt ? v : mx[i];
+      arg[i] = gt ? cc : arg[i];
+    }
+  }
+  for (int64_t i = i0; i < HW; ++i) mean[i] /= static_cast<T>(C);
+}
+
+// The same, with blocks of kPoolRegs registers of positions held in registers across the whole
+// channel loop: in memory, every channel was a store-to-load round trip per accumulator (the
+// spatial pooling took a third of the forward at 64x256x8x8).
+constexpr int kPoolRegs = 4;
+
+template <typename T>
+void spatial_pool_nchw(const T* xs, const T* a, int64_t C, int64_t HW, T* mean, T* mx,
+                       int32_t* arg) {
+  constexpr int64_t N = lanes<T>;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  int64_t i0 = 0;
+  for (; i0 + kPoolRegs * N <= HW; i0 += kPoolRegs * N) {
+    V<T> sum[kPoolRegs], best[kPoolRegs];
+    VI<T> at[kPoolRegs];
+    for (int r = 0; r < kPoolRegs; ++r) {
+      sum[r] = V<T>{};
+      best[r] = V<T>{} + neg_inf;
+      at[r] = VI<T>{};
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T ac = a[c];
+      const VI<T> cc = VI<T>{} + static_cast<decltype(VI<T>{}[0])>(c);
+      const T* row = xs + c * HW + i0;
+      for (int r = 0; r < kPoolRegs; ++r) {
+        const V<T> y = loadu(row + r * N) * ac;
+        sum[r] += y;
+        const VI<T> gt = y > best[r];
+        best[r] = gt ? y : best[r];
+        at[r] = gt ? cc : at[r];
+      }
+    }
+    for (int r = 0; r < kPoolRegs; ++r)
+      for (int64_t l = 0; l < N; ++l) {
+        mean[i0 + r * N + l] = sum[r][l] / static_cast<T>(C);
+        mx[i0 + r * N + l] = best[r][l];
+        arg[i0 + r * N + l] = static_cast<int32_t>(at[r][l]);
+      }
+  }
+  if (i0 < HW) spatial_pool_rows<T>(xs, a, C, HW, i0, mean, mx, arg);
+}
+
 template <typename T>
 void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T* w2, const T* b2,
                   const T* cw, int64_t avg_slot, int64_t max_slot, bool mean_first, T* pooled,
                   T* hidden, T* gate_c, int32_t* hw_arg, T* maps, int32_t* c_arg, T* conv_out) {
   const int64_t C = s.C, HW = s.HW, Hd = s.Hd, B = s.B;
   const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
+  std::vector<T> w2t_(Hd * C);  // fc2's weight (C, Hd) transposed
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < Hd; ++j) w2t_[j * C + c] = w2[c * Hd + j];
+  const T* w2t = w2t_.data();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), act(Hd), smean(HW), smax(HW), padded(2 * s.Hp * s.Ws);
-    std::vector<int32_t> arg(C), sarg(HW);
+    std::vector<int32_t> arg(C);
     const T neg_inf = -std::numeric_limits<T>::infinity();
     for (int64_t b = begin; b < end; ++b) {
       const T* xs = x + b * C * HW;
@@ -287,41 +401,21 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
       }
       if (max_slot >= 0)
         for (int64_t c = 0; c < C; ++c) hw_arg[b * C + c] = arg[c];
+      // Second layer over all channels at once from the transposed weight (no horizontal sums).
       T* a = gate_c + b * C;
-      for (int64_t c = 0; c < C; ++c) {
-        T acc = b2 ? b2[c] * static_cast<T>(s.T) : T(0);
-        const T* wc = w2 + c * Hd;
-        const T* ac = act.data();
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < Hd; ++j) acc += wc[j] * ac[j];
-        a[c] = sigmoid(acc);
+      for (int64_t c = 0; c < C; ++c) a[c] = b2 ? b2[c] * static_cast<T>(s.T) : T(0);
+      for (int64_t j = 0; j < Hd; ++j) {
+        const T aj = act[j];
+        if (aj == T(0)) continue;
+        const T* wj = w2t + j * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] += wj[c] * aj;
       }
+      sigmoid_inplace(a, C);
       // Spatial pooling across channels of y = x * A: max (first index) and mean.
       int32_t* sa = c_arg + b * HW;
       if (!s.cl) {
-        std::fill(smean.begin(), smean.end(), T(0));
-        std::fill(smax.begin(), smax.end(), neg_inf);
-        std::fill(sarg.begin(), sarg.end(), 0);
-        T* mp = smean.data();
-        T* xp = smax.data();
-        int32_t* ap = sarg.data();
-        for (int64_t c = 0; c < C; ++c) {
-          const T* row = xs + c * HW;
-          const T ac = a[c];
-          const int32_t cc = static_cast<int32_t>(c);
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) {
-            const T v = row[i] * ac;
-            mp[i] += v;
-            const bool gt = v > xp[i];
-            xp[i] = gt ? v : xp[i];
-            ap[i] = gt ? cc : ap[i];
-          }
-        }
-        for (int64_t i = 0; i < HW; ++i) {
-          smean[i] /= static_cast<T>(C);
-          sa[i] = sarg[i];
-        }
+        spatial_pool_nchw<T>(xs, a, C, HW, smean.data(), smax.data(), sa);
       } else {
         for (int64_t i = 0; i < HW; ++i) {
           T acc = 0;
@@ -531,6 +625,119 @@ void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, cons
   });
 }
 
+// BatchNorm(1) over the (B, H*W) conv output, then the sigmoid: S. In training, the batch's
+// statistics (kept for backward) and the running statistics' update, as nn.BatchNorm2d does.
+// Plain loops: on CIFAR-sized maps ATen's batch_norm, sigmoid and their dispatch cost more
+// than the arithmetic (~60 us of a 0.6 ms forward at 64x256x8x8).
+template <typename T>
+void spatial_gate_impl(int64_t n, const T* z, bool has_bn, bool training, double momentum,
+                       double eps, const T* w, const T* b, T* running_mean, T* running_var,
+                       T* save_mean, T* save_invstd, T* gate) {
+  double mean = 0, invstd = 1, scale = 1, shift = 0;
+  if (has_bn) {
+    if (training) {
+      double sum = 0;
+      for (int64_t i = 0; i < n; ++i) sum += z[i];
+      mean = sum / n;
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += (z[i] - mean) * (z[i] - mean);
+      const double var = ss / n;
+      invstd = 1.0 / std::sqrt(var + eps);
+      *save_mean = static_cast<T>(mean);
+      *save_invstd = static_cast<T>(invstd);
+      if (running_mean) {
+        const double unbiased = n > 1 ? ss / (n - 1) : var;
+        *running_mean = static_cast<T>((1 - momentum) * *running_mean + momentum * mean);
+        *running_var = static_cast<T>((1 - momentum) * *running_var + momentum * unbiased);
+      }
+    } else {
+      mean = *running_mean;
+      invstd = 1.0 / std::sqrt(static_cast<double>(*running_var) + eps);
+    }
+    scale = (w ? static_cast<double>(*w) : 1.0) * invstd;
+    shift = (b ? static_cast<double>(*b) : 0.0) - mean * scale;
+  }
+  std::copy(z, z + n, gate);
+  sigmoid_inplace(gate, n, static_cast<T>(scale), static_cast<T>(shift));
+}
+
+// BatchNorm(1) backward in place: d (d logits) becomes d(conv output); d_w, d_b its parameters'.
+template <typename T>
+void spatial_gate_backward_impl(int64_t n, T* d, const T* z, bool has_bn, bool training,
+                                double eps, const T* w, const T* running_mean,
+                                const T* running_var, const T* save_mean, const T* save_invstd,
+                                T* d_w, T* d_b) {
+  if (!has_bn) return;
+  const double mean = training ? *save_mean : *running_mean;
+  const double invstd =
+      training ? *save_invstd : 1.0 / std::sqrt(static_cast<double>(*running_var) + eps);
+  double sum_d = 0, sum_dx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum_d += d[i];
+    sum_dx += d[i] * (z[i] - mean);
+  }
+  const double gamma = w ? static_cast<double>(*w) : 1.0;
+  if (d_w) *d_w = static_cast<T>(sum_dx * invstd);
+  if (d_b) *d_b = static_cast<T>(sum_d);
+  if (!training) {
+    const T k = static_cast<T>(gamma * invstd);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] *= k;
+    return;
+  }
+  // d z = gamma * invstd * (d - mean(d) - xhat * mean(d * xhat))
+  const double k = gamma * invstd, md = sum_d / n, mdx = sum_dx * invstd * invstd / n;
+  const T a = static_cast<T>(k), c0 = static_cast<T>(-k * (md - mean * mdx)),
+          c1 = static_cast<T>(-k * mdx);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = a * d[i] + c1 * z[i] + c0;
+}
+
+// The MLP's and the convolution's parameter gradients from backward's per-sample results:
+// (C x B) @ (B x Hd) products too small for BLAS to beat its own dispatch.
+template <typename T>
+void param_grads_impl(const Shape& s, const T* d_logits_c, const T* hidden, const T* d_hidden,
+                      const T* pooled, const T* d_cw_part, T* d_w1, T* d_b1, T* d_w2, T* d_b2,
+                      T* d_cw) {
+  const int64_t B = s.B, C = s.C, Hd = s.Hd, TB = s.T * s.B, KK = 2 * s.K * s.K;
+  std::vector<T> act(Hd);
+  std::fill(d_w2, d_w2 + C * Hd, T(0));
+  if (d_b2) std::fill(d_b2, d_b2 + C, T(0));
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(act.begin(), act.end(), T(0));
+    for (int64_t t = 0; t < s.T; ++t) {
+      const T* ht = hidden + (t * B + b) * Hd;
+      for (int64_t j = 0; j < Hd; ++j) act[j] += ht[j] > 0 ? ht[j] : T(0);
+    }
+    const T* dl = d_logits_c + b * C;
+    for (int64_t c = 0; c < C; ++c) {
+      T* row = d_w2 + c * Hd;
+      const T dlc = dl[c];
+#pragma omp simd
+      for (int64_t j = 0; j < Hd; ++j) row[j] += dlc * act[j];
+      if (d_b2) d_b2[c] += dlc * static_cast<T>(s.T);
+    }
+  }
+  std::fill(d_w1, d_w1 + Hd * C, T(0));
+  if (d_b1) std::fill(d_b1, d_b1 + Hd, T(0));
+  for (int64_t r = 0; r < TB; ++r) {
+    const T* dh = d_hidden + r * Hd;
+    const T* pr = pooled + r * C;
+    for (int64_t j = 0; j < Hd; ++j) {
+      const T v = dh[j];
+      if (d_b1) d_b1[j] += v;
+      if (v == T(0)) continue;
+      T* row = d_w1 + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) row[c] += v * pr[c];
+    }
+  }
+  std::fill(d_cw, d_cw + KK, T(0));
+  for (int64_t b = 0; b < B; ++b)
+#pragma omp simd
+    for (int64_t i = 0; i < KK; ++i) d_cw[i] += d_cw_part[b * KK + i];
+}
+
 void check_input(const Tensor& x, const Tensor& conv_w) {
   TORCH_CHECK(conv_w.size(-1) <= 9 && conv_w.size(-1) % 2 == 1, "cbam_cpu: odd kernel <= 9");
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "cbam_cpu: a 4-d CPU tensor expected");
@@ -543,6 +750,14 @@ const T* ptr_or_null(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->contiguous().data_ptr<T>() : nullptr;
 }
 
+// The running statistics are updated in place: their own storage (1-element, contiguous).
+template <typename T>
+T* mutable_or_null(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
 }  // namespace
 
 // out, A, pooled, hidden, hw_argmax, maps, c_argmax, conv_out, bn_mean, bn_invstd, S
@@ -551,7 +766,7 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& fc1_w, const OptTenso
                             const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& bn_rm,
                             const OptTensor& bn_rv, int64_t avg_slot, int64_t max_slot,
                             bool mean_first, bool has_bn, bool bn_training, double momentum,
-                            double eps) {
+                            double eps, const OptTensor& num_batches_tracked) {
   check_input(x, conv_w);
   const int64_t pools = (avg_slot >= 0) + (max_slot >= 0);
   const Shape s = shape_of(x, fc1_w, conv_w, pools);
@@ -573,16 +788,23 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& fc1_w, const OptTenso
                            hw_arg.data_ptr<int32_t>(), maps.data_ptr<scalar_t>(),
                            c_arg.data_ptr<int32_t>(), conv_out.data_ptr<scalar_t>());
   });
-  Tensor logits = conv_out, bn_mean, bn_invstd;
-  if (has_bn) {
-    if (bn_training) {
-      std::tie(logits, bn_mean, bn_invstd) =
-          at::native_batch_norm(conv_out, bn_w, bn_b, bn_rm, bn_rv, true, momentum, eps);
-    } else {
-      logits = at::batch_norm(conv_out, bn_w, bn_b, bn_rm, bn_rv, false, 0.0, eps, false);
-    }
+  Tensor bn_mean, bn_invstd;
+  if (has_bn && bn_training) {
+    bn_mean = at::empty({1}, opts);
+    bn_invstd = at::empty({1}, opts);
   }
-  Tensor gate_s = at::sigmoid(logits).reshape({s.B, s.HW}).contiguous();
+  TORCH_CHECK(!has_bn || bn_training || (defined(bn_rm) && defined(bn_rv)),
+              "cbam_cpu: BatchNorm in eval mode needs running statistics");
+  if (defined(num_batches_tracked)) num_batches_tracked->data_ptr<int64_t>()[0] += 1;
+  Tensor gate_s = at::empty({s.B, s.HW}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_gate", [&] {
+    spatial_gate_impl<scalar_t>(
+        s.B * s.HW, conv_out.data_ptr<scalar_t>(), has_bn, bn_training, momentum, eps,
+        ptr_or_null<scalar_t>(bn_w), ptr_or_null<scalar_t>(bn_b), mutable_or_null<scalar_t>(bn_rm),
+        mutable_or_null<scalar_t>(bn_rv), bn_mean.defined() ? bn_mean.data_ptr<scalar_t>() : nullptr,
+        bn_invstd.defined() ? bn_invstd.data_ptr<scalar_t>() : nullptr,
+        gate_s.data_ptr<scalar_t>());
+  });
   Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
     apply_impl<scalar_t>(s, x.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
@@ -612,15 +834,18 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& 
                                 gate_c.data_ptr<scalar_t>(), gate_s.data_ptr<scalar_t>(),
                                 d_logits.data_ptr<scalar_t>());
   });
-  Tensor d_conv = d_logits, d_bn_w, d_bn_b;
-  if (has_bn) {
-    bool wg = bn_w.has_value() && bn_w->defined();
-    bool bg = bn_b.has_value() && bn_b->defined();
-    std::tie(d_conv, d_bn_w, d_bn_b) = at::native_batch_norm_backward(
-        d_logits, conv_out, bn_w, bn_rm, bn_rv, bn_mean, bn_invstd, bn_training, eps,
-        {true, wg, bg});
-    d_conv = d_conv.contiguous();
-  }
+  Tensor d_bn_w = has_bn && defined(bn_w) ? at::empty({1}, opts) : Tensor();
+  Tensor d_bn_b = has_bn && defined(bn_b) ? at::empty({1}, opts) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_gate_backward", [&] {
+    spatial_gate_backward_impl<scalar_t>(
+        s.B * s.HW, d_logits.data_ptr<scalar_t>(), conv_out.data_ptr<scalar_t>(), has_bn,
+        bn_training, eps, ptr_or_null<scalar_t>(bn_w), ptr_or_null<scalar_t>(bn_rm),
+        ptr_or_null<scalar_t>(bn_rv), ptr_or_null<scalar_t>(bn_mean),
+        ptr_or_null<scalar_t>(bn_invstd),
+        d_bn_w.defined() ? d_bn_w.data_ptr<scalar_t>() : nullptr,
+        d_bn_b.defined() ? d_bn_b.data_ptr<scalar_t>() : nullptr);
+  });
+  const Tensor& d_conv = d_logits;
   Tensor dx = at::empty_like(x);
   Tensor d_logits_c = at::empty({s.B, s.C}, opts);
   Tensor d_hidden = at::empty({s.T, s.B, s.Hd}, opts);
@@ -635,11 +860,19 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& 
         max_slot, mean_first, dx.data_ptr<scalar_t>(), d_logits_c.data_ptr<scalar_t>(),
         d_hidden.data_ptr<scalar_t>(), d_cw_part.data_ptr<scalar_t>());
   });
-  Tensor d_fc2_w = d_logits_c.t().mm(hidden.clamp_min(0).sum(0));
-  Tensor d_fc2_b = fc2_bias ? d_logits_c.sum(0).mul_(static_cast<double>(s.T)) : Tensor();
-  Tensor d_fc1_w = d_hidden.view({s.T * s.B, s.Hd}).t().mm(pooled.view({s.T * s.B, s.C}));
-  Tensor d_fc1_b = fc1_bias ? d_hidden.sum(at::IntArrayRef{0, 1}) : Tensor();
-  Tensor d_conv_w = d_cw_part.sum(0).view_as(conv_w);
+  Tensor d_fc2_w = at::empty({s.C, s.Hd}, opts);
+  Tensor d_fc2_b = fc2_bias ? at::empty({s.C}, opts) : Tensor();
+  Tensor d_fc1_w = at::empty({s.Hd, s.C}, opts);
+  Tensor d_fc1_b = fc1_bias ? at::empty({s.Hd}, opts) : Tensor();
+  Tensor d_conv_w = at::empty_like(conv_w, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_param_grads", [&] {
+    param_grads_impl<scalar_t>(
+        s, d_logits_c.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+        d_hidden.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(), d_cw_part.data_ptr<scalar_t>(),
+        d_fc1_w.data_ptr<scalar_t>(), fc1_bias ? d_fc1_b.data_ptr<scalar_t>() : nullptr,
+        d_fc2_w.data_ptr<scalar_t>(), fc2_bias ? d_fc2_b.data_ptr<scalar_t>() : nullptr,
+        d_conv_w.data_ptr<scalar_t>());
+  });
   return {dx, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_conv_w, d_bn_w, d_bn_b};
 }
 

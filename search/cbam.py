@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.cbam_fused import FusedGates, fused_forward, spatial_conv
+from search.cbam_fused import (
+    FusedGates,
+    KernelGates,
+    fused_forward,
+    kernel_forward,
+    kernel_route,
+    spatial_conv,
+)
 from search.errors import InvalidValue
 
 ARRANGEMENTS = ("channel-spatial", "spatial-channel", "parallel", "channel", "spatial")
@@ -245,6 +252,14 @@ class CBAM(nn.Module):
             return reference_forward(self, x)
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
+        route = kernel_route(x, self)
+        if route is not None:
+            kernels, kparams = route
+            if torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in kparams)
+            ):
+                return KernelGates.apply(x, self, kernels, *kparams)
+            return kernel_forward(kernels, x, self)[0]
         params = list(self.parameters())
         if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in params)

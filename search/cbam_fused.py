@@ -40,8 +40,9 @@ from search import cbam_cpu
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from search.cbam import CBAM, ChannelGate, SpatialGate
+    from search.cbam import CBAM, CBAMConfig, ChannelGate, SpatialGate
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 # Widths up to this use the banded-matrix convolution; wider maps use oneDNN's.
 BANDED_CONV_MAX_WIDTH = 64
 
@@ -443,55 +444,79 @@ def _kernel_args(m: CBAM) -> tuple[list[Any], list[Any]]:
     return bn_args, [avg, mx, spatial.mean_first, bn is not None]
 
 
-def cpu_kernels_for(x: Tensor, m: CBAM) -> ModuleType | None:
-    """The compiled CPU kernels if they cover this input and module, else ``None``."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    if m.config.arrangement != "channel-spatial" or not cbam_cpu.enabled():
-        return None
+@lru_cache(maxsize=64)
+def _config_fits_kernels(config: CBAMConfig) -> bool:
+    return (
+        config.arrangement == "channel-spatial"
+        and config.spatial_pool == "maxmean"
+        and set(config.pool_types) <= {"avg", "max"}
+    )
+
+
+def kernel_params(m: CBAM) -> tuple[Tensor | None, ...]:
+    """The parameters the kernels read, in the order their backward returns gradients
+    (read by attribute: ``Module.parameters()`` walks the module tree, ~10 us a call)."""
     channel, spatial = m.channel_gate, m.spatial_gate
-    if spatial.pool_conv is not None or not set(channel.pool_types) <= {"avg", "max"}:
+    fc1, fc2, bn = channel.fc1, channel.fc2, spatial.bn
+    bn_w, bn_b = (bn.weight, bn.bias) if bn is not None else (None, None)
+    return fc1.weight, fc1.bias, fc2.weight, fc2.bias, spatial.conv.weight, bn_w, bn_b
+
+
+def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, tuple[Tensor | None, ...]] | None:
+    """The compiled CPU kernels and the parameters they take, if they cover this input and
+    module; else ``None``. Checked on every call, cheapest tests first."""
+    if not x.is_cpu or x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
         return None
-    bn = spatial.bn
+    if not cbam_cpu.enabled():
+        return None
+    bn = m.spatial_gate.bn
     if bn is not None and (bn.momentum is None or (bn.running_mean is None and not bn.training)):
         return None
-    if any(p.dtype != x.dtype or p.device != x.device for p in m.parameters()):
+    params = kernel_params(m)
+    if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
         return None
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return None
-    return cbam_cpu.kernels()
+    kernels = cbam_cpu.kernels()
+    return None if kernels is None else (kernels, params)
 
 
-def _kernel_forward(kernels: ModuleType, x: Tensor, m: CBAM) -> tuple[Tensor, KernelSaved]:
+def cpu_kernels_for(x: Tensor, m: CBAM) -> ModuleType | None:
+    """The compiled CPU kernels if they cover this input and module, else ``None``."""
+    route = kernel_route(x, m)
+    return route[0] if route is not None else None
+
+
+def kernel_forward(kernels: ModuleType, x: Tensor, m: CBAM) -> tuple[Tensor, KernelSaved]:
+    """``out = x * A * S`` through the kernels, and what their backward needs."""
     channel, spatial = m.channel_gate, m.spatial_gate
     bn = spatial.bn
     training = bn is not None and bn.training
-    if training and bn.running_mean is not None:
-        bn.num_batches_tracked.add_(1)
+    counts_batches = training and bn.running_mean is not None
     bn_args, flags = _kernel_args(m)
     out, *state = kernels.forward(
         x,
-        channel.fc1.weight.detach(),
+        channel.fc1.weight,
         channel.fc1.bias,
-        channel.fc2.weight.detach(),
+        channel.fc2.weight,
         channel.fc2.bias,
-        spatial.conv.weight.detach(),
+        spatial.conv.weight,
         *bn_args,
         *flags,
         training,
         bn.momentum if bn is not None else 0.0,
         bn.eps if bn is not None else 0.0,
+        bn.num_batches_tracked if counts_batches else None,
     )
     return out, KernelSaved(kernels, *state, training)
 
 
-def _kernel_backward(
-    x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved
-) -> tuple[Tensor, dict[Tensor, Tensor]]:
+def kernel_backward(x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved) -> list[Tensor | None]:
+    """dx, then the gradients of :func:`kernel_params` (``None`` where one is absent)."""
     channel, spatial = m.channel_gate, m.spatial_gate
     bn = spatial.bn
     bn_args, flags = _kernel_args(m)
-    dx, *grads = saved.kernels.backward(
+    return saved.kernels.backward(
         g,
         x,
         saved.gate_c,
@@ -504,28 +529,41 @@ def _kernel_backward(
         saved.conv_out,
         saved.bn_mean,
         saved.bn_invstd,
-        channel.fc1.weight.detach(),
+        channel.fc1.weight,
         channel.fc1.bias is not None,
-        channel.fc2.weight.detach(),
+        channel.fc2.weight,
         channel.fc2.bias is not None,
-        spatial.conv.weight.detach(),
+        spatial.conv.weight,
         *bn_args,
         *flags,
         saved.bn_training,
         bn.eps if bn is not None else 0.0,
     )
-    params = [channel.fc1.weight, channel.fc1.bias, channel.fc2.weight, channel.fc2.bias]
-    params += [spatial.conv.weight] + ([bn.weight, bn.bias] if bn is not None else [None, None])
-    return dx, {p: d for p, d in zip(params, grads, strict=True) if p is not None}
 
 
-def fused_forward(
-    x: Tensor, m: CBAM, for_backward: bool = True
-) -> tuple[Tensor, Saved | KernelSaved]:
+class KernelGates(torch.autograd.Function):
+    """``out = x * A * S`` through the compiled CPU kernels (see the module docstring).
+
+    A Function of its own, apart from :class:`FusedGates`, so that the per-call Python stays
+    small: on CIFAR-sized maps it was a quarter of the kernels' own time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: CBAM, kernels: ModuleType, *params: Tensor) -> Tensor:
+        out, saved = kernel_forward(kernels, x, module)
+        ctx.module, ctx.saved = module, saved
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        dx, *grads = kernel_backward(x, grad_out, ctx.module, ctx.saved)
+        return (dx, None, None, *grads)
+
+
+def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor, Saved]:
     """``out = x * A * S``; with ``for_backward=False`` (inference) no argmax is kept."""
-    kernels = cpu_kernels_for(x, m)
-    if kernels is not None:
-        return _kernel_forward(kernels, x, m)
     b, c, h, w = x.shape
     arrangement = m.config.arrangement
     saved = Saved()
@@ -550,15 +588,13 @@ def fused_forward(
 
 
 def fused_backward(
-    x: Tensor, g: Tensor, m: CBAM, saved: Saved | KernelSaved
+    x: Tensor, g: Tensor, m: CBAM, saved: Saved
 ) -> tuple[Tensor, dict[Tensor, Tensor]]:
     """dx and parameter gradients of ``out = x * A * S`` for the module's arrangement.
 
     Reductions over channels run as (1 x C) @ (C x HW) products, reductions over positions as
     sums of an in-place product; max pooling adds its gradient at the saved argmax offsets.
     """
-    if isinstance(saved, KernelSaved):
-        return _kernel_backward(x, g, m, saved)
     b, c, h, w = x.shape
     dt = x.dtype
     arrangement = m.config.arrangement
