@@ -149,20 +149,24 @@ void pad_maps(const Shape& s, int64_t maps, const T* src, T* dst) {
 }
 
 // out (H, W) = sum over maps of the k x k cross-correlation of padded input (M, Hp, Ws) with
-// weight (M, K, K). K is a template argument so that the tap loop unrolls.
+// weight (M, K, K). K is a template argument so that the tap loop unrolls; one accumulator per
+// kernel row, so that the 2K^2 multiply-adds of an output register are K chains, not one
+// (a single chain made the forward's convolution latency-bound: ~10x its arithmetic).
 template <typename T, int K>
 void conv_rows_k(const Shape& s, const T* in, int64_t maps, const T* wt, T* out) {
   constexpr int64_t N = lanes<T>;
   T tail[N];
   for (int64_t h = 0; h < s.H; ++h)
     for (int64_t w0 = 0; w0 < s.Wr; w0 += N) {
-      V<T> acc = {};
+      V<T> part[K] = {};
       for (int64_t m = 0; m < maps; ++m)
         for (int i = 0; i < K; ++i) {
           const T* row = in + (m * s.Hp + h + i) * s.Ws + w0;
           const T* wr = wt + (m * K + i) * K;
-          for (int j = 0; j < K; ++j) acc += wr[j] * loadu(row + j);
+          for (int j = 0; j < K; ++j) part[i] += wr[j] * loadu(row + j);
         }
+      V<T> acc = part[0];
+      for (int i = 1; i < K; ++i) acc += part[i];
       const int64_t n = std::min(N, s.W - w0);
       std::memcpy(tail, &acc, sizeof(acc));
       std::copy(tail, tail + n, out + h * s.W + w0);
@@ -338,6 +342,124 @@ void spatial_pool_nchw(const T* xs, const T* a, int64_t C, int64_t HW, T* mean, 
   if (i0 < HW) spatial_pool_rows<T>(xs, a, C, HW, i0, mean, mx, arg);
 }
 
+// Sum, max and first index of the max over positions per channel (channels_last), for channels
+// [c0, c0 + R registers): accumulators in registers across the position loop, as in
+// spatial_pool_nchw.
+template <typename T, int R>
+void channel_pool_cl_block(const T* xs, int64_t C, int64_t HW, int64_t c0, T* sum, T* mx,
+                           int32_t* arg) {
+  constexpr int64_t N = lanes<T>;
+  using Idx = decltype(VI<T>{}[0]);
+  V<T> total[R], best[R];
+  VI<T> at[R];
+  for (int r = 0; r < R; ++r) {
+    total[r] = V<T>{};
+    best[r] = V<T>{} - std::numeric_limits<T>::infinity();
+    at[r] = VI<T>{};
+  }
+  for (int64_t i = 0; i < HW; ++i) {
+    const T* row = xs + i * C + c0;
+    const VI<T> ii = VI<T>{} + static_cast<Idx>(i);
+    for (int r = 0; r < R; ++r) {
+      const V<T> v = loadu(row + r * N);
+      total[r] += v;
+      const VI<T> gt = v > best[r];
+      best[r] = gt ? v : best[r];
+      at[r] = gt ? ii : at[r];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t l = 0; l < N; ++l) {
+      sum[c0 + r * N + l] = total[r][l];
+      mx[c0 + r * N + l] = best[r][l];
+      arg[c0 + r * N + l] = static_cast<int32_t>(at[r][l]);
+    }
+}
+
+template <typename T>
+void channel_pool_cl(const T* xs, int64_t C, int64_t HW, T* sum, T* mx, int32_t* arg) {
+  constexpr int64_t N = lanes<T>;
+  int64_t c0 = 0;
+  for (; c0 + kPoolRegs * N <= C; c0 += kPoolRegs * N)
+    channel_pool_cl_block<T, kPoolRegs>(xs, C, HW, c0, sum, mx, arg);
+  switch ((C - c0) / N) {
+    case 3: channel_pool_cl_block<T, 3>(xs, C, HW, c0, sum, mx, arg); break;
+    case 2: channel_pool_cl_block<T, 2>(xs, C, HW, c0, sum, mx, arg); break;
+    case 1: channel_pool_cl_block<T, 1>(xs, C, HW, c0, sum, mx, arg); break;
+    default: break;
+  }
+  c0 += (C - c0) / N * N;
+  if (c0 == C) return;
+  // The last C % N channels: accumulators in memory.
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  std::fill(sum + c0, sum + C, T(0));
+  std::fill(mx + c0, mx + C, neg_inf);
+  std::fill(arg + c0, arg + C, 0);
+  for (int64_t i = 0; i < HW; ++i) {
+    const T* row = xs + i * C;
+    const int32_t ii = static_cast<int32_t>(i);
+#pragma omp simd
+    for (int64_t c = c0; c < C; ++c) {
+      const T v = row[c];
+      sum[c] += v;
+      const bool gt = v > mx[c];
+      mx[c] = gt ? v : mx[c];
+      arg[c] = gt ? ii : arg[c];
+    }
+  }
+}
+
+// Backward, channels_last: dy = g * S + d(mean) into dx, and dA = sum over positions of x * dy,
+// for channels [c0, c0 + R registers) with dA in registers across the position loop.
+template <typename T, int R>
+void dy_cl_block(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, int64_t HW,
+                 int64_t c0, T* ds, T* d_a) {
+  constexpr int64_t N = lanes<T>;
+  V<T> acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V<T>{};
+  for (int64_t i = 0; i < HW; ++i) {
+    const int64_t off = i * C + c0;
+    const T si = sg[i], mi = dm[i];
+    for (int r = 0; r < R; ++r) {
+      const V<T> v = loadu(gs + off + r * N) * si + mi;
+      std::memcpy(ds + off + r * N, &v, sizeof(v));
+      acc[r] += loadu(xs + off + r * N) * v;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t l = 0; l < N; ++l) d_a[c0 + r * N + l] = acc[r][l];
+}
+
+template <typename T>
+void dy_cl(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, int64_t HW, T* ds,
+           T* d_a) {
+  constexpr int64_t N = lanes<T>;
+  int64_t c0 = 0;
+  for (; c0 + kPoolRegs * N <= C; c0 += kPoolRegs * N)
+    dy_cl_block<T, kPoolRegs>(xs, gs, sg, dm, C, HW, c0, ds, d_a);
+  switch ((C - c0) / N) {
+    case 3: dy_cl_block<T, 3>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
+    case 2: dy_cl_block<T, 2>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
+    case 1: dy_cl_block<T, 1>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
+    default: break;
+  }
+  c0 += (C - c0) / N * N;
+  if (c0 == C) return;
+  std::fill(d_a + c0, d_a + C, T(0));  // the last C % N channels: dA in memory
+  for (int64_t i = 0; i < HW; ++i) {
+    const T* xr = xs + i * C;
+    const T* gr = gs + i * C;
+    T* dr = ds + i * C;
+    const T si = sg[i], mi = dm[i];
+#pragma omp simd
+    for (int64_t c = c0; c < C; ++c) {
+      const T v = gr[c] * si + mi;
+      dr[c] = v;
+      d_a[c] += xr[c] * v;
+    }
+  }
+}
+
 // channels_last with few channels (float, C a multiple of 16 up to 64: the CIFAR ResNets' first
 // stages): a position's channels fill one or two registers, and reducing each position on its own
 // is mostly horizontal shuffles (the spatial pooling took 2/3 of the forward at 16 channels).
@@ -418,7 +540,6 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), act(Hd), smean(HW), smax(HW), padded(2 * s.Hp * s.Ws);
     std::vector<int32_t> arg(C);
-    const T neg_inf = -std::numeric_limits<T>::infinity();
     for (int64_t b = begin; b < end; ++b) {
       const T* xs = x + b * C * HW;
       // Channel pooling over H x W: sum, max and its first index.
@@ -429,24 +550,7 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
           arg[c] = static_cast<int32_t>(i);
         }
       } else {
-        std::fill(sum.begin(), sum.end(), T(0));
-        std::fill(mx.begin(), mx.end(), neg_inf);
-        std::fill(arg.begin(), arg.end(), 0);
-        T* sp = sum.data();
-        T* mp = mx.data();
-        int32_t* ap = arg.data();
-        for (int64_t i = 0; i < HW; ++i) {
-          const T* row = xs + i * C;
-          const int32_t ii = static_cast<int32_t>(i);
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = row[c];
-            sp[c] += v;
-            const bool gt = v > mp[c];
-            mp[c] = gt ? v : mp[c];
-            ap[c] = gt ? ii : ap[c];
-          }
-        }
+        channel_pool_cl<T>(xs, C, HW, sum.data(), mx.data(), arg.data());
       }
       // Shared MLP on each descriptor, summed, sigmoid.
       std::fill(act.begin(), act.end(), T(0));
@@ -620,20 +724,7 @@ void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, cons
           d_a[c] = acc;
         }
       } else {
-        std::fill(d_a.begin(), d_a.end(), T(0));
-        T* da = d_a.data();
-        for (int64_t i = 0; i < HW; ++i) {
-          const T* xr = xs + i * C;
-          const T* gr = gs + i * C;
-          T* dr = ds + i * C;
-          const T si = sg[i], mi = dm[i];
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = gr[c] * si + mi;
-            dr[c] = v;
-            da[c] += xr[c] * v;
-          }
-        }
+        dy_cl<T>(xs, gs, sg, dm, C, HW, ds, d_a.data());
       }
       const int64_t sc = s.cl ? 1 : HW, sp = s.cl ? C : 1;  // strides of c and hw in a sample
       for (int64_t i = 0; i < HW; ++i) {
