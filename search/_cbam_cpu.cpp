@@ -149,23 +149,27 @@ void pad_maps(const Shape& s, int64_t maps, const T* src, T* dst) {
 }
 
 // out (H, W) = sum over maps of the k x k cross-correlation of padded input (M, Hp, Ws) with
-// weight (M, K, K). K is a template argument so that the tap loop unrolls; one accumulator per
-// kernel row, so that the 2K^2 multiply-adds of an output register are K chains, not one
-// (a single chain made the forward's convolution latency-bound: ~10x its arithmetic).
-template <typename T, int K>
-void conv_rows_k(const Shape& s, const T* in, int64_t maps, const T* wt, T* out) {
+// weight (M, K, K). K and M are template arguments so that the tap loops unroll completely and
+// the accumulators stay in registers: one per kernel row, so that the M K^2 multiply-adds of an
+// output register are K chains, not one (a single chain was latency-bound: ~10x its arithmetic).
+template <typename T, int K, int M>
+void conv_rows_k(const Shape& s, const T* in, const T* wt, T* out) {
   constexpr int64_t N = lanes<T>;
   T tail[N];
   for (int64_t h = 0; h < s.H; ++h)
     for (int64_t w0 = 0; w0 < s.Wr; w0 += N) {
       V<T> part[K] = {};
-      for (int64_t m = 0; m < maps; ++m)
+#pragma GCC unroll 2
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 9
         for (int i = 0; i < K; ++i) {
           const T* row = in + (m * s.Hp + h + i) * s.Ws + w0;
           const T* wr = wt + (m * K + i) * K;
+#pragma GCC unroll 9
           for (int j = 0; j < K; ++j) part[i] += wr[j] * loadu(row + j);
         }
       V<T> acc = part[0];
+#pragma GCC unroll 9
       for (int i = 1; i < K; ++i) acc += part[i];
       const int64_t n = std::min(N, s.W - w0);
       std::memcpy(tail, &acc, sizeof(acc));
@@ -208,9 +212,15 @@ void conv_weight_grad_k(const Shape& s, const T* in, int64_t maps, const T* d_ou
 
 template <typename T>
 void conv_rows(const Shape& s, const T* in, int64_t maps, const T* wt, T* out) {
-#define CBAM_CALL(k) conv_rows_k<T, k>(s, in, maps, wt, out)
-  CBAM_DISPATCH_K(s.K, CBAM_CALL)
-#undef CBAM_CALL
+#define CBAM_CALL_1(k) conv_rows_k<T, k, 1>(s, in, wt, out)
+#define CBAM_CALL_2(k) conv_rows_k<T, k, 2>(s, in, wt, out)
+  if (maps == 1) {
+    CBAM_DISPATCH_K(s.K, CBAM_CALL_1)
+  } else {
+    CBAM_DISPATCH_K(s.K, CBAM_CALL_2)
+  }
+#undef CBAM_CALL_1
+#undef CBAM_CALL_2
 }
 
 template <typename T>
