@@ -286,6 +286,15 @@ inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max,
   arg = i < n ? i : 0;
 }
 
+// A (rows, cols) row-major matrix transposed.
+template <typename T>
+std::vector<T> transposed(const T* m, int64_t rows, int64_t cols) {
+  std::vector<T> t(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
 // Mean, max and first index of the max across channels of y = x * A (NCHW), over positions
 // [i0, HW): an accumulator array in memory walked once per channel.
 template <typename T>
@@ -543,9 +552,7 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
                   T* hidden, T* gate_c, int32_t* hw_arg, T* maps, int32_t* c_arg, T* conv_out) {
   const int64_t C = s.C, HW = s.HW, Hd = s.Hd, B = s.B;
   const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
-  std::vector<T> w2t_(Hd * C);  // fc2's weight (C, Hd) transposed
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < Hd; ++j) w2t_[j * C + c] = w2[c * Hd + j];
+  const std::vector<T> w2t_ = transposed(w2, C, Hd);  // fc2's weight as (Hd, C)
   const T* w2t = w2t_.data();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(C), mx(C), act(Hd), smean(HW), smax(HW), padded(2 * s.Hp * s.Ws);
@@ -693,11 +700,13 @@ void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, cons
   const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
   const int64_t plane = s.Hp * s.Ws;
   std::vector<T> flipped(2 * K * K);  // d(maps) = the weight flipped in both axes over d(out)
+  const std::vector<T> w2t_ = transposed(w2, C, Hd);
+  const T* w2t = w2t_.data();
   for (int64_t m = 0; m < 2; ++m)
     for (int64_t i = 0; i < K * K; ++i) flipped[m * K * K + i] = cw[m * K * K + K * K - 1 - i];
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> padded(2 * plane), d_padded(plane), d_rows(s.H * s.Wr), d_mean(HW),
-        d_max(HW), d_a(C), d_act(Hd), d_pool(C), add(C);
+        d_max(HW), d_a(C), d_act(Hd), d_pool(C), add(C), max_term(C);
     for (int64_t b = begin; b < end; ++b) {
       const T* xs = x + b * C * HW;
       const T* gs = g + b * C * HW;
@@ -745,16 +754,16 @@ void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, cons
       // MLP backward: d(logits) -> d(hidden) -> d(pooled).
       T* dl = d_logits_c + b * C;
       for (int64_t c = 0; c < C; ++c) dl[c] = d_a[c] * (T(1) - a[c]) * a[c];
-      for (int64_t j = 0; j < Hd; ++j) d_act[j] = 0;
-      T* da_ = d_act.data();
-      for (int64_t c = 0; c < C; ++c) {
-        const T* wc = w2 + c * Hd;
-        const T dlc = dl[c];
-#pragma omp simd
-        for (int64_t j = 0; j < Hd; ++j) da_[j] += wc[j] * dlc;
+      // d(act) = W2^T d(logits): long dot products over channels from the transposed weight
+      // (a loop of Hd per channel spent more in its own overhead than in multiply-adds).
+      for (int64_t j = 0; j < Hd; ++j) {
+        const T* wj = w2t + j * C;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < C; ++c) acc += wj[c] * dl[c];
+        d_act[j] = acc;
       }
       std::fill(add.begin(), add.end(), T(0));
-      std::vector<T> max_term;
       for (int64_t t = 0; t < s.T; ++t) {
         const T* ht = hidden + (t * B + b) * Hd;
         T* dh = d_hidden + (t * B + b) * Hd;
