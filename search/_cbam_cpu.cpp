@@ -546,6 +546,104 @@ int64_t spatial_pool_cl_narrow<float>(const float* xs, const float* a, int64_t C
   return blocks * N;
 }
 
+// NCHW float with H*W a multiple of 16 (8x8 maps and up): per-channel reductions over positions
+// for 16 channels at a time, each kept as a register of 16 lane-wise partials and the 16
+// registers transposed, so that one vertical pass finishes all 16 channels; reducing each
+// channel's 4-register row on its own was mostly horizontal shuffles at 8x8 (256 channels).
+inline void transpose16(VI<float> (&r)[16]) {
+  V<float> f[16];
+  std::memcpy(f, r, sizeof(f));  // the same bits, as floats: the shuffles only move lanes
+  transpose16(f);
+  std::memcpy(r, f, sizeof(f));
+}
+
+// Channel pooling: sum, max and first index of the max over positions; returns how many leading
+// channels it did (0 where it does not apply).
+template <typename T>
+int64_t channel_pool_nchw16(const T*, int64_t, int64_t, T*, T*, int32_t*) {
+  return 0;
+}
+
+template <>
+int64_t channel_pool_nchw16<float>(const float* xs, int64_t C, int64_t HW, float* sum, float* mx,
+                                   int32_t* arg) {
+  constexpr int64_t N = 16;
+  if (HW % N != 0) return 0;
+  const VI<float> lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const VI<float> none = VI<float>{} + std::numeric_limits<int32_t>::max();
+  int64_t c0 = 0;
+  for (; c0 + N <= C; c0 += N) {
+    V<float> total[N], best[N];
+    VI<float> at[N];
+    for (int64_t c = 0; c < N; ++c) {
+      const float* row = xs + (c0 + c) * HW;
+      V<float> t = loadu(row), m = t;
+      VI<float> k = lane;
+      for (int64_t i = N; i < HW; i += N) {
+        const V<float> v = loadu(row + i);
+        t += v;
+        const VI<float> gt = v > m;
+        m = gt ? v : m;
+        k = gt ? lane + static_cast<int32_t>(i) : k;
+      }
+      total[c] = t;
+      best[c] = m;
+      at[c] = k;
+    }
+    transpose16(total);
+    transpose16(best);
+    transpose16(at);
+    V<float> t = total[0], m = best[0];
+    for (int l = 1; l < N; ++l) {
+      t += total[l];
+      m = best[l] > m ? best[l] : m;
+    }
+    VI<float> k = none;
+    for (int l = 0; l < N; ++l) {
+      const VI<float> cand = best[l] == m ? at[l] : none;
+      k = cand < k ? cand : k;
+    }
+    for (int64_t c = 0; c < N; ++c) {
+      sum[c0 + c] = t[c];
+      mx[c0 + c] = m[c];
+      arg[c0 + c] = k[c] == std::numeric_limits<int32_t>::max() ? 0 : k[c];
+    }
+  }
+  return c0;
+}
+
+// Backward: dy = g * S + d(mean) into dx and dA = sum over positions of x * dy, per channel.
+template <typename T>
+int64_t dy_nchw16(const T*, const T*, const T*, const T*, int64_t, int64_t, T*, T*) {
+  return 0;
+}
+
+template <>
+int64_t dy_nchw16<float>(const float* xs, const float* gs, const float* sg, const float* dm,
+                         int64_t C, int64_t HW, float* ds, float* d_a) {
+  constexpr int64_t N = 16;
+  if (HW % N != 0) return 0;
+  int64_t c0 = 0;
+  for (; c0 + N <= C; c0 += N) {
+    V<float> part[N];
+    for (int64_t c = 0; c < N; ++c) {
+      const int64_t off = (c0 + c) * HW;
+      V<float> acc = {};
+      for (int64_t i = 0; i < HW; i += N) {
+        const V<float> v = loadu(gs + off + i) * loadu(sg + i) + loadu(dm + i);
+        std::memcpy(ds + off + i, &v, sizeof(v));
+        acc += loadu(xs + off + i) * v;
+      }
+      part[c] = acc;
+    }
+    transpose16(part);
+    V<float> total = part[0];
+    for (int l = 1; l < N; ++l) total += part[l];
+    for (int64_t c = 0; c < N; ++c) d_a[c0 + c] = total[c];
+  }
+  return c0;
+}
+
 template <typename T>
 void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T* w2, const T* b2,
                   const T* cw, int64_t avg_slot, int64_t max_slot, bool mean_first, T* pooled,
@@ -561,7 +659,8 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
       const T* xs = x + b * C * HW;
       // Channel pooling over H x W: sum, max and its first index.
       if (!s.cl) {
-        for (int64_t c = 0; c < C; ++c) {
+        const int64_t done = channel_pool_nchw16<T>(xs, C, HW, sum.data(), mx.data(), arg.data());
+        for (int64_t c = done; c < C; ++c) {
           int64_t i = 0;
           sum_max_arg<T>(xs + c * HW, nullptr, HW, sum[c], mx[c], i);
           arg[c] = static_cast<int32_t>(i);
@@ -729,7 +828,8 @@ void backward_impl(const Shape& s, const T* g, const T* x, const T* gate_c, cons
       // dy = g * S + d(mean) / C (+ d(max) at the argmax) into dx; dA = sum_hw x * dy.
       const T* dm = d_mean.data();
       if (!s.cl) {
-        for (int64_t c = 0; c < C; ++c) {
+        const int64_t done = dy_nchw16<T>(xs, gs, sg, dm, C, HW, ds, d_a.data());
+        for (int64_t c = done; c < C; ++c) {
           const T* xr = xs + c * HW;
           const T* gr = gs + c * HW;
           T* dr = ds + c * HW;

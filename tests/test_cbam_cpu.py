@@ -97,9 +97,12 @@ def test_kernels_match_float64_reference(kernels, config, shape) -> None:
 
 
 # float32 has code paths of its own: channels_last with 16-64 channels pools blocks of 16
-# positions transposed in registers (10x10: six blocks and a tail of 4).
+# positions transposed in registers (10x10: six blocks and a tail of 4), and NCHW maps of a
+# multiple of 16 positions reduce 16 channels at a time (20 channels: one block and 4 more).
 @pytest.mark.parametrize(
-    "shape", [(8, 64, 12, 12), (4, 16, 10, 10), (4, 32, 8, 8), (2, 48, 5, 7)], ids=str
+    "shape",
+    [(8, 64, 12, 12), (4, 16, 10, 10), (4, 32, 8, 8), (2, 48, 5, 7), (3, 20, 8, 8)],
+    ids=str,
 )
 def test_float32_kernels_agree_with_torch_path(kernels, monkeypatch, shape) -> None:
     x = torch.randn(shape)
