@@ -259,7 +259,7 @@ class CBAM(nn.Module):
                 x.requires_grad or any(p is not None and p.requires_grad for p in kparams)
             ):
                 return KernelGates.apply(x, self, kernels, *kparams)
-            return kernel_forward(kernels, x, self)[0]
+            return kernel_forward(kernels, x, self, kparams)[0]
         params = list(self.parameters())
         if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in params)

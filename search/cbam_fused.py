@@ -420,6 +420,7 @@ class KernelSaved:
     """What the compiled CPU kernels' forward keeps for their backward (all small but ``x``)."""
 
     kernels: ModuleType
+    params: tuple[Tensor | None, ...]  # as kernel_params gives them
     gate_c: Tensor  # A, (B, C)
     pooled: Tensor  # (T, B, C)
     hidden: Tensor  # MLP pre-activation, (T, B, hidden)
@@ -433,15 +434,15 @@ class KernelSaved:
     bn_training: bool
 
 
-def _kernel_args(m: CBAM) -> tuple[list[Any], list[Any]]:
-    """The (module-dependent) leading and trailing arguments of the kernels' entry points."""
+def _kernel_args(m: CBAM) -> tuple[list[Tensor | None], list[Any]]:
+    """The BatchNorm's running statistics and the module's flags, as the kernels take them."""
     channel, spatial = m.channel_gate, m.spatial_gate
     pools = channel.pool_types
     avg = pools.index("avg") if "avg" in pools else -1
     mx = pools.index("max") if "max" in pools else -1
     bn = spatial.bn
-    bn_args = [None] * 4 if bn is None else [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return bn_args, [avg, mx, spatial.mean_first, bn is not None]
+    stats = [None, None] if bn is None else [bn.running_mean, bn.running_var]
+    return stats, [avg, mx, spatial.mean_first, bn is not None]
 
 
 @lru_cache(maxsize=64)
@@ -481,41 +482,33 @@ def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, tuple[Tensor | None, .
     return None if kernels is None else (kernels, params)
 
 
-def cpu_kernels_for(x: Tensor, m: CBAM) -> ModuleType | None:
-    """The compiled CPU kernels if they cover this input and module, else ``None``."""
-    route = kernel_route(x, m)
-    return route[0] if route is not None else None
-
-
-def kernel_forward(kernels: ModuleType, x: Tensor, m: CBAM) -> tuple[Tensor, KernelSaved]:
-    """``out = x * A * S`` through the kernels, and what their backward needs."""
-    channel, spatial = m.channel_gate, m.spatial_gate
-    bn = spatial.bn
+def kernel_forward(
+    kernels: ModuleType, x: Tensor, m: CBAM, params: tuple[Tensor | None, ...]
+) -> tuple[Tensor, KernelSaved]:
+    """``out = x * A * S`` through the kernels, and what their backward needs; ``params`` as
+    :func:`kernel_route` gave them."""
+    bn = m.spatial_gate.bn
     training = bn is not None and bn.training
     counts_batches = training and bn.running_mean is not None
-    bn_args, flags = _kernel_args(m)
+    stats, flags = _kernel_args(m)
     out, *state = kernels.forward(
         x,
-        channel.fc1.weight,
-        channel.fc1.bias,
-        channel.fc2.weight,
-        channel.fc2.bias,
-        spatial.conv.weight,
-        *bn_args,
+        *params,
+        *stats,
         *flags,
         training,
         bn.momentum if bn is not None else 0.0,
         bn.eps if bn is not None else 0.0,
         bn.num_batches_tracked if counts_batches else None,
     )
-    return out, KernelSaved(kernels, *state, training)
+    return out, KernelSaved(kernels, params, *state, training)
 
 
 def kernel_backward(x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved) -> list[Tensor | None]:
     """dx, then the gradients of :func:`kernel_params` (``None`` where one is absent)."""
-    channel, spatial = m.channel_gate, m.spatial_gate
-    bn = spatial.bn
-    bn_args, flags = _kernel_args(m)
+    fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b = saved.params
+    bn = m.spatial_gate.bn
+    stats, flags = _kernel_args(m)
     return saved.kernels.backward(
         g,
         x,
@@ -529,12 +522,14 @@ def kernel_backward(x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved) -> list[T
         saved.conv_out,
         saved.bn_mean,
         saved.bn_invstd,
-        channel.fc1.weight,
-        channel.fc1.bias is not None,
-        channel.fc2.weight,
-        channel.fc2.bias is not None,
-        spatial.conv.weight,
-        *bn_args,
+        fc1_w,
+        fc1_b is not None,
+        fc2_w,
+        fc2_b is not None,
+        conv_w,
+        bn_w,
+        bn_b,
+        *stats,
         *flags,
         saved.bn_training,
         bn.eps if bn is not None else 0.0,
@@ -550,7 +545,7 @@ class KernelGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, module: CBAM, kernels: ModuleType, *params: Tensor) -> Tensor:
-        out, saved = kernel_forward(kernels, x, module)
+        out, saved = kernel_forward(kernels, x, module, params)
         ctx.module, ctx.saved = module, saved
         ctx.save_for_backward(x)
         return out
