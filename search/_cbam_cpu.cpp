@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -361,6 +362,24 @@ void spatial_pool_nchw(const T* xs, const T* a, int64_t C, int64_t HW, T* mean, 
   if (i0 < HW) spatial_pool_rows<T>(xs, a, C, HW, i0, mean, mx, arg);
 }
 
+// Calls block(std::integral_constant<int, R>, c0) over the channels [0, C) in runs of R
+// registers (kPoolRegs, then one run of 1-3 for the rest), so that each run's accumulators are
+// a compile-time number of registers; returns where the last C % lanes channels begin.
+template <typename T, typename Block>
+int64_t for_register_blocks(int64_t C, Block&& block) {
+  constexpr int64_t N = lanes<T>;
+  int64_t c0 = 0;
+  for (; c0 + kPoolRegs * N <= C; c0 += kPoolRegs * N)
+    block(std::integral_constant<int, kPoolRegs>{}, c0);
+  switch ((C - c0) / N) {
+    case 3: block(std::integral_constant<int, 3>{}, c0); break;
+    case 2: block(std::integral_constant<int, 2>{}, c0); break;
+    case 1: block(std::integral_constant<int, 1>{}, c0); break;
+    default: break;
+  }
+  return c0 + (C - c0) / N * N;
+}
+
 // Sum, max and first index of the max over positions per channel (channels_last), for channels
 // [c0, c0 + R registers): accumulators in registers across the position loop, as in
 // spatial_pool_nchw.
@@ -397,17 +416,9 @@ void channel_pool_cl_block(const T* xs, int64_t C, int64_t HW, int64_t c0, T* su
 
 template <typename T>
 void channel_pool_cl(const T* xs, int64_t C, int64_t HW, T* sum, T* mx, int32_t* arg) {
-  constexpr int64_t N = lanes<T>;
-  int64_t c0 = 0;
-  for (; c0 + kPoolRegs * N <= C; c0 += kPoolRegs * N)
-    channel_pool_cl_block<T, kPoolRegs>(xs, C, HW, c0, sum, mx, arg);
-  switch ((C - c0) / N) {
-    case 3: channel_pool_cl_block<T, 3>(xs, C, HW, c0, sum, mx, arg); break;
-    case 2: channel_pool_cl_block<T, 2>(xs, C, HW, c0, sum, mx, arg); break;
-    case 1: channel_pool_cl_block<T, 1>(xs, C, HW, c0, sum, mx, arg); break;
-    default: break;
-  }
-  c0 += (C - c0) / N * N;
+  const int64_t c0 = for_register_blocks<T>(C, [&](auto regs, int64_t first) {
+    channel_pool_cl_block<T, decltype(regs)::value>(xs, C, HW, first, sum, mx, arg);
+  });
   if (c0 == C) return;
   // The last C % N channels: accumulators in memory.
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -452,17 +463,9 @@ void dy_cl_block(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, 
 template <typename T>
 void dy_cl(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, int64_t HW, T* ds,
            T* d_a) {
-  constexpr int64_t N = lanes<T>;
-  int64_t c0 = 0;
-  for (; c0 + kPoolRegs * N <= C; c0 += kPoolRegs * N)
-    dy_cl_block<T, kPoolRegs>(xs, gs, sg, dm, C, HW, c0, ds, d_a);
-  switch ((C - c0) / N) {
-    case 3: dy_cl_block<T, 3>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
-    case 2: dy_cl_block<T, 2>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
-    case 1: dy_cl_block<T, 1>(xs, gs, sg, dm, C, HW, c0, ds, d_a); break;
-    default: break;
-  }
-  c0 += (C - c0) / N * N;
+  const int64_t c0 = for_register_blocks<T>(C, [&](auto regs, int64_t first) {
+    dy_cl_block<T, decltype(regs)::value>(xs, gs, sg, dm, C, HW, first, ds, d_a);
+  });
   if (c0 == C) return;
   std::fill(d_a + c0, d_a + C, T(0));  // the last C % N channels: dA in memory
   for (int64_t i = 0; i < HW; ++i) {
