@@ -460,14 +460,21 @@ void dy_cl_block(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, 
     for (int64_t l = 0; l < N; ++l) d_a[c0 + r * N + l] = acc[r][l];
 }
 
+// Up to kPoolRegs registers of channels, one sweep over the positions holds dA in registers.
+// Wider, the sweeps of register runs strided through the sample once per run and took 1.4-1.6x
+// as long at 64x256x8x8 as one position at a time over all channels with dA in memory (L1),
+// which in turn is slower at 16 channels, where dA is one register.
 template <typename T>
 void dy_cl(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, int64_t HW, T* ds,
            T* d_a) {
-  const int64_t c0 = for_register_blocks<T>(C, [&](auto regs, int64_t first) {
-    dy_cl_block<T, decltype(regs)::value>(xs, gs, sg, dm, C, HW, first, ds, d_a);
-  });
-  if (c0 == C) return;
-  std::fill(d_a + c0, d_a + C, T(0));  // the last C % N channels: dA in memory
+  int64_t c0 = 0;
+  if (C <= kPoolRegs * lanes<T>) {
+    c0 = for_register_blocks<T>(C, [&](auto regs, int64_t first) {
+      dy_cl_block<T, decltype(regs)::value>(xs, gs, sg, dm, C, HW, first, ds, d_a);
+    });
+    if (c0 == C) return;
+  }
+  std::fill(d_a + c0, d_a + C, T(0));
   for (int64_t i = 0; i < HW; ++i) {
     const T* xr = xs + i * C;
     const T* gr = gs + i * C;
@@ -482,13 +489,12 @@ void dy_cl(const T* xs, const T* gs, const T* sg, const T* dm, int64_t C, int64_
   }
 }
 
-// channels_last with few channels (float, C a multiple of 16 up to 64: the CIFAR ResNets' first
-// stages): a position's channels fill one or two registers, and reducing each position on its own
-// is mostly horizontal shuffles (the spatial pooling took 2/3 of the forward at 16 channels).
-// Instead blocks of 16 positions are transposed in registers, 16 channels at a time, and pooled
-// with vertical operations as in the NCHW case.
-constexpr int64_t kNarrowMaxChannels = 64;
-
+// channels_last spatial pooling (float, C a multiple of 16): reducing each position's channels on
+// its own ends in three horizontal reductions per position, mostly shuffles, and a second pass
+// for the index of the max (3-4x the NCHW pooling's time at 16 and at 256 channels). Instead
+// each position's channels are reduced lane-wise into one register each of sums, maxima and
+// their indices, four positions at a time (independent chains), and the registers of 16
+// positions are transposed so that one vertical pass finishes all 16.
 // Swap the off-diagonal KxK blocks of each 2Kx2K block of a 16x16 matrix held as 16 rows: after
 // K = 8, 4, 2, 1 the rows hold the transpose.
 #define CBAM_LANES(...) __VA_ARGS__
@@ -511,18 +517,18 @@ inline void transpose16(V<float> (&r)[16]) {
                   CBAM_LANES(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
 }
 
-// Mean, max and first index of the max across channels of y = x * A for the leading positions
-// in whole blocks of 16; returns how many positions it did (0 where it does not apply).
-template <typename T>
-int64_t spatial_pool_cl_narrow(const T*, const T*, int64_t, int64_t, T*, T*, int32_t*) {
-  return 0;
+inline void transpose16(VI<float> (&r)[16]) {
+  V<float> f[16];
+  std::memcpy(f, r, sizeof(f));  // the same bits, as floats: the shuffles only move lanes
+  transpose16(f);
+  std::memcpy(r, f, sizeof(f));
 }
 
-template <>
-int64_t spatial_pool_cl_narrow<float>(const float* xs, const float* a, int64_t C, int64_t HW,
-                                      float* mean, float* mx, int32_t* arg) {
+// 16 or 32 channels: the 16x16 blocks of x itself are transposed (one or two per 16 positions,
+// where the lane-wise partials below need three).
+int64_t spatial_pool_cl_narrow(const float* xs, const float* a, int64_t C, int64_t HW, float* mean,
+                               float* mx, int32_t* arg) {
   constexpr int64_t N = 16;
-  if (C % N != 0 || C > kNarrowMaxChannels) return 0;
   const int64_t blocks = HW / N;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* base = xs + blk * N * C;
@@ -549,17 +555,78 @@ int64_t spatial_pool_cl_narrow<float>(const float* xs, const float* a, int64_t C
   return blocks * N;
 }
 
+// Mean, max and first index of the max across channels of y = x * A for the leading positions
+// in whole blocks of 16; returns how many positions it did (0 where it does not apply).
+template <typename T>
+int64_t spatial_pool_cl16(const T*, const T*, int64_t, int64_t, T*, T*, int32_t*) {
+  return 0;
+}
+
+template <>
+int64_t spatial_pool_cl16<float>(const float* xs, const float* a, int64_t C, int64_t HW,
+                                 float* mean, float* mx, int32_t* arg) {
+  constexpr int64_t N = 16, Q = 4;  // lanes; positions in flight
+  if (C % N != 0) return 0;
+  if (C <= 2 * N) return spatial_pool_cl_narrow(xs, a, C, HW, mean, mx, arg);
+  const VI<float> lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const VI<float> none = VI<float>{} + std::numeric_limits<int32_t>::max();
+  const V<float> neg_inf = V<float>{} - std::numeric_limits<float>::infinity();
+  const int64_t blocks = HW / N;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    V<float> total[N], best[N];
+    VI<float> at[N];  // per position: lane-wise partial sum, max and the max's channel
+    for (int64_t p = 0; p < N; p += Q) {
+      const float* rows = xs + (blk * N + p) * C;
+      V<float> t[Q], m[Q];
+      VI<float> k[Q];
+      for (int q = 0; q < Q; ++q) {
+        t[q] = V<float>{};
+        m[q] = neg_inf;
+        k[q] = VI<float>{};
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += N) {
+        const V<float> av = loadu(a + c0);
+        const VI<float> cc = lane + static_cast<int32_t>(c0);
+        for (int q = 0; q < Q; ++q) {
+          const V<float> y = loadu(rows + q * C + c0) * av;
+          t[q] += y;
+          const VI<float> gt = y > m[q];
+          m[q] = gt ? y : m[q];
+          k[q] = gt ? cc : k[q];
+        }
+      }
+      for (int q = 0; q < Q; ++q) {
+        total[p + q] = t[q];
+        best[p + q] = m[q];
+        at[p + q] = k[q];
+      }
+    }
+    transpose16(total);
+    transpose16(best);
+    transpose16(at);
+    V<float> t = total[0], m = best[0];
+    for (int64_t l = 1; l < N; ++l) {
+      t += total[l];
+      m = best[l] > m ? best[l] : m;
+    }
+    VI<float> k = none;  // the smallest channel holding the max: its first index
+    for (int64_t l = 0; l < N; ++l) {
+      const VI<float> cand = best[l] == m ? at[l] : none;
+      k = cand < k ? cand : k;
+    }
+    for (int64_t l = 0; l < N; ++l) {
+      mean[blk * N + l] = t[l] / static_cast<float>(C);
+      mx[blk * N + l] = m[l];
+      arg[blk * N + l] = k[l] == std::numeric_limits<int32_t>::max() ? 0 : k[l];
+    }
+  }
+  return blocks * N;
+}
+
 // NCHW float with H*W a multiple of 16 (8x8 maps and up): per-channel reductions over positions
 // for 16 channels at a time, each kept as a register of 16 lane-wise partials and the 16
 // registers transposed, so that one vertical pass finishes all 16 channels; reducing each
 // channel's 4-register row on its own was mostly horizontal shuffles at 8x8 (256 channels).
-inline void transpose16(VI<float> (&r)[16]) {
-  V<float> f[16];
-  std::memcpy(f, r, sizeof(f));  // the same bits, as floats: the shuffles only move lanes
-  transpose16(f);
-  std::memcpy(r, f, sizeof(f));
-}
-
 // Channel pooling: sum, max and first index of the max over positions; returns how many leading
 // channels it did (0 where it does not apply).
 template <typename T>
@@ -707,7 +774,7 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
       if (!s.cl) {
         spatial_pool_nchw<T>(xs, a, C, HW, smean.data(), smax.data(), sa);
       } else {
-        const int64_t done = spatial_pool_cl_narrow<T>(xs, a, C, HW, smean.data(), smax.data(), sa);
+        const int64_t done = spatial_pool_cl16<T>(xs, a, C, HW, smean.data(), smax.data(), sa);
         for (int64_t i = done; i < HW; ++i) {
           T acc = 0;
           int64_t c = 0;

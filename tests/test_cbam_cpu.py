@@ -72,7 +72,15 @@ CONFIGS = {
     "max-avg-k3-nobias": CBAMConfig(pool_types=("max", "avg"), kernel_size=3, mlp_bias=False),
     "k5-r2": CBAMConfig(kernel_size=5, reduction=2),
 }
-SHAPES = [(3, 16, 5, 7), (2, 8, 17, 40), (2, 4, 1, 1), (2, 20, 9, 70), (2, 32, 16, 16)]
+# 80 channels: wider than the register runs of the channels_last backward (32 float64 channels).
+SHAPES = [
+    (3, 16, 5, 7),
+    (2, 8, 17, 40),
+    (2, 4, 1, 1),
+    (2, 20, 9, 70),
+    (2, 32, 16, 16),
+    (2, 80, 6, 6),
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -96,12 +104,20 @@ def test_kernels_match_float64_reference(kernels, config, shape) -> None:
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
-# float32 has code paths of its own: channels_last with 16-64 channels pools blocks of 16
-# positions transposed in registers (10x10: six blocks and a tail of 4), and NCHW maps of a
-# multiple of 16 positions reduce 16 channels at a time (20 channels: one block and 4 more).
+# float32 has code paths of its own: channels_last with a multiple of 16 channels pools blocks of
+# 16 positions through a register transpose (10x10: six blocks and a tail of 4), and NCHW maps of
+# a multiple of 16 positions reduce 16 channels at a time (20 channels: one block and 4 more).
 @pytest.mark.parametrize(
     "shape",
-    [(8, 64, 12, 12), (4, 16, 10, 10), (4, 32, 8, 8), (2, 48, 5, 7), (3, 20, 8, 8)],
+    [
+        (8, 64, 12, 12),
+        (4, 16, 10, 10),
+        (4, 32, 8, 8),
+        (2, 48, 5, 7),
+        (3, 20, 8, 8),
+        (2, 256, 8, 8),
+        (2, 144, 5, 7),
+    ],
     ids=str,
 )
 def test_float32_kernels_agree_with_torch_path(kernels, monkeypatch, shape) -> None:
@@ -139,17 +155,22 @@ def test_non_contiguous_input_and_gradient(kernels) -> None:
 
 
 # Rows of up to 256 values search the max in one vectorised pass, longer ones in blocks; float32
-# with 16 channels in channels_last pools transposed blocks of 16 positions.
-TIE_SHAPES = [(2, 8, 4, 4), (2, 8, 20, 20), (1, 300, 2, 2), (2, 16, 4, 4)]
+# in channels_last with a multiple of 16 channels pools transposed blocks of 16 positions.
+TIE_SHAPES = [(2, 8, 4, 4), (2, 8, 20, 20), (1, 300, 2, 2), (2, 16, 4, 4), (2, 64, 4, 5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", TIE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("tie", ["positions", "channels"])
 def test_ties_go_to_the_first_index_as_on_the_torch_path(
-    kernels, monkeypatch, shape, layout, dtype
+    kernels, monkeypatch, shape, layout, dtype, tie
 ) -> None:
     module = _module(shape[1], CBAMConfig(), True, dtype)
+    if tie == "channels":  # one channel gate for all channels: the spatial max ties as well
+        with torch.no_grad():
+            module.channel_gate.fc2.weight.zero_()
+            module.channel_gate.fc2.bias.zero_()
     other = copy.deepcopy(module)
     x = torch.ones(shape, dtype=dtype).contiguous(memory_format=layout)  # all max tie
     grad = torch.randn_like(x)
