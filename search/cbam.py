@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from search.cbam_fused import (
     FusedGates,
-    KernelGates,
+    forget_kernel_plans,
     fused_forward,
     kernel_forward,
     kernel_route,
@@ -247,6 +247,10 @@ class CBAM(nn.Module):
                 authors_bn_init=not config.timm_compat,
             )
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CBAM:
+        forget_kernel_plans()  # a cast or move changes the tensors a kernel plan names
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or torch.compiler.is_compiling() or x.device.type != "cpu":
             return reference_forward(self, x)
@@ -254,12 +258,11 @@ class CBAM(nn.Module):
             x = x.contiguous()
         route = kernel_route(x, self)
         if route is not None:
-            kernels, kparams = route
-            if torch.is_grad_enabled() and (
-                x.requires_grad or any(p is not None and p.requires_grad for p in kparams)
-            ):
-                return KernelGates.apply(x, self, kernels, *kparams)
-            return kernel_forward(kernels, x, self, kparams)[0]
+            kernels, plan = route
+            grad = torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in plan.params)
+            )
+            return kernel_forward(kernels, x, plan, grad)
         params = list(self.parameters())
         if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p.requires_grad for p in params)

@@ -19,7 +19,9 @@ oneDNN's convolution is slowest exactly there (one output channel, backward).
 On CPU, in float32/float64, the paper's arrangement (channel then spatial) with avg/max channel
 pooling and max & mean spatial pooling runs in hand-written kernels instead (``_cbam_cpu.cpp``,
 loaded by :mod:`search.cbam_cpu`): each sample is pooled, gated and differentiated while it sits
-in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead. Every
+in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead; their
+forward and backward are one autograd function in C++, and what they read from a module is kept
+per module (:class:`KernelPlan`). Every
 other CPU case (half precision, other knobs, or no compiler) takes the torch-op path below. CUDA
 takes neither: ``CBAM.forward`` runs the plain definition there (see :mod:`search.cbam`).
 """
@@ -27,6 +29,7 @@ takes neither: ``CBAM.forward`` runs the plain definition there (see :mod:`searc
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -34,11 +37,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from search import cbam_cpu
 
 if TYPE_CHECKING:
     from types import ModuleType
+
+    from torch import nn
 
     from search.cbam import CBAM, CBAMConfig, ChannelGate, SpatialGate
 
@@ -415,36 +425,6 @@ class Saved:
     spatial: _SpatialState | None = None
 
 
-@dataclass
-class KernelSaved:
-    """What the compiled CPU kernels' forward keeps for their backward (all small but ``x``)."""
-
-    kernels: ModuleType
-    params: tuple[Tensor | None, ...]  # as kernel_params gives them
-    gate_c: Tensor  # A, (B, C)
-    pooled: Tensor  # (T, B, C)
-    hidden: Tensor  # MLP pre-activation, (T, B, hidden)
-    hw_argmax: Tensor  # (B, C) int32
-    maps: Tensor  # (B, 2, H, W)
-    c_argmax: Tensor  # (B, H*W) int32
-    conv_out: Tensor  # (B, 1, H, W)
-    bn_mean: Tensor | None
-    bn_invstd: Tensor | None
-    gate_s: Tensor  # S, (B, H*W)
-    bn_training: bool
-
-
-def _kernel_args(m: CBAM) -> tuple[list[Tensor | None], list[Any]]:
-    """The BatchNorm's running statistics and the module's flags, as the kernels take them."""
-    channel, spatial = m.channel_gate, m.spatial_gate
-    pools = channel.pool_types
-    avg = pools.index("avg") if "avg" in pools else -1
-    mx = pools.index("max") if "max" in pools else -1
-    bn = spatial.bn
-    stats = [None, None] if bn is None else [bn.running_mean, bn.running_var]
-    return stats, [avg, mx, spatial.mean_first, bn is not None]
-
-
 @lru_cache(maxsize=64)
 def _config_fits_kernels(config: CBAMConfig) -> bool:
     return (
@@ -455,106 +435,97 @@ def _config_fits_kernels(config: CBAMConfig) -> bool:
 
 
 def kernel_params(m: CBAM) -> tuple[Tensor | None, ...]:
-    """The parameters the kernels read, in the order their backward returns gradients
-    (read by attribute: ``Module.parameters()`` walks the module tree, ~10 us a call)."""
+    """The parameters the kernels read, in the order their backward returns gradients."""
     channel, spatial = m.channel_gate, m.spatial_gate
     fc1, fc2, bn = channel.fc1, channel.fc2, spatial.bn
     bn_w, bn_b = (bn.weight, bn.bias) if bn is not None else (None, None)
     return fc1.weight, fc1.bias, fc2.weight, fc2.bias, spatial.conv.weight, bn_w, bn_b
 
 
-def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, tuple[Tensor | None, ...]] | None:
-    """The compiled CPU kernels and the parameters they take, if they cover this input and
-    module; else ``None``. Checked on every call, cheapest tests first."""
-    if not x.is_cpu or x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
-        return None
-    if not cbam_cpu.enabled():
+@dataclass(frozen=True, eq=False)
+class KernelPlan:
+    """What the kernels take from one module: its tensors and fixed flags, read once."""
+
+    bn: nn.BatchNorm2d | None  # its training flag, momentum and eps are read on every call
+    params: tuple[Tensor | None, ...]  # as kernel_params gives them
+    stats: tuple[Tensor | None, Tensor | None]  # the BatchNorm's running mean and variance
+    batches: Tensor | None  # its num_batches_tracked, where it keeps running statistics
+    flags: tuple[int, int, bool, bool]  # avg and max slots, mean first, has BatchNorm
+
+
+# Plans per module and input dtype, built on a module's first call. Walking a module's
+# submodules and parameters (``nn.Module.__getattr__``) on every call cost ~0.1 ms with cold
+# caches, as much as the kernels themselves at CIFAR sizes. Weak keys: a plan goes with its
+# module and is never copied or pickled with it. Any registration of a parameter, buffer or
+# submodule anywhere (assignment, ``load_state_dict(assign=True)``) and any ``_apply``
+# (``.to()``, ``.double()``) of a CBAM forgets them all, so no plan outlives a tensor it names.
+_plans: weakref.WeakKeyDictionary[CBAM, tuple[torch.dtype, KernelPlan | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def forget_kernel_plans(*_: object) -> None:
+    """Drop every module's plan (the registration hooks' and ``CBAM._apply``'s call)."""
+    _plans.clear()
+
+
+register_module_parameter_registration_hook(forget_kernel_plans)
+register_module_buffer_registration_hook(forget_kernel_plans)
+register_module_module_registration_hook(forget_kernel_plans)
+
+
+def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
+    if x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
         return None
     bn = m.spatial_gate.bn
-    if bn is not None and (bn.momentum is None or (bn.running_mean is None and not bn.training)):
-        return None
+    stats = (None, None) if bn is None else (bn.running_mean, bn.running_var)
+    batches = bn.num_batches_tracked if bn is not None and stats[0] is not None else None
     params = kernel_params(m)
     if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
+        return None
+    pools = m.channel_gate.pool_types
+    avg = pools.index("avg") if "avg" in pools else -1
+    mx = pools.index("max") if "max" in pools else -1
+    flags = (avg, mx, m.spatial_gate.mean_first, bn is not None)
+    return KernelPlan(bn, params, stats, batches, flags)
+
+
+def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
+    """The compiled CPU kernels and the module's plan, if they cover this input and module;
+    else ``None``."""
+    if not x.is_cpu or not cbam_cpu.enabled():
+        return None
+    cached = _plans.get(m)
+    if cached is None or cached[0] != x.dtype:
+        cached = _plans[m] = (x.dtype, _make_plan(x, m))
+    plan = cached[1]
+    if plan is None:
+        return None
+    bn = plan.bn
+    if bn is not None and (bn.momentum is None or (plan.stats[0] is None and not bn.training)):
         return None
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return None
     kernels = cbam_cpu.kernels()
-    return None if kernels is None else (kernels, params)
+    return None if kernels is None else (kernels, plan)
 
 
-def kernel_forward(
-    kernels: ModuleType, x: Tensor, m: CBAM, params: tuple[Tensor | None, ...]
-) -> tuple[Tensor, KernelSaved]:
-    """``out = x * A * S`` through the kernels, and what their backward needs; ``params`` as
-    :func:`kernel_route` gave them."""
-    bn = m.spatial_gate.bn
+def kernel_forward(kernels: ModuleType, x: Tensor, plan: KernelPlan, grad: bool) -> Tensor:
+    """``out = x * A * S`` through the kernels. With ``grad``, ``out`` carries the kernels'
+    backward, an autograd function written in C++."""
+    bn = plan.bn
     training = bn is not None and bn.training
-    counts_batches = training and bn.running_mean is not None
-    stats, flags = _kernel_args(m)
-    out, *state = kernels.forward(
+    args = (
         x,
-        *params,
-        *stats,
-        *flags,
+        *plan.params,
+        *plan.stats,
+        *plan.flags,
         training,
         bn.momentum if bn is not None else 0.0,
         bn.eps if bn is not None else 0.0,
-        bn.num_batches_tracked if counts_batches else None,
+        plan.batches if training else None,
     )
-    return out, KernelSaved(kernels, params, *state, training)
-
-
-def kernel_backward(x: Tensor, g: Tensor, m: CBAM, saved: KernelSaved) -> list[Tensor | None]:
-    """dx, then the gradients of :func:`kernel_params` (``None`` where one is absent)."""
-    fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b = saved.params
-    bn = m.spatial_gate.bn
-    stats, flags = _kernel_args(m)
-    return saved.kernels.backward(
-        g,
-        x,
-        saved.gate_c,
-        saved.gate_s,
-        saved.pooled,
-        saved.hidden,
-        saved.hw_argmax,
-        saved.maps,
-        saved.c_argmax,
-        saved.conv_out,
-        saved.bn_mean,
-        saved.bn_invstd,
-        fc1_w,
-        fc1_b is not None,
-        fc2_w,
-        fc2_b is not None,
-        conv_w,
-        bn_w,
-        bn_b,
-        *stats,
-        *flags,
-        saved.bn_training,
-        bn.eps if bn is not None else 0.0,
-    )
-
-
-class KernelGates(torch.autograd.Function):
-    """``out = x * A * S`` through the compiled CPU kernels (see the module docstring).
-
-    A Function of its own, apart from :class:`FusedGates`, so that the per-call Python stays
-    small: on CIFAR-sized maps it was a quarter of the kernels' own time.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, module: CBAM, kernels: ModuleType, *params: Tensor) -> Tensor:
-        out, saved = kernel_forward(kernels, x, module, params)
-        ctx.module, ctx.saved = module, saved
-        ctx.save_for_backward(x)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        dx, *grads = kernel_backward(x, grad_out, ctx.module, ctx.saved)
-        return (dx, None, None, *grads)
+    return kernels.forward_autograd(*args) if grad else kernels.forward(*args)[0]
 
 
 def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor, Saved]:

@@ -234,3 +234,36 @@ def test_torch_compile_still_traces_the_plain_definition(kernels) -> None:
     compiled = torch.compile(module, backend="eager", fullgraph=True)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(compiled(x), module(x))
+
+
+def test_kernel_plans_follow_the_module(kernels) -> None:
+    """What the kernels read from a module is kept between calls; every way of changing the
+    module's tensors after a call is seen by the next one."""
+    x = torch.randn(2, 16, 5, 6)
+
+    def check(module: CBAM, inputs: torch.Tensor) -> None:
+        assert cbam_fused.kernel_route(inputs, module) is not None
+        want = reference_forward(copy.deepcopy(module), inputs)
+        torch.testing.assert_close(module(inputs), want, rtol=1e-5, atol=1e-6)
+
+    module = _module(16, CBAMConfig(), True, torch.float32)
+    check(module, x)
+    module.eval()  # the running statistics now
+    check(module, x)
+    module.double()  # a cast: the plan of float32 tensors is dropped
+    check(module, x.double())
+    module.float()
+    fresh = {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in module.state_dict().items()
+    }
+    fresh["spatial_gate.bn.running_var"].abs_()
+    module.load_state_dict(fresh, assign=True)  # new tensor objects
+    check(module, x)
+    module.channel_gate.fc1.weight = torch.nn.Parameter(torch.randn(1, 16))  # assignment
+    check(module, x)
+    twin = copy.deepcopy(module)  # a copy reads its own tensors
+    with torch.no_grad():
+        twin.spatial_gate.conv.weight.mul_(-1)
+    check(twin, x)
+    assert not torch.allclose(twin(x), module(x))
