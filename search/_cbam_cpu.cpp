@@ -1107,44 +1107,80 @@ void spatial_gate_backward_impl(int64_t n, T* d, const T* z, bool has_bn, bool t
   for (int64_t i = 0; i < n; ++i) d[i] = a * d[i] + c1 * z[i] + c0;
 }
 
+// out (M, K) = A^T B for A (rows, M) and B (rows, K), row-major with leading dimensions lda,
+// ldb and ldo, K a whole number of registers: 8 output rows by one register at a time, summed in
+// registers over all rows, so that each register of B is loaded once for 8 multiply-adds.
+template <typename T>
+void gemm_tn(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t M,
+             int64_t K, T* out, int64_t ldo) {
+  constexpr int64_t N = lanes<T>, I = 8;
+  for (int64_t i0 = 0; i0 < M; i0 += I) {
+    const int64_t ni = std::min(I, M - i0);
+    for (int64_t k0 = 0; k0 < K; k0 += N) {
+      V<T> acc[I];
+      for (int64_t i = 0; i < I; ++i) acc[i] = V<T>{};
+      for (int64_t r = 0; r < rows; ++r) {
+        const V<T> v = loadu(b + r * ldb + k0);
+        const T* ar = a + r * lda + i0;
+        if (ni == I) {
+          for (int64_t i = 0; i < I; ++i) acc[i] += ar[i] * v;
+        } else {
+          for (int64_t i = 0; i < ni; ++i) acc[i] += ar[i] * v;
+        }
+      }
+      for (int64_t i = 0; i < ni; ++i)
+        std::memcpy(out + (i0 + i) * ldo + k0, &acc[i], sizeof(acc[i]));
+    }
+  }
+}
+
 // The MLP's and the convolution's parameter gradients from backward's per-sample results:
-// (C x B) @ (B x Hd) products too small for BLAS to beat its own dispatch.
+// products of (C x B) by (B x Hd) and (Hd x 2B) by (2B x C), too small for BLAS to beat its own
+// dispatch, as gemm_tn. As rank-1 updates of the whole output per sample, they were bound by the
+// output's loads and stores (~45 us a call at 64x256x8x8).
 template <typename T>
 void param_grads_impl(const Shape& s, const T* d_logits_c, const T* hidden, const T* d_hidden,
                       const T* pooled, const T* d_cw_part, T* d_w1, T* d_b1, T* d_w2, T* d_b2,
                       T* d_cw) {
   const int64_t B = s.B, C = s.C, Hd = s.Hd, TB = s.T * s.B, KK = 2 * s.K * s.K;
-  std::vector<T> act(Hd);
-  std::fill(d_w2, d_w2 + C * Hd, T(0));
-  if (d_b2) std::fill(d_b2, d_b2 + C, T(0));
-  for (int64_t b = 0; b < B; ++b) {
-    std::fill(act.begin(), act.end(), T(0));
-    for (int64_t t = 0; t < s.T; ++t) {
-      const T* ht = hidden + (t * B + b) * Hd;
-      for (int64_t j = 0; j < Hd; ++j) act[j] += ht[j] > 0 ? ht[j] : T(0);
-    }
-    const T* dl = d_logits_c + b * C;
-    for (int64_t c = 0; c < C; ++c) {
-      T* row = d_w2 + c * Hd;
-      const T dlc = dl[c];
-#pragma omp simd
-      for (int64_t j = 0; j < Hd; ++j) row[j] += dlc * act[j];
-      if (d_b2) d_b2[c] += dlc * static_cast<T>(s.T);
-    }
+  const int64_t ldh = padded<T>(Hd), ldc = padded<T>(C);
+  std::vector<T> act(B * ldh, T(0));  // per sample, the summed ReLU of the hidden layer
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < Hd; ++j) {
+        const T h = hidden[(t * B + b) * Hd + j];
+        act[b * ldh + j] += h > 0 ? h : T(0);
+      }
+  std::vector<T> w2_rows(C * ldh);
+  gemm_tn<T>(d_logits_c, C, act.data(), ldh, B, C, ldh, w2_rows.data(), ldh);
+  for (int64_t c = 0; c < C; ++c)
+    std::copy(w2_rows.begin() + c * ldh, w2_rows.begin() + c * ldh + Hd, d_w2 + c * Hd);
+  std::vector<T> p_padded, w1_rows;
+  const T* p = pooled;
+  T* w1_out = d_w1;
+  if (ldc != C) {  // whole registers of channels: padded copies in and out
+    p_padded.assign(TB * ldc, T(0));
+    for (int64_t r = 0; r < TB; ++r)
+      std::copy(pooled + r * C, pooled + (r + 1) * C, p_padded.begin() + r * ldc);
+    w1_rows.resize(Hd * ldc);
+    p = p_padded.data();
+    w1_out = w1_rows.data();
   }
-  std::fill(d_w1, d_w1 + Hd * C, T(0));
-  if (d_b1) std::fill(d_b1, d_b1 + Hd, T(0));
-  for (int64_t r = 0; r < TB; ++r) {
-    const T* dh = d_hidden + r * Hd;
-    const T* pr = pooled + r * C;
-    for (int64_t j = 0; j < Hd; ++j) {
-      const T v = dh[j];
-      if (d_b1) d_b1[j] += v;
-      if (v == T(0)) continue;
-      T* row = d_w1 + j * C;
+  gemm_tn<T>(d_hidden, Hd, p, ldc, TB, Hd, ldc, w1_out, ldc);
+  if (ldc != C)
+    for (int64_t j = 0; j < Hd; ++j)
+      std::copy(w1_rows.begin() + j * ldc, w1_rows.begin() + j * ldc + C, d_w1 + j * C);
+  if (d_b2) {
+    std::fill(d_b2, d_b2 + C, T(0));
+    for (int64_t b = 0; b < B; ++b)
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) row[c] += v * pr[c];
-    }
+      for (int64_t c = 0; c < C; ++c) d_b2[c] += d_logits_c[b * C + c];
+    for (int64_t c = 0; c < C; ++c) d_b2[c] *= static_cast<T>(s.T);
+  }
+  if (d_b1) {
+    std::fill(d_b1, d_b1 + Hd, T(0));
+    for (int64_t r = 0; r < TB; ++r)
+      for (int64_t j = 0; j < Hd; ++j) d_b1[j] += d_hidden[r * Hd + j];
   }
   std::fill(d_cw, d_cw + KK, T(0));
   for (int64_t b = 0; b < B; ++b)
