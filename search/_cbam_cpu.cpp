@@ -1210,7 +1210,39 @@ bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
-// out, A, pooled, hidden, hw_argmax, maps, c_argmax, conv_out, bn_mean, bn_invstd, S
+// The forward's small arrays, kept for its backward, carved from one tensor of T and one of
+// int32, so that forward and backward pass two tensors of state, not eleven.
+struct Layout {
+  int64_t gate_c, pooled, hidden, maps, conv_out, gate_s, bn, floats;  // offsets in T
+  int64_t hw_arg, c_arg, ints;                                          // offsets in int32
+
+  explicit Layout(const Shape& s) {
+    int64_t end = 0;
+    auto take = [&end](int64_t n) {
+      const int64_t at = end;
+      end += n;
+      return at;
+    };
+    gate_c = take(s.B * s.C);            // A
+    pooled = take(s.T * s.B * s.C);      // the pooled descriptors
+    hidden = take(s.T * s.B * s.Hd);     // the MLP's pre-activations
+    maps = take(2 * s.B * s.HW);         // the spatial pooling's maps
+    conv_out = take(s.B * s.HW);         // their convolution
+    gate_s = take(s.B * s.HW);           // S
+    bn = take(2);                        // the BatchNorm's batch mean and 1 / std
+    floats = end;
+    end = 0;
+    hw_arg = take(s.B * s.C);   // the channel max pooling's argmax
+    c_arg = take(s.B * s.HW);   // the spatial max pooling's argmax
+    ints = end;
+  }
+};
+
+int64_t pool_count(int64_t avg_slot, int64_t max_slot) {
+  return (avg_slot >= 0) + (max_slot >= 0);
+}
+
+// out, and the state its backward reads (floats, int32s)
 std::vector<Tensor> forward(const Tensor& x, const Tensor& fc1_w, const OptTensor& fc1_b,
                             const Tensor& fc2_w, const OptTensor& fc2_b, const Tensor& conv_w,
                             const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& bn_rm,
@@ -1218,57 +1250,34 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& fc1_w, const OptTenso
                             bool mean_first, bool has_bn, bool bn_training, double momentum,
                             double eps, const OptTensor& num_batches_tracked) {
   check_input(x, conv_w);
-  const int64_t pools = (avg_slot >= 0) + (max_slot >= 0);
-  const Shape s = shape_of(x, fc1_w, conv_w, pools);
-  auto opts = x.options();
-  Tensor gate_c = at::empty({s.B, s.C}, opts);
-  Tensor pooled = at::empty({s.T, s.B, s.C}, opts);
-  Tensor hidden = at::empty({s.T, s.B, s.Hd}, opts);
-  Tensor hw_arg = at::empty({s.B, s.C}, opts.dtype(at::kInt));
-  Tensor maps = at::empty({s.B, 2, s.H, s.W}, opts);
-  Tensor c_arg = at::empty({s.B, s.HW}, opts.dtype(at::kInt));
-  Tensor conv_out = at::empty({s.B, 1, s.H, s.W}, opts);
-  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
-    forward_impl<scalar_t>(s, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(),
-                           ptr_or_null<scalar_t>(fc1_b), w2.data_ptr<scalar_t>(),
-                           ptr_or_null<scalar_t>(fc2_b), cw.data_ptr<scalar_t>(), avg_slot,
-                           max_slot, mean_first, pooled.data_ptr<scalar_t>(),
-                           hidden.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
-                           hw_arg.data_ptr<int32_t>(), maps.data_ptr<scalar_t>(),
-                           c_arg.data_ptr<int32_t>(), conv_out.data_ptr<scalar_t>());
-  });
-  Tensor bn_mean, bn_invstd;
-  if (has_bn && bn_training) {
-    bn_mean = at::empty({1}, opts);
-    bn_invstd = at::empty({1}, opts);
-  }
   TORCH_CHECK(!has_bn || bn_training || (defined(bn_rm) && defined(bn_rv)),
               "cbam_cpu: BatchNorm in eval mode needs running statistics");
-  if (defined(num_batches_tracked)) num_batches_tracked->data_ptr<int64_t>()[0] += 1;
-  Tensor gate_s = at::empty({s.B, s.HW}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_gate", [&] {
-    spatial_gate_impl<scalar_t>(
-        s.B * s.HW, conv_out.data_ptr<scalar_t>(), has_bn, bn_training, momentum, eps,
-        ptr_or_null<scalar_t>(bn_w), ptr_or_null<scalar_t>(bn_b), mutable_or_null<scalar_t>(bn_rm),
-        mutable_or_null<scalar_t>(bn_rv), bn_mean.defined() ? bn_mean.data_ptr<scalar_t>() : nullptr,
-        bn_invstd.defined() ? bn_invstd.data_ptr<scalar_t>() : nullptr,
-        gate_s.data_ptr<scalar_t>());
-  });
+  const Shape s = shape_of(x, fc1_w, conv_w, pool_count(avg_slot, max_slot));
+  const Layout L(s);
+  Tensor state = at::empty({L.floats}, x.options());
+  Tensor ints = at::empty({L.ints}, x.options().dtype(at::kInt));
+  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
   Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_apply", [&] {
-    apply_impl<scalar_t>(s, x.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
-                         gate_s.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  if (defined(num_batches_tracked)) num_batches_tracked->data_ptr<int64_t>()[0] += 1;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_forward", [&] {
+    using T = scalar_t;
+    T* f = state.data_ptr<T>();
+    int32_t* i = ints.data_ptr<int32_t>();
+    forward_impl<T>(s, x.data_ptr<T>(), w1.data_ptr<T>(), ptr_or_null<T>(fc1_b),
+                    w2.data_ptr<T>(), ptr_or_null<T>(fc2_b), cw.data_ptr<T>(), avg_slot,
+                    max_slot, mean_first, f + L.pooled, f + L.hidden, f + L.gate_c,
+                    i + L.hw_arg, f + L.maps, i + L.c_arg, f + L.conv_out);
+    spatial_gate_impl<T>(s.B * s.HW, f + L.conv_out, has_bn, bn_training, momentum, eps,
+                         ptr_or_null<T>(bn_w), ptr_or_null<T>(bn_b), mutable_or_null<T>(bn_rm),
+                         mutable_or_null<T>(bn_rv), f + L.bn, f + L.bn + 1, f + L.gate_s);
+    apply_impl<T>(s, x.data_ptr<T>(), f + L.gate_c, f + L.gate_s, out.data_ptr<T>());
   });
-  return {out, gate_c, pooled, hidden, hw_arg, maps, c_arg, conv_out, bn_mean, bn_invstd, gate_s};
+  return {out, state, ints};
 }
 
 // dx, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_conv_w, d_bn_w, d_bn_b (undefined where absent)
-std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& gate_c,
-                             const Tensor& gate_s, const Tensor& pooled, const Tensor& hidden,
-                             const Tensor& hw_arg, const Tensor& maps, const Tensor& c_arg,
-                             const Tensor& conv_out, const OptTensor& bn_mean,
-                             const OptTensor& bn_invstd, const Tensor& fc1_w, bool fc1_bias,
+std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& state,
+                             const Tensor& ints, const Tensor& fc1_w, bool fc1_bias,
                              const Tensor& fc2_w, bool fc2_bias, const Tensor& conv_w,
                              const OptTensor& bn_w, const OptTensor& bn_b, const OptTensor& bn_rm,
                              const OptTensor& bn_rv, int64_t avg_slot, int64_t max_slot,
@@ -1276,52 +1285,42 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& x, const Tensor& 
   check_input(x, conv_w);
   Tensor holder;
   const Tensor& g = dense_like(grad, x, holder);
-  const Shape s = shape_of(x, fc1_w, conv_w, pooled.size(0));
+  const Shape s = shape_of(x, fc1_w, conv_w, pool_count(avg_slot, max_slot));
+  const Layout L(s);
   auto opts = x.options();
-  Tensor d_logits = at::empty({s.B, 1, s.H, s.W}, opts);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_grad", [&] {
-    spatial_grad_impl<scalar_t>(s, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                gate_c.data_ptr<scalar_t>(), gate_s.data_ptr<scalar_t>(),
-                                d_logits.data_ptr<scalar_t>());
-  });
+  const int64_t KK = 2 * s.K * s.K;
+  // Scratch: d(spatial logits), d(channel logits), d(hidden), per-sample d(conv weight).
+  const int64_t d_logits = 0, d_logits_c = s.B * s.HW, d_hidden = d_logits_c + s.B * s.C,
+                d_cw_part = d_hidden + s.T * s.B * s.Hd;
+  Tensor work = at::empty({d_cw_part + s.B * KK}, opts);
+  Tensor dx = at::empty_like(x);
   Tensor d_bn_w = has_bn && defined(bn_w) ? at::empty({1}, opts) : Tensor();
   Tensor d_bn_b = has_bn && defined(bn_b) ? at::empty({1}, opts) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_spatial_gate_backward", [&] {
-    spatial_gate_backward_impl<scalar_t>(
-        s.B * s.HW, d_logits.data_ptr<scalar_t>(), conv_out.data_ptr<scalar_t>(), has_bn,
-        bn_training, eps, ptr_or_null<scalar_t>(bn_w), ptr_or_null<scalar_t>(bn_rm),
-        ptr_or_null<scalar_t>(bn_rv), ptr_or_null<scalar_t>(bn_mean),
-        ptr_or_null<scalar_t>(bn_invstd),
-        d_bn_w.defined() ? d_bn_w.data_ptr<scalar_t>() : nullptr,
-        d_bn_b.defined() ? d_bn_b.data_ptr<scalar_t>() : nullptr);
-  });
-  const Tensor& d_conv = d_logits;
-  Tensor dx = at::empty_like(x);
-  Tensor d_logits_c = at::empty({s.B, s.C}, opts);
-  Tensor d_hidden = at::empty({s.T, s.B, s.Hd}, opts);
-  Tensor d_cw_part = at::empty({s.B, 2 * s.K * s.K}, opts);
-  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_backward", [&] {
-    backward_impl<scalar_t>(
-        s, g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gate_c.data_ptr<scalar_t>(),
-        gate_s.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(), hw_arg.data_ptr<int32_t>(),
-        maps.data_ptr<scalar_t>(), c_arg.data_ptr<int32_t>(), d_conv.data_ptr<scalar_t>(),
-        w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(), cw.data_ptr<scalar_t>(), avg_slot,
-        max_slot, mean_first, dx.data_ptr<scalar_t>(), d_logits_c.data_ptr<scalar_t>(),
-        d_hidden.data_ptr<scalar_t>(), d_cw_part.data_ptr<scalar_t>());
-  });
   Tensor d_fc2_w = at::empty({s.C, s.Hd}, opts);
   Tensor d_fc2_b = fc2_bias ? at::empty({s.C}, opts) : Tensor();
   Tensor d_fc1_w = at::empty({s.Hd, s.C}, opts);
   Tensor d_fc1_b = fc1_bias ? at::empty({s.Hd}, opts) : Tensor();
   Tensor d_conv_w = at::empty_like(conv_w, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_param_grads", [&] {
-    param_grads_impl<scalar_t>(
-        s, d_logits_c.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
-        d_hidden.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(), d_cw_part.data_ptr<scalar_t>(),
-        d_fc1_w.data_ptr<scalar_t>(), fc1_bias ? d_fc1_b.data_ptr<scalar_t>() : nullptr,
-        d_fc2_w.data_ptr<scalar_t>(), fc2_bias ? d_fc2_b.data_ptr<scalar_t>() : nullptr,
-        d_conv_w.data_ptr<scalar_t>());
+  Tensor w1 = fc1_w.contiguous(), w2 = fc2_w.contiguous(), cw = conv_w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cbam_backward", [&] {
+    using T = scalar_t;
+    const T* f = state.data_ptr<T>();
+    const int32_t* i = ints.data_ptr<int32_t>();
+    T* w = work.data_ptr<T>();
+    auto out_or_null = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    spatial_grad_impl<T>(s, g.data_ptr<T>(), x.data_ptr<T>(), f + L.gate_c, f + L.gate_s,
+                         w + d_logits);
+    spatial_gate_backward_impl<T>(s.B * s.HW, w + d_logits, f + L.conv_out, has_bn,
+                                  bn_training, eps, ptr_or_null<T>(bn_w), ptr_or_null<T>(bn_rm),
+                                  ptr_or_null<T>(bn_rv), f + L.bn, f + L.bn + 1,
+                                  out_or_null(d_bn_w), out_or_null(d_bn_b));
+    backward_impl<T>(s, g.data_ptr<T>(), x.data_ptr<T>(), f + L.gate_c, f + L.gate_s,
+                     f + L.hidden, i + L.hw_arg, f + L.maps, i + L.c_arg, w + d_logits,
+                     w1.data_ptr<T>(), w2.data_ptr<T>(), cw.data_ptr<T>(), avg_slot, max_slot,
+                     mean_first, dx.data_ptr<T>(), w + d_logits_c, w + d_hidden, w + d_cw_part);
+    param_grads_impl<T>(s, w + d_logits_c, f + L.hidden, w + d_hidden, f + L.pooled,
+                        w + d_cw_part, d_fc1_w.data_ptr<T>(), out_or_null(d_fc1_b),
+                        d_fc2_w.data_ptr<T>(), out_or_null(d_fc2_b), d_conv_w.data_ptr<T>());
   });
   return {dx, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, d_conv_w, d_bn_w, d_bn_b};
 }
@@ -1343,11 +1342,10 @@ struct CbamFunction : public torch::autograd::Function<CbamFunction> {
                        num_batches_tracked);
     ctx->save_for_backward({x});
     auto value = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
-    // Everything else as it is now (as the Python function kept it): the gates, pooled values,
-    // argmax indices and maps, the weights, the BatchNorm's statistics.
+    // The rest as it is now, as the Python function kept it: the forward's state, the weights,
+    // the BatchNorm's parameters and running statistics.
     ctx->saved_data["state"] = std::vector<Tensor>{
-        r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], fc1_w, fc2_w, conv_w,
-        value(bn_w), value(bn_b), value(bn_rm), value(bn_rv)};
+        r[1], r[2], fc1_w, fc2_w, conv_w, value(bn_w), value(bn_b), value(bn_rm), value(bn_rv)};
     ctx->saved_data["flags"] = std::vector<int64_t>{
         avg_slot, max_slot, mean_first, has_bn, bn_training, defined(fc1_b), defined(fc2_b)};
     ctx->saved_data["eps"] = eps;
@@ -1361,10 +1359,9 @@ struct CbamFunction : public torch::autograd::Function<CbamFunction> {
     const auto f = ctx->saved_data["flags"].toIntVector();
     const double eps = ctx->saved_data["eps"].toDouble();
     auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-    auto g = ::backward(grads[0], x, st[0], st[9], st[1], st[2], st[3], st[4], st[5], st[6],
-                        optional(st[7]), optional(st[8]), st[10], f[5] != 0, st[11], f[6] != 0,
-                        st[12], optional(st[13]), optional(st[14]), optional(st[15]),
-                        optional(st[16]), f[0], f[1], f[2] != 0, f[3] != 0, f[4] != 0, eps);
+    auto g = ::backward(grads[0], x, st[0], st[1], st[2], f[5] != 0, st[3], f[6] != 0, st[4],
+                        optional(st[5]), optional(st[6]), optional(st[7]), optional(st[8]), f[0],
+                        f[1], f[2] != 0, f[3] != 0, f[4] != 0, eps);
     torch::autograd::variable_list out(18);  // one per forward argument; flags get none
     std::copy(g.begin(), g.end(), out.begin());
     return out;
@@ -1384,7 +1381,6 @@ Tensor forward_autograd(const Tensor& x, const Tensor& fc1_w, const OptTensor& f
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "CBAM channel-spatial forward (CPU)");
-  m.def("backward", &backward, "CBAM channel-spatial backward (CPU)");
   m.def("forward_autograd", &forward_autograd,
         "CBAM channel-spatial forward (CPU), differentiable: its backward runs in C++");
 }
