@@ -592,6 +592,32 @@ inline void transpose16(VI<float> (&r)[16]) {
   std::memcpy(r, f, sizeof(f));
 }
 
+// 16 rows of lane-wise partial sums, maxima and the maxima's indices, finished: lane l of the
+// results is row l's sum, max, and the smallest index holding that max (0 where none does).
+struct Pooled16 {
+  V<float> sum, max;
+  VI<float> arg;
+};
+
+inline Pooled16 finish16(V<float> (&total)[16], V<float> (&best)[16], VI<float> (&at)[16]) {
+  transpose16(total);
+  transpose16(best);
+  transpose16(at);
+  Pooled16 r{total[0], best[0], {}};
+  for (int l = 1; l < 16; ++l) {
+    r.sum += total[l];
+    r.max = best[l] > r.max ? best[l] : r.max;
+  }
+  const VI<float> none = VI<float>{} + std::numeric_limits<int32_t>::max();
+  VI<float> k = none;
+  for (int l = 0; l < 16; ++l) {
+    const VI<float> cand = best[l] == r.max ? at[l] : none;
+    k = cand < k ? cand : k;
+  }
+  r.arg = k == none ? VI<float>{} : k;
+  return r;
+}
+
 // 16 or 32 channels: the 16x16 blocks of x itself are transposed (one or two per 16 positions,
 // where the lane-wise partials below need three).
 int64_t spatial_pool_cl_narrow(const float* xs, const float* a, int64_t C, int64_t HW, float* mean,
@@ -637,7 +663,6 @@ int64_t spatial_pool_cl16<float>(const float* xs, const float* a, int64_t C, int
   if (C % N != 0) return 0;
   if (C <= 2 * N) return spatial_pool_cl_narrow(xs, a, C, HW, mean, mx, arg);
   const VI<float> lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const VI<float> none = VI<float>{} + std::numeric_limits<int32_t>::max();
   const V<float> neg_inf = V<float>{} - std::numeric_limits<float>::infinity();
   const int64_t blocks = HW / N;
   for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -669,23 +694,11 @@ int64_t spatial_pool_cl16<float>(const float* xs, const float* a, int64_t C, int
         at[p + q] = k[q];
       }
     }
-    transpose16(total);
-    transpose16(best);
-    transpose16(at);
-    V<float> t = total[0], m = best[0];
-    for (int64_t l = 1; l < N; ++l) {
-      t += total[l];
-      m = best[l] > m ? best[l] : m;
-    }
-    VI<float> k = none;  // the smallest channel holding the max: its first index
+    const Pooled16 r = finish16(total, best, at);  // the first channel holding the max
     for (int64_t l = 0; l < N; ++l) {
-      const VI<float> cand = best[l] == m ? at[l] : none;
-      k = cand < k ? cand : k;
-    }
-    for (int64_t l = 0; l < N; ++l) {
-      mean[blk * N + l] = t[l] / static_cast<float>(C);
-      mx[blk * N + l] = m[l];
-      arg[blk * N + l] = k[l] == std::numeric_limits<int32_t>::max() ? 0 : k[l];
+      mean[blk * N + l] = r.sum[l] / static_cast<float>(C);
+      mx[blk * N + l] = r.max[l];
+      arg[blk * N + l] = r.arg[l];
     }
   }
   return blocks * N;
@@ -695,6 +708,7 @@ int64_t spatial_pool_cl16<float>(const float* xs, const float* a, int64_t C, int
 // for 16 channels at a time, each kept as a register of 16 lane-wise partials and the 16
 // registers transposed, so that one vertical pass finishes all 16 channels; reducing each
 // channel's 4-register row on its own was mostly horizontal shuffles at 8x8 (256 channels).
+//
 // Channel pooling: sum, max and first index of the max over positions; returns how many leading
 // channels it did (0 where it does not apply).
 template <typename T>
@@ -708,7 +722,6 @@ int64_t channel_pool_nchw16<float>(const float* xs, int64_t C, int64_t HW, float
   constexpr int64_t N = 16;
   if (HW % N != 0) return 0;
   const VI<float> lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const VI<float> none = VI<float>{} + std::numeric_limits<int32_t>::max();
   int64_t c0 = 0;
   for (; c0 + N <= C; c0 += N) {
     V<float> total[N], best[N];
@@ -728,23 +741,11 @@ int64_t channel_pool_nchw16<float>(const float* xs, int64_t C, int64_t HW, float
       best[c] = m;
       at[c] = k;
     }
-    transpose16(total);
-    transpose16(best);
-    transpose16(at);
-    V<float> t = total[0], m = best[0];
-    for (int l = 1; l < N; ++l) {
-      t += total[l];
-      m = best[l] > m ? best[l] : m;
-    }
-    VI<float> k = none;
-    for (int l = 0; l < N; ++l) {
-      const VI<float> cand = best[l] == m ? at[l] : none;
-      k = cand < k ? cand : k;
-    }
+    const Pooled16 r = finish16(total, best, at);
     for (int64_t c = 0; c < N; ++c) {
-      sum[c0 + c] = t[c];
-      mx[c0 + c] = m[c];
-      arg[c0 + c] = k[c] == std::numeric_limits<int32_t>::max() ? 0 : k[c];
+      sum[c0 + c] = r.sum[c];
+      mx[c0 + c] = r.max[c];
+      arg[c0 + c] = r.arg[c];
     }
   }
   return c0;
