@@ -32,7 +32,9 @@
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+// c10::optional: std::optional on torch >= 2.4, and what autograd.Function counts as a possibly
+// absent input on earlier versions too (their own optional type).
+using OptTensor = c10::optional<Tensor>;
 
 template <typename T>
 inline T sigmoid(T v) {
