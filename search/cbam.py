@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from search.cbam_fused import (
     FusedGates,
-    forget_kernel_plans,
+    forget_kernel_plan,
     fused_forward,
     kernel_forward,
     kernel_route,
@@ -248,7 +248,7 @@ class CBAM(nn.Module):
             )
 
     def _apply(self, fn: Any, recurse: bool = True) -> CBAM:
-        forget_kernel_plans()  # a cast or move changes the tensors a kernel plan names
+        forget_kernel_plan(self)  # a cast or move changes the tensors' dtype or device in place
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:

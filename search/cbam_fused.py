@@ -21,9 +21,9 @@ pooling and max & mean spatial pooling runs in hand-written kernels instead (``_
 loaded by :mod:`search.cbam_cpu`): each sample is pooled, gated and differentiated while it sits
 in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead; their
 forward and backward are one autograd function in C++, and what they read from a module is kept
-per module (:class:`KernelPlan`). Every
-other CPU case (half precision, other knobs, or no compiler) takes the torch-op path below. CUDA
-takes neither: ``CBAM.forward`` runs the plain definition there (see :mod:`search.cbam`).
+per module (:class:`KernelPlan`). Every other CPU case (half precision, other knobs, or no
+compiler) takes the torch-op path below. CUDA takes neither: ``CBAM.forward`` runs the plain
+definition there (see :mod:`search.cbam`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
 
 from search import cbam_cpu
 
@@ -451,43 +446,63 @@ class KernelPlan:
     stats: tuple[Tensor | None, Tensor | None]  # the BatchNorm's running mean and variance
     batches: Tensor | None  # its num_batches_tracked, where it keeps running statistics
     flags: tuple[int, int, bool, bool]  # avg and max slots, mean first, has BatchNorm
+    held: tuple[tuple[dict[str, Any], str, Any], ...]  # (a module's dict, name, what it held)
+
+    def still_held(self) -> bool:
+        """Whether the module still holds every submodule and tensor this plan was read from:
+        assignment, ``load_state_dict(assign=True)`` and ``torch.func.functional_call`` all
+        swap them in the modules' own dicts (the last without any hook). ~10 us with cold
+        caches, against ~80 us for reading the module again."""
+        return all(place.get(name) is what for place, name, what in self.held)
 
 
-# Plans per module and input dtype, built on a module's first call. Walking a module's
-# submodules and parameters (``nn.Module.__getattr__``) on every call cost ~0.1 ms with cold
-# caches, as much as the kernels themselves at CIFAR sizes. Weak keys: a plan goes with its
-# module and is never copied or pickled with it. Any registration of a parameter, buffer or
-# submodule anywhere (assignment, ``load_state_dict(assign=True)``) and any ``_apply``
-# (``.to()``, ``.double()``) of a CBAM forgets them all, so no plan outlives a tensor it names.
+# Plans per module, for the dtype of its last input. Walking a module's submodules and
+# parameters (``nn.Module.__getattr__``) on every call cost ~0.1 ms with cold caches, as much as
+# the kernels themselves at CIFAR sizes. Weak keys: a plan goes with its module and is never
+# copied or pickled with it.
 _plans: weakref.WeakKeyDictionary[CBAM, tuple[torch.dtype, KernelPlan | None]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def forget_kernel_plans(*_: object) -> None:
-    """Drop every module's plan (the registration hooks' and ``CBAM._apply``'s call)."""
-    _plans.clear()
-
-
-register_module_parameter_registration_hook(forget_kernel_plans)
-register_module_buffer_registration_hook(forget_kernel_plans)
-register_module_module_registration_hook(forget_kernel_plans)
+def forget_kernel_plan(m: CBAM) -> None:
+    """Drop the module's plan (``CBAM._apply``: a cast or a move keeps the tensor objects)."""
+    _plans.pop(m, None)
 
 
 def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
     if x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
         return None
-    bn = m.spatial_gate.bn
-    stats = (None, None) if bn is None else (bn.running_mean, bn.running_var)
-    batches = bn.num_batches_tracked if bn is not None and stats[0] is not None else None
     params = kernel_params(m)
     if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
         return None
-    pools = m.channel_gate.pool_types
+    channel, spatial = m.channel_gate, m.spatial_gate
+    fc1, fc2, conv, bn = channel.fc1, channel.fc2, spatial.conv, spatial.bn
+    held: list[tuple[dict[str, Any], str, Any]] = [
+        (m._modules, "channel_gate", channel),
+        (m._modules, "spatial_gate", spatial),
+        (channel._modules, "fc1", fc1),
+        (channel._modules, "fc2", fc2),
+        (spatial._modules, "conv", conv),
+        (spatial._modules, "bn", bn),
+    ]
+    for module, name in ((fc1, "weight"), (fc1, "bias"), (fc2, "weight"), (fc2, "bias")):
+        held.append((module._parameters, name, module._parameters.get(name)))
+    held.append((conv._parameters, "weight", conv.weight))
+    stats, batches = (None, None), None
+    if bn is not None:
+        stats = (bn.running_mean, bn.running_var)
+        batches = bn.num_batches_tracked if stats[0] is not None else None
+        held += [(bn._parameters, name, bn._parameters.get(name)) for name in ("weight", "bias")]
+        held += [
+            (bn._buffers, name, bn._buffers.get(name))
+            for name in ("running_mean", "running_var", "num_batches_tracked")
+        ]
+    pools = channel.pool_types
     avg = pools.index("avg") if "avg" in pools else -1
     mx = pools.index("max") if "max" in pools else -1
-    flags = (avg, mx, m.spatial_gate.mean_first, bn is not None)
-    return KernelPlan(bn, params, stats, batches, flags)
+    flags = (avg, mx, spatial.mean_first, bn is not None)
+    return KernelPlan(bn, params, stats, batches, flags, tuple(held))
 
 
 def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
@@ -496,7 +511,7 @@ def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
     if not x.is_cpu or not cbam_cpu.enabled():
         return None
     cached = _plans.get(m)
-    if cached is None or cached[0] != x.dtype:
+    if cached is None or cached[0] != x.dtype or not (cached[1] is None or cached[1].still_held()):
         cached = _plans[m] = (x.dtype, _make_plan(x, m))
     plan = cached[1]
     if plan is None:

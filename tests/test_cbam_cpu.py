@@ -238,7 +238,7 @@ def test_torch_compile_still_traces_the_plain_definition(kernels) -> None:
 
 def test_kernel_plans_follow_the_module(kernels) -> None:
     """What the kernels read from a module is kept between calls; every way of changing the
-    module's tensors after a call is seen by the next one."""
+    module's tensors or submodules after a call is seen by the next one."""
     x = torch.randn(2, 16, 5, 6)
 
     def check(module: CBAM, inputs: torch.Tensor) -> None:
@@ -262,6 +262,14 @@ def test_kernel_plans_follow_the_module(kernels) -> None:
     check(module, x)
     module.channel_gate.fc1.weight = torch.nn.Parameter(torch.randn(1, 16))  # assignment
     check(module, x)
+    module.spatial_gate.conv = torch.nn.Conv2d(2, 1, 7, padding=3, bias=False)  # a new submodule
+    check(module, x)
+    swapped = {name: torch.randn_like(p) for name, p in module.named_parameters()}
+    got = torch.func.functional_call(module, swapped, (x,))  # swapped in without any hook
+    reference = copy.deepcopy(module)
+    reference.load_state_dict(swapped, strict=False)
+    torch.testing.assert_close(got, reference_forward(reference, x), rtol=1e-5, atol=1e-6)
+    check(module, x)  # and its own tensors again after the call
     twin = copy.deepcopy(module)  # a copy reads its own tensors
     with torch.no_grad():
         twin.spatial_gate.conv.weight.mul_(-1)
