@@ -1357,6 +1357,11 @@ struct CbamFunction : public torch::autograd::Function<CbamFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // The backward's kernels are not differentiable themselves: refuse rather than return
+    // gradients that silently lack their second-order part.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "CBAM's CPU kernels have no double backward (create_graph=True); "
+                "search.cbam.reference_forward(module, x) computes the same function with one");
     const Tensor x = ctx->get_saved_variables()[0];
     const auto st = ctx->saved_data["state"].toTensorVector();
     const auto f = ctx->saved_data["flags"].toIntVector();

@@ -275,3 +275,15 @@ def test_kernel_plans_follow_the_module(kernels) -> None:
         twin.spatial_gate.conv.weight.mul_(-1)
     check(twin, x)
     assert not torch.allclose(twin(x), module(x))
+
+
+def test_double_backward_is_refused_with_a_way_out(kernels) -> None:
+    module = _module(16, CBAMConfig(), True, torch.float64)
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(module(x).sum(), x, create_graph=True)
+    (first,) = torch.autograd.grad(
+        reference_forward(module, x).square().sum(), x, create_graph=True
+    )
+    (second,) = torch.autograd.grad(first.sum(), x)  # the way out the error names
+    assert second.shape == x.shape and torch.isfinite(second).all()
