@@ -429,20 +429,12 @@ def _config_fits_kernels(config: CBAMConfig) -> bool:
     )
 
 
-def kernel_params(m: CBAM) -> tuple[Tensor | None, ...]:
-    """The parameters the kernels read, in the order their backward returns gradients."""
-    channel, spatial = m.channel_gate, m.spatial_gate
-    fc1, fc2, bn = channel.fc1, channel.fc2, spatial.bn
-    bn_w, bn_b = (bn.weight, bn.bias) if bn is not None else (None, None)
-    return fc1.weight, fc1.bias, fc2.weight, fc2.bias, spatial.conv.weight, bn_w, bn_b
-
-
 @dataclass(frozen=True, eq=False)
 class KernelPlan:
     """What the kernels take from one module: its tensors and fixed flags, read once."""
 
     bn: nn.BatchNorm2d | None  # its training flag, momentum and eps are read on every call
-    params: tuple[Tensor | None, ...]  # as kernel_params gives them
+    params: tuple[Tensor | None, ...]  # fc1 w, b; fc2 w, b; conv w; BatchNorm w, b
     stats: tuple[Tensor | None, Tensor | None]  # the BatchNorm's running mean and variance
     batches: Tensor | None  # its num_batches_tracked, where it keeps running statistics
     flags: tuple[int, int, bool, bool]  # avg and max slots, mean first, has BatchNorm
@@ -473,31 +465,34 @@ def forget_kernel_plan(m: CBAM) -> None:
 def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
     if x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
         return None
-    params = kernel_params(m)
-    if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
-        return None
     channel, spatial = m.channel_gate, m.spatial_gate
     fc1, fc2, conv, bn = channel.fc1, channel.fc2, spatial.conv, spatial.bn
-    held: list[tuple[dict[str, Any], str, Any]] = [
+    # Where each tensor the kernels read lives: the parameters in the order the kernels'
+    # backward returns their gradients, then the BatchNorm's buffers.
+    places: list[tuple[dict[str, Any], str]] = [
+        *((layer._parameters, name) for layer in (fc1, fc2) for name in ("weight", "bias")),
+        (conv._parameters, "weight"),
+    ]
+    if bn is not None:
+        places += [(bn._parameters, "weight"), (bn._parameters, "bias")]
+        places += [(bn._buffers, n) for n in ("running_mean", "running_var", "num_batches_tracked")]
+    tensors = [place.get(name) for place, name in places]
+    params = tuple(tensors[:7]) if bn is not None else (*tensors, None, None)
+    if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
+        return None
+    stats, batches = (None, None), None
+    if bn is not None:
+        stats = (tensors[7], tensors[8])
+        batches = tensors[9] if stats[0] is not None else None
+    held = [
         (m._modules, "channel_gate", channel),
         (m._modules, "spatial_gate", spatial),
         (channel._modules, "fc1", fc1),
         (channel._modules, "fc2", fc2),
         (spatial._modules, "conv", conv),
         (spatial._modules, "bn", bn),
+        *((place, name, t) for (place, name), t in zip(places, tensors, strict=True)),
     ]
-    for module, name in ((fc1, "weight"), (fc1, "bias"), (fc2, "weight"), (fc2, "bias")):
-        held.append((module._parameters, name, module._parameters.get(name)))
-    held.append((conv._parameters, "weight", conv.weight))
-    stats, batches = (None, None), None
-    if bn is not None:
-        stats = (bn.running_mean, bn.running_var)
-        batches = bn.num_batches_tracked if stats[0] is not None else None
-        held += [(bn._parameters, name, bn._parameters.get(name)) for name in ("weight", "bias")]
-        held += [
-            (bn._buffers, name, bn._buffers.get(name))
-            for name in ("running_mean", "running_var", "num_batches_tracked")
-        ]
     pools = channel.pool_types
     avg = pools.index("avg") if "avg" in pools else -1
     mx = pools.index("max") if "max" in pools else -1
@@ -507,7 +502,7 @@ def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
 
 def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
     """The compiled CPU kernels and the module's plan, if they cover this input and module;
-    else ``None``."""
+    else ``None``. ``x`` is contiguous or channels_last (``CBAM.forward`` makes it so)."""
     if not x.is_cpu or not cbam_cpu.enabled():
         return None
     cached = _plans.get(m)
@@ -518,8 +513,6 @@ def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
         return None
     bn = plan.bn
     if bn is not None and (bn.momentum is None or (plan.stats[0] is None and not bn.training)):
-        return None
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         return None
     kernels = cbam_cpu.kernels()
     return None if kernels is None else (kernels, plan)
