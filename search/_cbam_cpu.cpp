@@ -290,15 +290,6 @@ inline void sum_max_arg(const T* row, const T* scale, int64_t n, T& sum, T& max,
   arg = i < n ? i : 0;
 }
 
-// A (rows, cols) row-major matrix transposed.
-template <typename T>
-std::vector<T> transposed(const T* m, int64_t rows, int64_t cols) {
-  std::vector<T> t(rows * cols);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
-  return t;
-}
-
 // Whole registers of T covering n values.
 template <typename T>
 int64_t padded(int64_t n) {
@@ -791,8 +782,8 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
                   T* hidden, T* gate_c, int32_t* hw_arg, T* maps, int32_t* c_arg, T* conv_out) {
   const int64_t C = s.C, HW = s.HW, Hd = s.Hd, B = s.B;
   const int64_t max_ch = mean_first ? 1 : 0, mean_ch = 1 - max_ch;
-  const std::vector<T> w2t_ = transposed(w2, C, Hd);  // fc2's weight as (Hd, C)
-  const T* w2t = w2t_.data();
+  const int64_t ldc = padded<T>(C);
+  const std::vector<T> w2t = padded_rows(w2, C, Hd, true);  // fc2's weight as (Hd, ldc)
   const int64_t ldh = padded<T>(Hd);
   const std::vector<T> w1t = padded_rows(w1, Hd, C, true);  // fc1's weight as (C, ldh)
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -840,7 +831,7 @@ void forward_impl(const Shape& s, const T* x, const T* w1, const T* b1, const T*
       for (int64_t j = 0; j < Hd; ++j) {
         const T aj = act[j];
         if (aj == T(0)) continue;
-        const T* wj = w2t + j * C;
+        const T* wj = w2t.data() + j * ldc;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) a[c] += wj[c] * aj;
       }
