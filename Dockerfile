@@ -11,7 +11,7 @@ ARG GPU_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
 FROM ${CPU_IMAGE} AS base-cpu
 ARG TORCH_SPEC="torch>=2.3 torchvision>=0.18"
 ARG TORCH_INDEX_URL=""
-# g++: CPU workers compile the CBAM CPU kernels on first use (search/cbam_cpu.py).
+# g++: CPU workers compile the CBAM CPU kernels on first use (search/nn/cbam_kernels.py).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

@@ -38,7 +38,7 @@ DEMO_SPEC ?= examples/cluttered-digits.yaml
 DEMO_PORT ?= 8000
 # The CBAM CPU kernels, compiled once per machine (about a minute) before anything needs them.
 kernels: $(STAMP)
-	$(BIN)/python -m search.cbam_cpu
+	$(BIN)/python -m search.nn.cbam_kernels
 
 demo: $(STAMP) kernels
 	$(BIN)/cbam-nas serve --port $(DEMO_PORT) --workers 1 --device cpu --submit $(DEMO_SPEC)

@@ -17,7 +17,7 @@ import torch
 from timm.layers.cbam import CbamModule
 
 from benchmarks._timing import interleaved_medians, machine, parse_args
-from search.cbam import CBAM, reference_forward
+from search.nn.cbam import CBAM, reference_forward
 
 SHAPES = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8)]
 

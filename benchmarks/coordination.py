@@ -81,11 +81,11 @@ import optuna
 from sqlalchemy import func, select
 
 from benchmarks._timing import machine
-from search.db import open_database
-from search.records import ResultState, Search, SearchState, TrialResult
-from search.searches import create_search
 from search.spec import SearchSpec
-from search.study import load_study
+from search.store.engine import open_database
+from search.store.models import ResultState, Search, SearchState, TrialResult
+from search.store.searches import create_search
+from search.study.studies import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 50.0
@@ -381,7 +381,7 @@ def profile(url: str, args: argparse.Namespace) -> list[tuple[str, float, float]
 
     # The worker asks through its own two-step ``_ask`` where it has one.
     ask = (worker_module, "_ask") if hasattr(worker_module, "_ask") else (optuna.Study, "ask")
-    # The worker tells through search.study.tell_trial where it has one.
+    # The worker tells through search.study.studies.tell_trial where it has one.
     tell = (
         (worker_module, "tell_trial")
         if hasattr(worker_module, "tell_trial")

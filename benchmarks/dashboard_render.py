@@ -18,7 +18,7 @@ categories axes; the importance bars and note; the ablation tables; the learning
    fold draw when scrolled to; their answers are requested with the first view). With a cold
    browser cache (a new browser context per load: plotly.min.js, 4.7 MiB, 1.4 MiB gzipped, is
    fetched, parsed and run each time), once more with the server's cached answers dropped
-   first (``search.cached.CACHE``: the leaderboard, scatter and analyses recomputed), and with
+   first (``search.results.cache.CACHE``: the leaderboard, scatter and analyses recomputed), and with
    the browser cache warm (a context that loaded the page twice before, so V8 may also keep
    plotly's compiled code).
 2. Refresh of a loaded page, back to back in one page, by the page's own code
@@ -72,10 +72,10 @@ from sqlalchemy import func, insert, select
 
 from benchmarks._timing import machine
 from benchmarks.leaderboard_latency import Filled, populate, run, serve_peer, serving_ours
-from search.cached import CACHE, completed
-from search.db import Database
-from search.records import TrialResult, utcnow
+from search.results.cache import CACHE, completed
 from search.space import REFERENCE_NAMES
+from search.store.engine import Database
+from search.store.models import TrialResult, utcnow
 
 BROWSER_ARGS = [
     "--no-sandbox",

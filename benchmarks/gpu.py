@@ -1,14 +1,14 @@
 """GPU figures: our CBAM against timm's on CUDA, and whole training trials of CIFAR-sized ResNets.
 
 1. One CBAM block (the paper's setting), forward + backward: ours, timm's ``CbamModule`` and the
-   plain definition (``search.cbam.reference_forward``), interleaved, at (64, 64, 32, 32),
+   plain definition (``search.nn.cbam.reference_forward``), interleaved, at (64, 64, 32, 32),
    (64, 128, 16, 16), (64, 256, 8, 8) and (256, 256, 14, 14); NCHW and channels_last; fp32 and
    under autocast at the dtype training uses (bf16 where the card has it, else fp16), the input
    already in that dtype as a convolution under autocast hands it over. Medians in ms, and
    ours / timm (lower is better).
 2. Whole trials of ``workers.train.train`` on the GPU (mixed precision, channels_last inputs,
    data held on the device, batched crop + flip): CIFAR ResNet-20 and ResNet-18 (torchvision's
-   structure, as ``search.backbones`` builds it) with CBAM in every block, on synthetic
+   structure, as ``search.nn.backbones`` builds it) with CBAM in every block, on synthetic
    CIFAR-shaped uint8 data (32x32x3, 10 classes). The same loop with timm's CbamModule, with the
    plain definition, and without attention, interleaved round by round; images/s of the whole
    trial (model build, epochs, validation) and of the training steps alone (epochs after the
@@ -39,7 +39,7 @@ from torch import nn
 import workers.train as train_module
 from benchmarks._timing import interleaved_medians
 from benchmarks.train_throughput import synthetic
-from search.cbam import CBAM, reference_forward
+from search.nn.cbam import CBAM, reference_forward
 from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.data import DatasetTensors
@@ -49,7 +49,7 @@ BLOCK_SHAPES = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (256, 256,
 BACKBONES = {"cifar_resnet20": "CIFAR ResNet-20", "resnet18": "ResNet-18"}
 # name -> label; "ours" is the project's fused CBAM, the others are swapped in for it.
 VARIANTS = {
-    "ours": "ours (search.cbam.CBAM)",
+    "ours": "ours (search.nn.cbam.CBAM)",
     "timm": "timm CbamModule",
     "plain": "plain CBAM definition",
     "none": "no attention",

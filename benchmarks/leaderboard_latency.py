@@ -67,22 +67,22 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import insert, select, update
 
 from benchmarks._timing import machine
-from search.artifacts import ARTIFACT_FILES
-from search.backbones import BACKBONES
-from search.cbam import CBAMConfig, create_attention, has_channel_gate, has_spatial_gate
-from search.db import Database, open_database
+from search.nn.backbones import BACKBONES
+from search.nn.cbam import CBAMConfig, create_attention, has_channel_gate, has_spatial_gate
 from search.overhead import (
     attention_elementwise_ops,
     attention_macs,
     count_macs,
     count_params,
 )
-from search.records import Reference, ResultState, Search, SearchState, TrialResult
-from search.searches import create_search, delete_search
 from search.settings import Settings
 from search.space import REFERENCE_NAMES, Architecture, build_model
 from search.spec import SearchSpec
-from search.study import architecture_for, load_study, objective_values
+from search.store.artifacts import ARTIFACT_FILES
+from search.store.engine import Database, open_database
+from search.store.models import Reference, ResultState, Search, SearchState, TrialResult
+from search.store.searches import create_search, delete_search
+from search.study.studies import architecture_for, load_study, objective_values
 from service.app import create_app
 from service.auth import create_token, revoke_token
 
@@ -173,7 +173,7 @@ class _Figures:
                 module = create_attention("se", channels, None, architecture.reduction or 16)
                 hidden = max(1, channels // (architecture.reduction or 16))
                 figures = (count_params(module), 2 * channels * hidden, 2 * channels * side**2)
-            else:  # CBAM: counted as search.cbam builds it, without building it (thousands)
+            else:  # CBAM: counted as search.nn.cbam builds it, without building it (thousands)
                 shape = (1, channels, side, side)
                 figures = (
                     _cbam_params(config, channels),

@@ -18,8 +18,8 @@ from timm.layers.cbam import CbamModule
 from torch import nn
 
 from benchmarks._timing import interleaved_medians, machine, parse_args
-from search.backbones import build_backbone
-from search.cbam import CBAM, SqueezeExcite, reference_forward
+from search.nn.backbones import build_backbone
+from search.nn.cbam import CBAM, SqueezeExcite, reference_forward
 
 
 class _ReferenceCBAM(CBAM):

@@ -36,11 +36,11 @@ import torch
 from sqlalchemy import select
 
 from benchmarks._timing import machine
-from search.db import open_database
-from search.records import ResultState, TrialResult
-from search.searches import create_search
 from search.settings import get_settings
 from search.spec import SearchSpec
+from search.store.engine import open_database
+from search.store.models import ResultState, TrialResult
+from search.store.searches import create_search
 from workers.worker import Worker, WorkerOptions
 
 POLICIES = ("none", "halving")

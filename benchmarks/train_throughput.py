@@ -7,7 +7,7 @@ epochs, batch size and per-epoch validation for every variant:
   inputs, glibc allocator tuned), and the same without one ingredient each, to show where the gain
   comes from;
 * default: a torch DataLoader over a Dataset with per-sample ``transforms.v2`` RandomCrop(32,
-  padding=4) + RandomHorizontalFlip, the plain reference CBAM (``search.cbam.reference_forward``),
+  padding=4) + RandomHorizontalFlip, the plain reference CBAM (``search.nn.cbam.reference_forward``),
   contiguous fp32 NCHW, SGD.
 
 Every trial runs in a fresh child process (the allocator setting is process-wide), interleaved
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from benchmarks._timing import machine
-from search.cbam import CBAM, reference_forward
+from search.nn.cbam import CBAM, reference_forward
 from search.space import Architecture, build_model
 from search.spec import TrainingSpec
 from workers.data import DatasetTensors

@@ -6,7 +6,7 @@
 predicted class with its probability, and Grad-CAM of the last stage. :func:`attention_report`
 does it from stored weights and samples and returns the JSON the API serves (see its docstring).
 
-The gates are read with :meth:`search.cbam.CBAM.gates` on each module's input (captured by a
+The gates are read with :meth:`search.nn.cbam.CBAM.gates` on each module's input (captured by a
 forward pre-hook), so they are exactly what the module multiplies its input by, without touching
 BatchNorm statistics. Squeeze-and-excitation is a channel-only CBAM and shows up as such;
 ``none`` has no gates.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.cbam import CBAM
+from search.nn.cbam import CBAM
 from search.space import Architecture, build_model
 
 # The state-dict keys of every backbone's stem and classifier (in_channels, num_classes).

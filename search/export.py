@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from search.cbam import CBAM, SpatialGate, reference_forward
+from search.nn.cbam import CBAM, SpatialGate, reference_forward
 from search.space import Architecture, build_model
 
 __all__ = [
@@ -112,14 +112,14 @@ def export_onnx(
 def _use_plain_attention(model: nn.Module) -> None:
     """Make every CBAM (and SE) module of ``model`` run the plain definition, for export.
 
-    ``CBAM.forward`` normally runs the fused autograd function of :mod:`search.cbam_fused`,
+    ``CBAM.forward`` normally runs the fused autograd function of :mod:`search.nn.cbam_fused`,
     whose forward uses preallocated workspaces and in-place kernels, and whose spatial k x k
     convolution is a banded matrix product built from an ``lru_cache``-d selector. Under
     ``torch.export`` that cache would store FakeTensors (breaking later eager calls in this
     process) and the graph would hold the matrix product instead of a Conv. So, on this
     model only (it is built for the export and thrown away; no global state changes):
 
-    - each CBAM runs :func:`search.cbam.reference_forward`, the plain definition, bound on the
+    - each CBAM runs :func:`search.nn.cbam.reference_forward`, the plain definition, bound on the
       instance rather than left to ``torch.compiler.is_compiling()`` being true while exporting;
     - each spatial gate computes its logits with its own ``nn.Conv2d`` and ``BatchNorm2d``:
       in eval mode exactly ``SpatialGate.logits`` with ``spatial_conv`` as a plain convolution.

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from search.cbam import CBAM, CBAMConfig, has_channel_gate, has_spatial_gate
 from search.errors import InvalidValue
+from search.nn.cbam import CBAM, CBAMConfig, has_channel_gate, has_spatial_gate
 from search.space import Architecture, build_model
 
 InputShape = tuple[int, int, int]

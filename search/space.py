@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from search.backbones import BACKBONES, BackboneInfo, build_backbone
-from search.cbam import (
+from search.errors import InvalidValue
+from search.nn.backbones import BACKBONES, BackboneInfo, build_backbone
+from search.nn.cbam import (
     ARRANGEMENTS,
     ATTENTION_KINDS,
     KERNEL_SIZES,
@@ -40,7 +41,6 @@ from search.cbam import (
     has_channel_gate,
     has_spatial_gate,
 )
-from search.errors import InvalidValue
 
 if TYPE_CHECKING:
     from optuna.trial import BaseTrial

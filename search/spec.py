@@ -24,8 +24,8 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from search.backbones import BACKBONES
 from search.errors import InvalidValue
+from search.nn.backbones import BACKBONES
 from search.space import SearchSpace
 
 DATASETS = (

@@ -19,11 +19,11 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from search.artifacts import artifact_store
-from search.db import Database, open_database
 from search.errors import Conflict, InvalidValue, NotFound
 from search.settings import Settings, get_settings
-from service.api import analysis, attention, files, meta, ops, searches, trials
+from search.store.artifacts import artifact_store
+from search.store.engine import Database, open_database
+from service.api.routes import analysis, attention, files, meta, ops, searches, trials
 from service.dashboard import routes as dashboard
 
 API_PREFIX = "/api/v1"

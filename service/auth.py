@@ -17,9 +17,9 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from search.db import Database
 from search.errors import InvalidValue
-from search.records import ApiToken, utcnow
+from search.store.engine import Database
+from search.store.models import ApiToken, utcnow
 
 PREFIX = "cbn"
 # Ids fit a 32-bit integer column: longer digit strings are not tokens (and never reach SQL).

@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from search.db import Database
-from search.records import Search
-from search.searches import create_search
 from search.settings import Settings
 from search.spec import SearchSpec
+from search.store.engine import Database
+from search.store.models import Search
+from search.store.searches import create_search
 
 log = logging.getLogger("cbam_nas.serve")
 

@@ -22,8 +22,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 from support import free_port
 
-from search.db import Database, normalise_url, open_database
 from search.settings import Settings, get_settings
+from search.store.engine import Database, normalise_url, open_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_DEFAULT_PORT = 55439

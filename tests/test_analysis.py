@@ -15,15 +15,15 @@ from optuna.distributions import CategoricalDistribution
 from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from search import analysis
-from search.db import Database
-from search.leaderboard import pareto_flags
-from search.records import Reference, ResultState, Search, TrialResult, utcnow
-from search.searches import create_search
+from search.results import analysis
+from search.results.leaderboard import pareto_flags
 from search.settings import Settings
 from search.space import Architecture, reference_architectures
 from search.spec import SearchSpec
-from search.study import load_study
+from search.store.engine import Database
+from search.store.models import Reference, ResultState, Search, TrialResult, utcnow
+from search.store.searches import create_search
+from search.study.studies import load_study
 from service.app import create_app
 from service.auth import create_token
 

@@ -18,9 +18,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
-from search.backbones import BACKBONES
-from search.db import Database, open_database
-from search.records import (
+from search.nn.backbones import BACKBONES
+from search.settings import Settings
+from search.space import Architecture, reference_architectures
+from search.spec import DATASETS, OVERHEADS, SearchSpec
+from search.store.engine import Database, open_database
+from search.store.models import (
     Reference,
     ResultState,
     Search,
@@ -28,9 +31,6 @@ from search.records import (
     TrialResult,
     utcnow,
 )
-from search.settings import Settings
-from search.space import Architecture, reference_architectures
-from search.spec import DATASETS, OVERHEADS, SearchSpec
 from service.app import create_app
 from service.auth import create_token
 

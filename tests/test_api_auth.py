@@ -19,9 +19,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
-from search.db import Database
-from search.records import ApiToken, Search
 from search.settings import Settings, get_settings
+from search.store.engine import Database
+from search.store.models import ApiToken, Search
 from service.api import deps
 from service.api.deps import read_access, write_access
 from service.app import API_PREFIX, create_app

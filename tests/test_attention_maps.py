@@ -17,11 +17,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from search.attention_maps import attention_maps, attention_report, normalise
-from search.cbam import CBAM, ChannelGate, SpatialGate
-from search.db import Database
-from search.records import ResultState, TrialResult, utcnow
+from search.nn.cbam import CBAM, ChannelGate, SpatialGate
 from search.settings import Settings
 from search.space import Architecture, build_model, reference_architectures
+from search.store.engine import Database
+from search.store.models import ResultState, TrialResult, utcnow
 
 CIFAR = reference_architectures("cifar_resnet20")
 SPATIAL_ONLY = Architecture("cifar_resnet20", "cbam", arrangement="spatial", kernel_size=3)
@@ -347,7 +347,7 @@ def _upload(db: Database, settings: Settings, study_name: str, folder: Path) -> 
     from optuna.artifacts import upload_artifact
     from safetensors.torch import save_file
 
-    from search.artifacts import artifact_store
+    from search.store.artifacts import artifact_store
 
     folder.mkdir()
     save_file(_model(CIFAR["cbam"]).state_dict(), str(folder / "weights.safetensors"))
@@ -368,8 +368,8 @@ def test_attention_endpoint_computes_caches_and_refuses(
     from fastapi.testclient import TestClient
 
     from search import attention_maps as maps_module
-    from search.searches import create_search
     from search.spec import SearchSpec
+    from search.store.searches import create_search
     from service.app import create_app
     from service.auth import create_token
 
@@ -427,10 +427,10 @@ def test_a_workers_trial_has_attention_pictures(
     from fastapi.testclient import TestClient
     from safetensors import safe_open
 
-    from search.artifacts import read_artifact
     from search.attention_maps import NORMALISATION
-    from search.searches import create_search
     from search.spec import SearchSpec
+    from search.store.artifacts import read_artifact
+    from search.store.searches import create_search
     from service.app import create_app
     from service.auth import create_token
     from workers.data import load_dataset
@@ -458,7 +458,7 @@ def test_a_workers_trial_has_attention_pictures(
     assert row.state == ResultState.completed
     assert "samples.safetensors" in row.artifacts
 
-    from search.artifacts import artifact_store
+    from search.store.artifacts import artifact_store
 
     stored = read_artifact(artifact_store(settings), row.artifacts["samples.safetensors"], "s")
     path = tmp_path / "samples.safetensors"

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from search.backbones import BACKBONES, AttentionFactory, build_backbone, cifar_resnet
-from search.cbam import CBAM
 from search.errors import InvalidValue
+from search.nn.backbones import BACKBONES, AttentionFactory, build_backbone, cifar_resnet
+from search.nn.cbam import CBAM
 
 
 def n_params(model: nn.Module) -> int:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from timm.layers.cbam import CbamModule
 from timm.layers.squeeze_excite import SEModule
 
-from search.cbam import (
+from search.errors import InvalidValue
+from search.nn.cbam import (
     ARRANGEMENTS,
     CBAM,
     CBAMConfig,
@@ -20,7 +21,6 @@ from search.cbam import (
     reference_forward,
     spatial_conv,
 )
-from search.errors import InvalidValue
 
 POOL_SETS = [("avg", "max"), ("avg",), ("max",), ("lp",), ("lse",), ("avg", "max", "lp", "lse")]
 
@@ -309,7 +309,7 @@ def test_works_under_torch_compile() -> None:
 def test_runs_the_plain_definition_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Accelerators (here the meta device, which has no CPU kernels) get the plain ops, with a
     real convolution for the spatial gate, not the fused function or the banded product."""
-    from search import cbam_fused
+    from search.nn import cbam_fused
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the fused path ran off the CPU")

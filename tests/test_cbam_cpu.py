@@ -1,4 +1,4 @@
-"""The compiled CPU kernels of CBAM (search/_cbam_cpu.cpp) against the plain definition."""
+"""The compiled CPU kernels of CBAM (search/nn/_cbam_cpu.cpp) against the plain definition."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from search import cbam_cpu, cbam_fused
-from search.cbam import CBAM, CBAMConfig, reference_forward
+from search.nn import cbam_fused, cbam_kernels
+from search.nn.cbam import CBAM, CBAMConfig, reference_forward
 
 
 @pytest.fixture(autouse=True)
 def _settings_read_again():
     """Each test sees the environment it sets (the kernels read their settings once)."""
-    cbam_cpu.settings.cache_clear()
+    cbam_kernels.settings.cache_clear()
     yield
-    cbam_cpu.settings.cache_clear()
+    cbam_kernels.settings.cache_clear()
 
 
 def _switch(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
@@ -28,12 +28,12 @@ def _switch(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
         monkeypatch.delenv("CBAM_NAS_CPU_KERNELS", raising=False)
     else:
         monkeypatch.setenv("CBAM_NAS_CPU_KERNELS", "0")
-    cbam_cpu.settings.cache_clear()
+    cbam_kernels.settings.cache_clear()
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    module = cbam_cpu.kernels()
+    module = cbam_kernels.kernels()
     if module is None:
         reason = "the CBAM CPU kernels could not be built here (no compiler or headers)"
         if os.environ.get("CI"):  # CI installs a compiler: a build failure there is a failure
@@ -199,17 +199,17 @@ def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
     def broken() -> None:
         raise RuntimeError("Error building extension 'cbam_nas_cpu'\ng++: not found")
 
-    monkeypatch.setattr(cbam_cpu, "_build", broken)
-    monkeypatch.setattr(cbam_cpu, "_state", {})
+    monkeypatch.setattr(cbam_kernels, "_build", broken)
+    monkeypatch.setattr(cbam_kernels, "_state", {})
     module = _module(16, CBAMConfig(), True, torch.float64)
     ref = copy.deepcopy(module)
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
     grad = torch.randn_like(x)
-    with caplog.at_level(logging.WARNING, logger="search.cbam_cpu"):
-        assert cbam_cpu.kernels() is None
+    with caplog.at_level(logging.WARNING, logger="search.nn.cbam_kernels"):
+        assert cbam_kernels.kernels() is None
         got = _run(module, x, grad, CBAM.__call__)
         _run(module, x, grad, CBAM.__call__)
-    warnings = [r for r in caplog.records if r.name == "search.cbam_cpu"]
+    warnings = [r for r in caplog.records if r.name == "search.nn.cbam_kernels"]
     assert len(warnings) == 1 and "g++: not found" in warnings[0].getMessage()
     want = _run(ref, x, grad, reference_forward)
     for g, w in zip(got[:2], want[:2], strict=True):
@@ -218,15 +218,15 @@ def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
 
 def test_environment_turns_the_kernels_off_and_names_the_cache(monkeypatch, tmp_path) -> None:
     _switch(monkeypatch, False)
-    assert not cbam_cpu.enabled()
+    assert not cbam_kernels.enabled()
     assert cbam_fused.kernel_route(torch.randn(2, 8, 4, 4), CBAM(8)) is None
     monkeypatch.setenv("CBAM_NAS_KERNEL_CACHE_DIR", str(tmp_path))
-    cbam_cpu.settings.cache_clear()
-    assert cbam_cpu.cache_dir() == tmp_path
+    cbam_kernels.settings.cache_clear()
+    assert cbam_kernels.cache_dir() == tmp_path
     monkeypatch.delenv("CBAM_NAS_KERNEL_CACHE_DIR")
-    cbam_cpu.settings.cache_clear()
-    assert cbam_cpu.cache_dir() == Path.home() / ".cache" / "cbam-nas"
-    assert cbam_cpu._build_name().startswith("cbam_nas_cpu_")
+    cbam_kernels.settings.cache_clear()
+    assert cbam_kernels.cache_dir() == Path.home() / ".cache" / "cbam-nas"
+    assert cbam_kernels._build_name().startswith("cbam_nas_cpu_")
 
 
 def test_torch_compile_still_traces_the_plain_definition(kernels) -> None:

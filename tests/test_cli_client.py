@@ -18,9 +18,9 @@ import uvicorn
 from support import free_port
 from typer.testing import CliRunner
 
-from search.db import Database
-from search.records import Reference, ResultState, Search, TrialResult, utcnow
 from search.settings import Settings, get_settings
+from search.store.engine import Database
+from search.store.models import Reference, ResultState, Search, TrialResult, utcnow
 from service.app import create_app
 from service.auth import create_token
 from service.cli import app
@@ -201,7 +201,7 @@ def test_wait_follows_the_search_to_its_end(
     server: str, sqlite_db: Database, tmp_path: Path
 ) -> None:
     """--wait polls until the search is over; here a 'worker' cancels it meanwhile."""
-    from search.searches import cancel_search
+    from search.store.searches import cancel_search
 
     def cancel_soon() -> None:
         deadline = time.monotonic() + 20
@@ -255,9 +255,9 @@ def _store_artifacts(
 def finished_search(sqlite_db: Database, settings: Settings, tmp_path: Path) -> str:
     """A search with four completed trials (the three references and one other), one pruned;
     the best (CBAM, trial 2) has its files stored."""
-    from search.searches import create_search
     from search.space import reference_architectures
     from search.spec import SearchSpec
+    from search.store.searches import create_search
 
     spec = SearchSpec.from_yaml(SPEC).validate()
     search = create_search(sqlite_db, spec)

@@ -32,10 +32,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool
 from support import free_port, quick_spec, wait_until
 
-from search.db import Database, Outage, is_transient, open_database, retrying
-from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
-from search.searches import create_search
-from search.study import load_study
+from search.store.engine import Database, Outage, is_transient, open_database, retrying
+from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
+from search.store.searches import create_search
+from search.study.studies import load_study
 from workers.worker import claim_trial, sweep_lost
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from search.backbones import BACKBONES
 from search.export import (
     CLASSIFIER_WEIGHT,
     INPUT_NAME,
@@ -30,6 +29,7 @@ from search.export import (
     ExportError,
     export_onnx,
 )
+from search.nn.backbones import BACKBONES
 from search.space import Architecture, SearchSpace, build_model, reference_architectures
 
 BACKBONE = "cifar_resnet20"

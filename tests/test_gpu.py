@@ -14,12 +14,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from search.cbam import CBAM, reference_forward
-from search.db import Database
 from search.errors import InvalidValue
+from search.nn.cbam import CBAM, reference_forward
 from search.overhead import available_devices, check_device
 from search.space import Architecture
 from search.spec import TrainingSpec
+from search.store.engine import Database
 from service.server import worker_devices
 from workers.data import DatasetTensors
 from workers.train import autocast_dtype, train
@@ -225,9 +225,9 @@ def test_worker_runs_a_trial_on_a_gpu(sqlite_db: Database) -> None:
 
 def run_one_trial(db: Database, device: str) -> None:
     """A worker on ``device`` runs a one-trial search to completion: measured and trained there."""
-    from search.records import ResultState, TrialResult
-    from search.searches import create_search
     from search.spec import SearchSpec
+    from search.store.models import ResultState, TrialResult
+    from search.store.searches import create_search
     from workers.worker import Worker, WorkerOptions
 
     spec = SearchSpec.from_dict(

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from search.leaderboard import deltas, dominates, leaderboard, pareto_flags, pareto_front
-from search.records import ResultState, TrialResult
+from search.results.leaderboard import deltas, dominates, leaderboard, pareto_flags, pareto_front
+from search.store.models import ResultState, TrialResult
 
 
 def _row(number: int, accuracy: float | None, params: int, **extra: Any) -> dict[str, Any]:

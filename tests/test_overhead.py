@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from search.cbam import CBAM, CBAMConfig, reference_forward
 from search.errors import InvalidValue
+from search.nn.cbam import CBAM, CBAMConfig, reference_forward
 from search.overhead import (
     OverheadReport,
     attention_elementwise_ops,

@@ -15,9 +15,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, func, inspect, select
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from search.db import MIGRATIONS_DIR, VERSION_TABLE, Database, include_name, open_database
 from search.errors import InvalidValue
-from search.records import (
+from search.settings import Settings
+from search.space import REFERENCE_NAMES, Architecture
+from search.store.engine import MIGRATIONS_DIR, VERSION_TABLE, Database, include_name, open_database
+from search.store.models import (
     ApiToken,
     Base,
     Reference,
@@ -28,8 +30,6 @@ from search.records import (
     WorkerSeen,
     utcnow,
 )
-from search.settings import Settings
-from search.space import REFERENCE_NAMES, Architecture
 
 OUR_TABLES = {"searches", "trial_results", "api_tokens", "workers"}
 
@@ -238,8 +238,8 @@ def test_enums_match_the_domain() -> None:
 
 def test_migrations_are_packaged() -> None:
     """env.py and the revisions ship as modules of packages; the template as package data."""
-    for package in ("search.migrations", "search.migrations.versions"):
+    for package in ("search.store.migrations", "search.store.migrations.versions"):
         assert Path(importlib.import_module(package).__file__).name == "__init__.py"
     assert (MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
-    pyproject = (MIGRATIONS_DIR.parent.parent / "pyproject.toml").read_text()
-    assert '"search.migrations" = ["script.py.mako"]' in pyproject
+    pyproject = (MIGRATIONS_DIR.parents[2] / "pyproject.toml").read_text()
+    assert '"search.store.migrations" = ["script.py.mako"]' in pyproject

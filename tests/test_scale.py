@@ -23,12 +23,12 @@ from optuna.trial import TrialState
 from sqlalchemy import func, select, update
 from support import wait_until
 
-from search.db import Database
-from search.records import ResultState, Search, SearchState, TrialResult, WorkerSeen
-from search.searches import create_search
 from search.space import Architecture
 from search.spec import SearchSpec
-from search.study import load_study
+from search.store.engine import Database
+from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen
+from search.store.searches import create_search
+from search.study.studies import load_study
 from workers.worker import STOPPED_REASON, Worker, WorkerOptions, claim_trial, dry_run_figures
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import optuna
 import pytest
 from torch import nn
 
-from search.cbam import CBAM, CBAMConfig, SqueezeExcite
 from search.errors import InvalidValue
+from search.nn.cbam import CBAM, CBAMConfig, SqueezeExcite
 from search.space import (
     REFERENCE_NAMES,
     Architecture,

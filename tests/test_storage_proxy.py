@@ -25,10 +25,10 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import select
 
-from search.db import Database, grpc_address, open_database
 from search.errors import InvalidValue
-from search.records import ResultState, Search, SearchState, TrialResult
-from search.searches import create_search
+from search.store.engine import Database, grpc_address, open_database
+from search.store.models import ResultState, Search, SearchState, TrialResult
+from search.store.searches import create_search
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 180

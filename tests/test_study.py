@@ -11,13 +11,13 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-import search.study as study_module
-from search.db import Database
-from search.records import ResultState, Search, TrialResult
-from search.searches import create_search
+import search.study.studies as study_module
 from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_architectures
 from search.spec import SearchSpec
-from search.study import (
+from search.store.engine import Database
+from search.store.models import ResultState, Search, TrialResult
+from search.store.searches import create_search
+from search.study.studies import (
     EpochContext,
     NoStopping,
     OptunaPruning,

@@ -27,12 +27,12 @@ from sqlalchemy import select, update
 from support import quick_spec, wait_until
 from typer.testing import CliRunner
 
-from search.db import Database, open_database
-from search.records import ResultState, Search, SearchState, TrialResult, utcnow
-from search.searches import create_search
 from search.settings import Settings
 from search.space import Architecture, build_model
-from search.study import frozen_trial, load_study
+from search.store.engine import Database, open_database
+from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
+from search.store.searches import create_search
+from search.study.studies import frozen_trial, load_study
 from service.cli import app
 from workers.data import load_dataset
 from workers.train import evaluate

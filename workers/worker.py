@@ -6,7 +6,7 @@ slot's trial-result row, so that the budget is never exceeded however many worke
 whose attempt was handed back (``requeued``: its worker died or was stopped) or failed is run
 again as attempt + 1 without a new slot; inserting that row is the claim, made atomic by the
 unique (search, number, attempt) constraint. A requeued attempt runs again with the same Optuna
-parameters (:func:`search.study.retry_trial`), a failed one (e.g. a diverging loss) draws anew;
+parameters (:func:`search.study.studies.retry_trial`), a failed one (e.g. a diverging loss) draws anew;
 retries are bounded by ``budget.max_retries`` (hand-backs by a signal do not count). Among the
 searches with work, a worker takes the one with the fewest trials in flight relative to its budget.
 
@@ -20,7 +20,7 @@ trial back at once (requeued, "worker stopped") and end the worker with status 0
 search is noticed at the next epoch boundary.
 
 Database outages (a restart, a failover). During a trial every read and write of the database
-is retried through transient errors with backoff (:meth:`search.db.Database.retrying`) for up
+is retried through transient errors with backoff (:meth:`search.store.engine.Database.retrying`) for up
 to the settings' ``db_retry_s``: training goes on meanwhile, the worker waits at the next epoch
 boundary and resumes; if the database stays away longer, the worker exits with status 1 and its
 trial is re-run once its heartbeat is older than the grace period. Between trials the worker
@@ -40,7 +40,7 @@ that reads it so (the worker that ran its last trial, at the latest), or by a wo
 Per trial, coordination costs a claim (one transaction: the searches read, the slot claimed,
 the trial-result row inserted, the worker's row written), Optuna's ask (the references are
 taken from the study's queue until a worker finds it empty; then new trials only), the sampled
-parameters written in one transaction (:func:`search.study.params_written_at_once`), the
+parameters written in one transaction (:func:`search.study.studies.params_written_at_once`), the
 architecture written to the row, Optuna's tell, and one update closing the row with its figures.
 
 Dry runs (``WorkerOptions.dry_run``, ``cbam-nas worker --dry-run``) go through exactly this path
@@ -78,12 +78,15 @@ from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from search.artifacts import ARTIFACT_FILES, SAMPLES_FILE, artifact_store
 from search.attention_maps import NORMALISATION
-from search.db import RETRY_FIRST_DELAY_S, Database, is_transient, open_database
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, check_device, measure
-from search.records import (
+from search.settings import Settings, get_settings
+from search.space import Architecture
+from search.spec import SearchSpec
+from search.store.artifacts import ARTIFACT_FILES, SAMPLES_FILE, artifact_store
+from search.store.engine import RETRY_FIRST_DELAY_S, Database, is_transient, open_database
+from search.store.models import (
     OVERHEAD_FIELDS,
     ResultState,
     Search,
@@ -92,10 +95,7 @@ from search.records import (
     WorkerSeen,
     utcnow,
 )
-from search.settings import Settings, get_settings
-from search.space import Architecture
-from search.spec import SearchSpec
-from search.study import (
+from search.study.studies import (
     EpochContext,
     architecture_for,
     constraint_value,

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
-from search.db import Database
-from search.records import ApiToken
 from search.settings import Settings
+from search.store.engine import Database
+from search.store.models import ApiToken
 from service.auth import verify_token
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: cbam-nas token create")

@@ -2,7 +2,7 @@
 
 The answers are plain dicts of thousands of points: FastAPI's generic encoder walks them on
 every request (30-60 ms at 10,000 trials), ``json.dumps`` once per change of the search takes a
-few. The ETag is the search's version (``search.cached.version``) with the question, so a
+few. The ETag is the search's version (``search.results.cache.version``) with the question, so a
 dashboard polling an unchanged search gets ``304 Not Modified`` and redraws nothing.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.encoders import jsonable_encoder
 
-from search.cached import CACHE, version
-from search.db import Database
+from search.results.cache import CACHE, version
+from search.store.engine import Database
 
 # Browsers keep the answer and ask again each time (If-None-Match).
 _HEADERS = {"Cache-Control": "private, no-cache", "Vary": "Authorization, Cookie"}

@@ -20,7 +20,7 @@ from service.cli.params import bad_parameter, open_database
 from service.cli.render import leaderboard_table, stdout_console
 
 if TYPE_CHECKING:
-    from search.db import Database
+    from search.store.engine import Database
 
 commands = typer.Typer()
 
@@ -239,7 +239,7 @@ def _wait(db: Database, search_id: str, children: list[subprocess.Popen[bytes]])
     from rich.progress import Progress
     from sqlalchemy import func, select
 
-    from search.records import ResultState, Search, TrialResult
+    from search.store.models import ResultState, Search, TrialResult
 
     def finished() -> int:
         with db.session() as session:
@@ -287,10 +287,10 @@ def run_search(
     from sqlalchemy import select
 
     from search.overhead import check_device
-    from search.records import Search, SearchState, TrialResult
-    from search.searches import create_search
     from search.settings import get_settings
     from search.spec import SearchSpec
+    from search.store.models import Search, SearchState, TrialResult
+    from search.store.searches import create_search
 
     _setup_logging(sys.stderr.isatty())
     optuna.logging.set_verbosity(optuna.logging.WARNING)

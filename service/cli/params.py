@@ -10,7 +10,7 @@ import typer
 from search.errors import InvalidValue
 
 if TYPE_CHECKING:
-    from search.db import Database, Role
+    from search.store.engine import Database, Role
 
 
 def bad_parameter(exc: InvalidValue, option: str | None = None) -> typer.BadParameter:
@@ -20,7 +20,7 @@ def bad_parameter(exc: InvalidValue, option: str | None = None) -> typer.BadPara
 
 def open_database(url: str | None, role: Role = "tool") -> Database:
     """The database at ``url`` (the settings' when None); a bad URL is a bad --database."""
-    from search.db import open_database as open_db
+    from search.store.engine import open_database as open_db
 
     try:
         return open_db(url, role=role)

@@ -35,16 +35,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import optuna
 from sqlalchemy import select
 
-from search.records import ResultState, Search, TrialResult
 from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_architectures
 from search.spec import SearchSpec
+from search.store.models import ResultState, Search, TrialResult
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.storages import BaseStorage
     from optuna.trial import BaseTrial, FrozenTrial
 
-    from search.db import Database
+    from search.store.engine import Database
 
 ACCURACY = "val_accuracy"
 # spec overhead -> the TrialResult column (percent over no attention) that is its objective

@@ -2,7 +2,7 @@
 coordinates of the knobs, the paper's ablation tables, learning curves and knob importances.
 
 Each answer is computed and encoded in the process once per change of the search (see
-``search.analysis``), and carries an ETag: polling an unchanged search gets 304."""
+``search.results.analysis``), and carries an ETag: polling an unchanged search gets 304."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from search import analysis
-from search.leaderboard import OVERHEAD_COLUMNS
+from search.results import analysis
+from search.results.leaderboard import OVERHEAD_COLUMNS
 from service.api.deps import DB, Reader
 from service.api.encoded import json_answer
 

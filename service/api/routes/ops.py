@@ -15,9 +15,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 
-from search.db import Database
-from search.records import ResultState, SearchState, utcnow
-from search.results import completed_since, counts_by_state, workers_seen_since
+from search.results.queries import completed_since, counts_by_state, workers_seen_since
+from search.store.engine import Database
+from search.store.models import ResultState, SearchState, utcnow
 
 router = APIRouter(tags=["operations"])
 

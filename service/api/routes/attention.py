@@ -15,11 +15,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from search.artifacts import SAMPLES_FILE, read_artifact
 from search.errors import Conflict, NotFound
-from search.records import TrialResult
-from search.results import trial
+from search.results.queries import trial
 from search.settings import Settings
+from search.store.artifacts import SAMPLES_FILE, read_artifact
+from search.store.models import TrialResult
 from service.api.deps import DB, AppSettings, Reader, Store
 from service.api.made_files import made_once
 

@@ -4,7 +4,7 @@ Portable between SQLite and PostgreSQL: enums are stored as strings (no native e
 CHECK constraints, so adding a state needs no table rebuild), JSON columns are ``sqlalchemy.JSON``
 and datetimes are timezone-aware UTC on the Python side (:class:`UTCDateTime`). Every constraint
 and index is declared in the models' ``__table_args__`` with a name from the metadata's naming
-convention; the Alembic migrations in ``search/migrations`` create exactly this schema (a test
+convention; the Alembic migrations in ``search/store/migrations`` create exactly this schema (a test
 compares the two).
 
 JSON columns are not mutation-tracked: assign a new value instead of changing one in place.
@@ -240,7 +240,7 @@ class TrialResult(Base):
         Index("ix_trial_results_search_id_latency_ms", "search_id", "latency_ms"),
         Index("ix_trial_results_search_id_arch_id", "search_id", "arch_id"),
         Index("ix_trial_results_state_heartbeat_at", "state", "heartbeat_at"),
-        # Covers the leaderboard's ranking scan and the search-version query (search.cached).
+        # Covers the leaderboard's ranking scan and the search-version query (search.results.cache).
         Index(
             "ix_trial_results_ranking",
             "search_id",

@@ -2,7 +2,7 @@
 
 ``CBAM`` computes ``out = x * A[b, c] * S[b, h, w]``: a channel gate ``A`` (the "what") and a
 spatial gate ``S`` (the "where"). Its cost is memory traffic, not arithmetic, so training runs it
-as one autograd function (:mod:`search.cbam_fused`) that touches the full-size feature map a
+as one autograd function (:mod:`search.nn.cbam_fused`) that touches the full-size feature map a
 handful of times and keeps only ``x`` and tiny tensors for backward.
 ``reference_forward`` is the plain, line-by-line definition; tests hold the fused path to it in
 float64, forward and gradients.
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.cbam_fused import (
+from search.errors import InvalidValue
+from search.nn.cbam_fused import (
     FusedGates,
     forget_kernel_plan,
     fused_forward,
@@ -42,7 +43,6 @@ from search.cbam_fused import (
     kernel_route,
     spatial_conv,
 )
-from search.errors import InvalidValue
 
 ARRANGEMENTS = ("channel-spatial", "spatial-channel", "parallel", "channel", "spatial")
 POOL_TYPES = ("avg", "max", "lp", "lse")

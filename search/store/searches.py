@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from sqlalchemy import func, select, update
 
-from search.artifacts import remove_artifacts
 from search.errors import Conflict, NotFound
-from search.records import ResultState, Search, SearchState, TrialResult, utcnow
-from search.study import create_study
+from search.store.artifacts import remove_artifacts
+from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
+from search.study.studies import create_study
 
 if TYPE_CHECKING:
-    from search.db import Database
     from search.spec import SearchSpec
+    from search.store.engine import Database
 
 
 def create_search(

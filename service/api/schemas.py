@@ -8,8 +8,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
-from search.records import Search, SearchState
-from search.results import Progress
+from search.results.queries import Progress
+from search.store.models import Search, SearchState
 
 Item = TypeVar("Item")
 

@@ -41,17 +41,23 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from search.cached import CACHE, Cache, cached, completed, version
-from search.cbam import ARRANGEMENTS, POOL_TYPES, SPATIAL_POOLS, has_channel_gate, has_spatial_gate
 from search.errors import InvalidValue, NotFound
-from search.leaderboard import OVERHEAD_COLUMNS, pareto_flags
-from search.records import Search, TrialResult
-from search.results import ranking
+from search.nn.cbam import (
+    ARRANGEMENTS,
+    POOL_TYPES,
+    SPATIAL_POOLS,
+    has_channel_gate,
+    has_spatial_gate,
+)
+from search.results.cache import CACHE, Cache, cached, completed, version
+from search.results.leaderboard import OVERHEAD_COLUMNS, pareto_flags
+from search.results.queries import ranking
 from search.space import BLOCK_CHOICES, REFERENCE_NAMES, Architecture
 from search.spec import SearchSpec
+from search.store.models import Search, TrialResult
 
 if TYPE_CHECKING:
-    from search.db import Database
+    from search.store.engine import Database
 
 log = logging.getLogger(__name__)
 
@@ -845,7 +851,7 @@ def _read_study_trials(db: Database, study_name: str) -> list[FrozenTrial]:
 
 def _load_study_trials(db: Database, search: Search) -> list[FrozenTrial]:
     """The same as :func:`_read_study_trials` through Optuna's storage."""
-    from search.study import load_study
+    from search.study.studies import load_study
 
     study = load_study(db, search)
     return [

@@ -1,7 +1,7 @@
-"""Alembic environment, configured in code by ``search.db.Database.alembic_config``.
+"""Alembic environment, configured in code by ``search.store.engine.Database.alembic_config``.
 
 Runs on the connection passed in ``config.attributes["connection"]`` when there is one (what
-``Database.migrate()`` does), else opens ``sqlalchemy.url`` through ``search.db.open_database``.
+``Database.migrate()`` does), else opens ``sqlalchemy.url`` through ``search.store.engine.open_database``.
 Only our tables are compared and migrated: Optuna's tables share the database.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from search.db import VERSION_TABLE, include_name, open_database
-from search.records import Base
+from search.store.engine import VERSION_TABLE, include_name, open_database
+from search.store.models import Base
 
 config = context.config
 

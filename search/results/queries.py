@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Select, String, func, select, type_coerce
 from sqlalchemy.orm import aliased
 
-from search.cached import cached, completed
 from search.errors import InvalidValue, NotFound
-from search.leaderboard import (
+from search.results.cache import cached, completed
+from search.results.leaderboard import (
     OVERHEAD_COLUMNS,
     deltas,
     pareto_flags,
     rank_key,
     reference_entries,
 )
-from search.records import (
+from search.store.models import (
     OVERHEAD_FIELDS,
     ResultState,
     Search,
@@ -34,7 +34,7 @@ from search.records import (
 )
 
 if TYPE_CHECKING:
-    from search.db import Database
+    from search.store.engine import Database
 
 # Columns a trial list may be sorted by (every number a trial has), and the default.
 SORT_COLUMNS = (
@@ -257,7 +257,7 @@ class Ranking:
 def ranking(db: Database, search_id: str, overhead: str = "params") -> Ranking:
     """Rank every completed row and flag the Pareto front of accuracy against ``overhead``.
 
-    Cached per search version (:mod:`search.cached`): a leaderboard of an unchanged search
+    Cached per search version (:mod:`search.results.cache`): a leaderboard of an unchanged search
     costs one small query, and a new completed trial one narrow scan of the covering index
     ``ix_trial_results_ranking``."""
     _check_overhead(overhead)

@@ -10,14 +10,19 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
-from search.records import ApiToken, SearchState
-from search.results import get_search, list_searches, progress, progress_of
-from search.searches import cancel_search, create_search, delete_search, find_by_idempotency_key
+from search.results.queries import get_search, list_searches, progress, progress_of
 from search.spec import SearchSpec
-from service.api.attention import attention_dir
+from search.store.models import ApiToken, SearchState
+from search.store.searches import (
+    cancel_search,
+    create_search,
+    delete_search,
+    find_by_idempotency_key,
+)
 from service.api.deps import DB, AppSettings, Reader, Store, Writer, write_access
-from service.api.files import export_dir
-from service.schemas import Page, SearchOut
+from service.api.routes.attention import attention_dir
+from service.api.routes.files import export_dir
+from service.api.schemas import Page, SearchOut
 
 router = APIRouter(prefix="/searches", tags=["searches"])
 

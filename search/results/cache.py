@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from search.errors import NotFound
-from search.records import ResultState, Search, TrialResult
+from search.store.models import ResultState, Search, TrialResult
 
 if TYPE_CHECKING:
-    from search.db import Database
+    from search.store.engine import Database
 
 
 class Cache:

@@ -44,7 +44,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from search.errors import InvalidValue
-from search.records import Base
+from search.store.models import Base
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -431,7 +431,7 @@ class Database:
         from alembic.script import ScriptDirectory
 
         head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
-        assert head is not None, "search/migrations holds no revision"
+        assert head is not None, "search/store/migrations holds no revision"
         return head
 
     def alembic_config(self, connection: Connection | None = None) -> Config:

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from search.leaderboard import OVERHEAD_COLUMNS
-from search.records import ResultState
-from search.results import (
+from search.results.leaderboard import OVERHEAD_COLUMNS
+from search.results.queries import (
     LEADERBOARD_SORTS,
     SORT_COLUMNS,
     best_trial,
@@ -17,8 +16,9 @@ from search.results import (
     trial,
     trials_page,
 )
+from search.store.models import ResultState
 from service.api.deps import DB, Reader
-from service.schemas import LeaderboardOut, Page
+from service.api.schemas import LeaderboardOut, Page
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["trials"], dependencies=[Reader])
 

@@ -1,4 +1,4 @@
-"""The fast path of :class:`search.cbam.CBAM`: one autograd function for ``out = x * A * S``.
+"""The fast path of :class:`search.nn.cbam.CBAM`: one autograd function for ``out = x * A * S``.
 
 CBAM costs memory traffic, not arithmetic: the plain definition (and timm's module) makes ~240
 read+write passes over the feature map for forward+backward, most of them in the backward of
@@ -18,12 +18,12 @@ oneDNN's convolution is slowest exactly there (one output channel, backward).
 
 On CPU, in float32/float64, the paper's arrangement (channel then spatial) with avg/max channel
 pooling and max & mean spatial pooling runs in hand-written kernels instead (``_cbam_cpu.cpp``,
-loaded by :mod:`search.cbam_cpu`): each sample is pooled, gated and differentiated while it sits
+loaded by :mod:`search.nn.cbam_kernels`): each sample is pooled, gated and differentiated while it sits
 in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead; their
 forward and backward are one autograd function in C++, and what they read from a module is kept
 per module (:class:`KernelPlan`). Every other CPU case (half precision, other knobs, or no
 compiler) takes the torch-op path below. CUDA takes neither: ``CBAM.forward`` runs the plain
-definition there (see :mod:`search.cbam`).
+definition there (see :mod:`search.nn.cbam`).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from search import cbam_cpu
+from search.nn import cbam_kernels
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from torch import nn
 
-    from search.cbam import CBAM, CBAMConfig, ChannelGate, SpatialGate
+    from search.nn.cbam import CBAM, CBAMConfig, ChannelGate, SpatialGate
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 # Widths up to this use the banded-matrix convolution; wider maps use oneDNN's.
@@ -503,7 +503,7 @@ def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
 def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
     """The compiled CPU kernels and the module's plan, if they cover this input and module;
     else ``None``. ``x`` is contiguous or channels_last (``CBAM.forward`` makes it so)."""
-    if not x.is_cpu or not cbam_cpu.enabled():
+    if not x.is_cpu or not cbam_kernels.enabled():
         return None
     cached = _plans.get(m)
     if cached is None or cached[0] != x.dtype or not (cached[1] is None or cached[1].still_held()):
@@ -514,7 +514,7 @@ def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
     bn = plan.bn
     if bn is not None and (bn.momentum is None or (plan.stats[0] is None and not bn.training)):
         return None
-    kernels = cbam_cpu.kernels()
+    kernels = cbam_kernels.kernels()
     return None if kernels is None else (kernels, plan)
 
 

@@ -1,11 +1,11 @@
-"""Loader for the hand-written CPU kernels of CBAM (``search/_cbam_cpu.cpp``).
+"""Loader for the hand-written CPU kernels of CBAM (``search/nn/_cbam_cpu.cpp``).
 
 The kernels are compiled on first use with the system compiler (``-O3 -march=native``, OpenMP;
 ~35-55 s on 2 cores) and kept under the settings' ``kernel_cache_dir`` (``~/.cache/cbam-nas``),
 keyed by the source, the compiler flags, the CPU's instruction-set flags and the torch version
 (a build for one CPU is never loaded on another). ninja comes from the ``ninja`` package when
 it is not on PATH. If the compiler, the headers or the build are missing, :func:`kernels`
-returns ``None`` after one logged warning and :mod:`search.cbam_fused` stays on its torch-op
+returns ``None`` after one logged warning and :mod:`search.nn.cbam_fused` stays on its torch-op
 path. ``CBAM_NAS_CPU_KERNELS=0`` turns the kernels off.
 """
 
@@ -158,7 +158,7 @@ def reset() -> None:
 
 
 def main() -> None:
-    """``python -m search.cbam_cpu``: build (or find) the kernels now, and say which path runs."""
+    """``python -m search.nn.cbam_kernels``: build (or find) the kernels now, and say which path runs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = kernels()
     if module is None:

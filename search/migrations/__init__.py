@@ -1,1 +1,0 @@
-"""Alembic migrations of our tables; run them with ``search.db.Database.migrate()``."""
