@@ -18,9 +18,9 @@ categories axes; the importance bars and note; the ablation tables; the learning
    fold draw when scrolled to; their answers are requested with the first view). With a cold
    browser cache (a new browser context per load: plotly.min.js, 4.7 MiB, 1.4 MiB gzipped, is
    fetched, parsed and run each time), once more with the server's cached answers dropped
-   first (``search.results.cache.CACHE``: the leaderboard, scatter and analyses recomputed), and with
-   the browser cache warm (a context that loaded the page twice before, so V8 may also keep
-   plotly's compiled code).
+   first (``search.results.cache.CACHE``: the leaderboard, scatter and analyses
+   recomputed), and with the browser cache warm (a context that loaded the page twice before,
+   so V8 may also keep plotly's compiled code).
 2. Refresh of a loaded page, back to back in one page, by the page's own code
    (``window.dashboard``): with nothing new (the answers' ETags unchanged: nothing redrawn), and
    right after a trial completed (a completed row added to the database: the search's version

@@ -67,8 +67,9 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import insert, select, update
 
 from benchmarks._timing import machine
+from search.knobs import CBAMConfig, has_channel_gate, has_spatial_gate
+from search.nn.attention import create_attention
 from search.nn.backbones import BACKBONES
-from search.nn.cbam import CBAMConfig, create_attention, has_channel_gate, has_spatial_gate
 from search.overhead import (
     attention_elementwise_ops,
     attention_macs,

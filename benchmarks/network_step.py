@@ -19,7 +19,8 @@ from torch import nn
 
 from benchmarks._timing import interleaved_medians, machine, parse_args
 from search.nn.backbones import build_backbone
-from search.nn.cbam import CBAM, SqueezeExcite, reference_forward
+from search.nn.cbam import CBAM, reference_forward
+from search.nn.squeeze_excite import SqueezeExcite
 
 
 class _ReferenceCBAM(CBAM):

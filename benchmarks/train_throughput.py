@@ -7,7 +7,8 @@ epochs, batch size and per-epoch validation for every variant:
   inputs, glibc allocator tuned), and the same without one ingredient each, to show where the gain
   comes from;
 * default: a torch DataLoader over a Dataset with per-sample ``transforms.v2`` RandomCrop(32,
-  padding=4) + RandomHorizontalFlip, the plain reference CBAM (``search.nn.cbam.reference_forward``),
+  padding=4) + RandomHorizontalFlip, the plain reference CBAM
+  (``search.nn.cbam.reference_forward``),
   contiguous fp32 NCHW, SGD.
 
 Every trial runs in a fresh child process (the allocator setting is process-wide), interleaved

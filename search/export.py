@@ -5,20 +5,18 @@ returns ``logits`` (batch, classes). The architecture's canonical JSON is stored
 metadata under ``"architecture"``.
 
 Exporter: torch's default, ``torch.export``-based exporter (``dynamo=True``; the TorchScript
-exporter is deprecated). CBAM's training fast path cannot be exported as it stands, so the
-exported copy of the model runs the plain definition instead (see :func:`_use_plain_attention`).
+exporter is deprecated). CBAM runs its plain definition while being exported (``CBAM.forward``
+takes it whenever ``torch.compiler.is_compiling()``), so the graph holds ordinary operators.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable, Mapping
 
 import onnx
 import torch
 from torch import Tensor, nn
 
-from search.nn.cbam import CBAM, SpatialGate, reference_forward
 from search.space import Architecture, build_model
 
 __all__ = [
@@ -74,7 +72,6 @@ def export_onnx(
     model = build_model(architecture, num_classes, in_channels)
     _load(model, state_dict, architecture)
     model.eval()
-    _use_plain_attention(model)
 
     example = torch.zeros(_EXAMPLE_BATCH, in_channels, input_size, input_size)
     try:
@@ -107,35 +104,6 @@ def export_onnx(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the ONNX model of {_label(architecture)} is invalid: {exc}") from exc
     return data
-
-
-def _use_plain_attention(model: nn.Module) -> None:
-    """Make every CBAM (and SE) module of ``model`` run the plain definition, for export.
-
-    ``CBAM.forward`` normally runs the fused autograd function of :mod:`search.nn.cbam_fused`,
-    whose forward uses preallocated workspaces and in-place kernels, and whose spatial k x k
-    convolution is a banded matrix product built from an ``lru_cache``-d selector. Under
-    ``torch.export`` that cache would store FakeTensors (breaking later eager calls in this
-    process) and the graph would hold the matrix product instead of a Conv. So, on this
-    model only (it is built for the export and thrown away; no global state changes):
-
-    - each CBAM runs :func:`search.nn.cbam.reference_forward`, the plain definition, bound on the
-      instance rather than left to ``torch.compiler.is_compiling()`` being true while exporting;
-    - each spatial gate computes its logits with its own ``nn.Conv2d`` and ``BatchNorm2d``:
-      in eval mode exactly ``SpatialGate.logits`` with ``spatial_conv`` as a plain convolution.
-    """
-    for module in model.modules():
-        if isinstance(module, CBAM):
-            module.forward = types.MethodType(reference_forward, module)
-        elif isinstance(module, SpatialGate):
-            module.logits = types.MethodType(_conv_logits, module)
-
-
-def _conv_logits(gate: SpatialGate, maps: Tensor, update_stats: bool = True) -> Tensor:
-    """``SpatialGate.logits`` in eval mode (``update_stats`` is moot) with the k x k
-    convolution as the gate's own ``nn.Conv2d``."""
-    z = gate.conv(maps)
-    return z if gate.bn is None else gate.bn(z)
 
 
 def _label(architecture: Architecture) -> str:

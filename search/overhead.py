@@ -54,7 +54,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from search.errors import InvalidValue
-from search.nn.cbam import CBAM, CBAMConfig, has_channel_gate, has_spatial_gate
+from search.knobs import CBAMConfig, has_channel_gate, has_spatial_gate
+from search.nn.cbam import CBAM
 from search.space import Architecture, build_model
 
 InputShape = tuple[int, int, int]

@@ -29,23 +29,31 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from search.errors import InvalidValue
-from search.nn.backbones import BACKBONES, BackboneInfo, build_backbone
-from search.nn.cbam import (
+from search.knobs import (
     ARRANGEMENTS,
-    ATTENTION_KINDS,
+    BLOCK_CHOICES,
+    CBAM_KNOBS,
+    CHANNEL_KNOBS,
     KERNEL_SIZES,
     POOL_TYPES,
+    SPATIAL_KNOBS,
     SPATIAL_POOLS,
+    VALIDATORS,
     CBAMConfig,
-    create_attention,
+    canonical_pools,
+    check_attention,
+    check_blocks,
+    check_pool_types,
+    check_stage_set,
     has_channel_gate,
     has_spatial_gate,
 )
+from search.nn.attention import create_attention
+from search.nn.backbones import BACKBONES, BackboneInfo, build_backbone
 
 if TYPE_CHECKING:
     from optuna.trial import BaseTrial
 
-BLOCK_CHOICES = ("all", "first", "last")
 REFERENCE_NAMES = ("none", "se", "cbam")
 _DEFAULT_CBAM = CBAMConfig()
 _ARROWS = {
@@ -57,79 +65,19 @@ _ARROWS = {
 }
 
 
-# One validator per knob; each returns the normalised value or raises InvalidValue at ``field``.
+def _check_pool_set(value: Any, field: str) -> tuple[str, ...]:
+    """A pool-type set as the space and architectures spell it: in POOL_TYPES order."""
+    return canonical_pools(check_pool_types(value, field))
 
 
-def _check_choice(value: Any, field: str, allowed: Sequence[Any]) -> Any:
-    if not isinstance(value, str) or value not in allowed:
-        raise InvalidValue(field, value, allowed)
-    return value
+def _check_stages(value: Any, field: str, info: BackboneInfo | None = None) -> tuple[int, ...]:
+    if info is None:
+        return check_stage_set(value, field)
+    return check_stage_set(value, field, info.stages, info.name)
 
 
-def _check_arrangement(value: Any, field: str) -> str:
-    return _check_choice(value, field, ARRANGEMENTS)
-
-
-def _check_spatial_pool(value: Any, field: str) -> str:
-    return _check_choice(value, field, SPATIAL_POOLS)
-
-
-def _check_blocks(value: Any, field: str) -> str:
-    return _check_choice(value, field, BLOCK_CHOICES)
-
-
-def _check_reduction(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidValue(field, value, "an integer >= 1")
-    return value
-
-
-def _check_kernel_size(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in KERNEL_SIZES:
-        raise InvalidValue(field, value, "an odd integer from 1 to 9: 1, 3, 5, 7, 9")
-    return value
-
-
-def _check_bool(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidValue(field, value, (True, False))
-    return value
-
-
-def _check_pool_types(value: Any, field: str) -> tuple[str, ...]:
-    """A non-empty subset of POOL_TYPES (a sequence or ``"avg+max"``), in POOL_TYPES order."""
-    allowed = f"a non-empty subset of {', '.join(POOL_TYPES)}"
-    items = value.split("+") if isinstance(value, str) else value
-    if not isinstance(items, Sequence) or not items:
-        raise InvalidValue(field, value, allowed)
-    for i, p in enumerate(items):
-        if not isinstance(p, str) or p not in POOL_TYPES:
-            raise InvalidValue(f"{field}[{i}]", p, POOL_TYPES)
-    if len(set(items)) != len(items):
-        raise InvalidValue(field, value, f"{allowed}, each at most once")
-    return tuple(p for p in POOL_TYPES if p in items)
-
-
-def _check_stage_set(value: Any, field: str, info: BackboneInfo | None = None) -> tuple[int, ...]:
-    """A non-empty set of stage numbers (a sequence or ``"1+2"``), sorted; checked against
-    ``info``'s stages when given."""
-    allowed = (
-        f"a non-empty subset of the stages of {info.name}: {', '.join(map(str, info.stages))}"
-        if info is not None
-        else "a non-empty list of stage numbers (1, 2, ...)"
-    )
-    items = value.split("+") if isinstance(value, str) else value
-    if not isinstance(items, Sequence) or isinstance(items, str) or not items:
-        raise InvalidValue(field, value, allowed)
-    stages = []
-    for item in items:
-        stage = int(item) if isinstance(item, str) and item.isdigit() else item
-        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
-            raise InvalidValue(field, value, allowed)
-        if info is not None and stage not in info.stages:
-            raise InvalidValue(field, value, allowed)
-        stages.append(stage)
-    return tuple(sorted(set(stages)))
+# Knob name -> validator, as architectures and the space normalise values.
+_KNOB_CHECKS: dict[str, Callable[[Any, str], Any]] = {**VALIDATORS, "pool_types": _check_pool_set}
 
 
 def _backbone_info(value: Any, field: str = "backbone") -> BackboneInfo:
@@ -171,30 +119,30 @@ class Architecture:
 
     def __post_init__(self) -> None:
         info = _backbone_info(self.backbone)
-        _check_choice(self.attention, "attention", ATTENTION_KINDS)
-        values: dict[str, Any] = dict.fromkeys(_CBAM_KNOBS)
+        check_attention(self.attention)
+        values: dict[str, Any] = dict.fromkeys(CBAM_KNOBS)
         stages, blocks = None, "all"
         if self.attention != "none":
-            blocks = _check_blocks(self.blocks, "blocks")
+            blocks = check_blocks(self.blocks)
             if self.stages is not None:
-                stages = _check_stage_set(self.stages, "stages", info)
+                stages = _check_stages(self.stages, "stages", info)
                 stages = None if stages == info.stages else stages
         if self.attention == "se":
-            values["reduction"] = self._knob("reduction", 16, _check_reduction)
+            values["reduction"] = self._knob("reduction", 16)
         elif self.attention == "cbam":
-            arrangement = self._knob("arrangement", _DEFAULT_CBAM.arrangement, _check_arrangement)
+            arrangement = self._knob("arrangement", _DEFAULT_CBAM.arrangement)
             values["arrangement"] = arrangement
-            knobs = (_CHANNEL_KNOBS if has_channel_gate(arrangement) else ()) + (
-                _SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()
+            knobs = (CHANNEL_KNOBS if has_channel_gate(arrangement) else ()) + (
+                SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()
             )
             for name in knobs:
-                values[name] = self._knob(name, getattr(_DEFAULT_CBAM, name), _VALIDATORS[name])
+                values[name] = self._knob(name, getattr(_DEFAULT_CBAM, name))
         for name, value in {**values, "stages": stages, "blocks": blocks}.items():
             object.__setattr__(self, name, value)
 
-    def _knob(self, name: str, default: Any, check: Callable[[Any, str], Any]) -> Any:
+    def _knob(self, name: str, default: Any) -> Any:
         value = getattr(self, name)
-        return default if value is None else check(value, name)
+        return default if value is None else _KNOB_CHECKS[name](value, name)
 
     @property
     def info(self) -> BackboneInfo:
@@ -223,7 +171,7 @@ class Architecture:
         """The module configuration for ``attention="cbam"``; None otherwise."""
         if self.attention != "cbam":
             return None
-        knobs = {name: getattr(self, name) for name in _CBAM_KNOBS}
+        knobs = {name: getattr(self, name) for name in CBAM_KNOBS}
         return CBAMConfig(**{k: v for k, v in knobs.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,18 +225,6 @@ class Architecture:
 
 
 _ARCHITECTURE_FIELDS = tuple(f.name for f in fields(Architecture))
-_CHANNEL_KNOBS = ("reduction", "pool_types", "mlp_bias")
-_SPATIAL_KNOBS = ("kernel_size", "spatial_pool", "spatial_bn")
-_CBAM_KNOBS = ("arrangement", *_CHANNEL_KNOBS, *_SPATIAL_KNOBS)
-_VALIDATORS: dict[str, Callable[[Any, str], Any]] = {
-    "arrangement": _check_arrangement,
-    "reduction": _check_reduction,
-    "pool_types": _check_pool_types,
-    "mlp_bias": _check_bool,
-    "kernel_size": _check_kernel_size,
-    "spatial_pool": _check_spatial_pool,
-    "spatial_bn": _check_bool,
-}
 
 
 def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -318,15 +254,15 @@ def reference_architectures(backbone: str) -> dict[str, Architecture]:
 # -- SearchSpace -------------------------------------------------------------------------------
 
 # SearchSpace field -> (Architecture field, validator of one value).
-_SPACE_KNOBS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
-    "arrangements": ("arrangement", _check_arrangement),
-    "reductions": ("reduction", _check_reduction),
-    "pool_types": ("pool_types", _check_pool_types),
-    "mlp_bias": ("mlp_bias", _check_bool),
-    "kernel_sizes": ("kernel_size", _check_kernel_size),
-    "spatial_pools": ("spatial_pool", _check_spatial_pool),
-    "spatial_bn": ("spatial_bn", _check_bool),
-    "blocks": ("blocks", _check_blocks),
+_SPACE_KNOBS: dict[str, str] = {
+    "arrangements": "arrangement",
+    "reductions": "reduction",
+    "pool_types": "pool_types",
+    "mlp_bias": "mlp_bias",
+    "kernel_sizes": "kernel_size",
+    "spatial_pools": "spatial_pool",
+    "spatial_bn": "spatial_bn",
+    "blocks": "blocks",
 }
 _ALL_POOL_SETS = tuple(
     combo for n in range(1, len(POOL_TYPES) + 1) for combo in itertools.combinations(POOL_TYPES, n)
@@ -359,10 +295,10 @@ class SearchSpace:
     blocks: tuple[str, ...] = BLOCK_CHOICES
 
     def __post_init__(self) -> None:
-        for name, (_, check) in _SPACE_KNOBS.items():
-            object.__setattr__(self, name, self._values(name, check))
+        for name, knob in _SPACE_KNOBS.items():
+            object.__setattr__(self, name, self._values(name, _KNOB_CHECKS[knob]))
         if self.stages is not None:
-            object.__setattr__(self, "stages", self._values("stages", _check_stage_set))
+            object.__setattr__(self, "stages", self._values("stages", _check_stages))
 
     def _values(self, name: str, check: Callable[[Any, str], Any]) -> tuple[Any, ...]:
         raw = getattr(self, name)
@@ -387,7 +323,7 @@ class SearchSpace:
         """Check the backbone and every stage set against it; returns the backbone's info."""
         info = _backbone_info(backbone)
         for i, stage_set in enumerate(self.stages or ()):
-            _check_stage_set(stage_set, f"space.stages[{i}]", info)
+            _check_stages(stage_set, f"space.stages[{i}]", info)
         return info
 
     def stage_choices(self, backbone: str) -> tuple[tuple[int, ...], ...]:
@@ -397,7 +333,7 @@ class SearchSpace:
 
     def _choices(self, backbone: str) -> dict[str, tuple[Any, ...]]:
         """Architecture field -> allowed values (stages as stage tuples)."""
-        choices = {knob: getattr(self, name) for name, (knob, _) in _SPACE_KNOBS.items()}
+        choices = {knob: getattr(self, name) for name, knob in _SPACE_KNOBS.items()}
         choices["stages"] = self.stage_choices(backbone)
         return choices
 
@@ -428,8 +364,8 @@ class SearchSpace:
         """The Architecture fields sampled after ``arrangement``, in suggestion order."""
         return (
             "arrangement",
-            *(_CHANNEL_KNOBS if has_channel_gate(arrangement) else ()),
-            *(_SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()),
+            *(CHANNEL_KNOBS if has_channel_gate(arrangement) else ()),
+            *(SPATIAL_KNOBS if has_spatial_gate(arrangement) else ()),
             "stages",
             "blocks",
         )

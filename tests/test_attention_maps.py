@@ -17,7 +17,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from search.attention_maps import attention_maps, attention_report, normalise
-from search.nn.cbam import CBAM, ChannelGate, SpatialGate
+from search.nn.cbam import CBAM
+from search.nn.gates import ChannelGate, SpatialGate
 from search.settings import Settings
 from search.space import Architecture, build_model, reference_architectures
 from search.store.engine import Database

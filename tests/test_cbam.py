@@ -12,15 +12,11 @@ from timm.layers.cbam import CbamModule
 from timm.layers.squeeze_excite import SEModule
 
 from search.errors import InvalidValue
-from search.nn.cbam import (
-    ARRANGEMENTS,
-    CBAM,
-    CBAMConfig,
-    SqueezeExcite,
-    create_attention,
-    reference_forward,
-    spatial_conv,
-)
+from search.knobs import ARRANGEMENTS, CBAMConfig
+from search.nn.attention import create_attention
+from search.nn.banded_conv import spatial_conv
+from search.nn.cbam import CBAM, reference_forward
+from search.nn.squeeze_excite import SqueezeExcite
 
 POOL_SETS = [("avg", "max"), ("avg",), ("max",), ("lp",), ("lse",), ("avg", "max", "lp", "lse")]
 
@@ -309,13 +305,13 @@ def test_works_under_torch_compile() -> None:
 def test_runs_the_plain_definition_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Accelerators (here the meta device, which has no CPU kernels) get the plain ops, with a
     real convolution for the spatial gate, not the fused function or the banded product."""
-    from search.nn import cbam_fused
+    from search.nn import banded_conv, cbam_fused
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the fused path ran off the CPU")
 
     monkeypatch.setattr(cbam_fused.FusedGates, "apply", refuse)
-    monkeypatch.setattr(cbam_fused, "_banded_conv", refuse)
+    monkeypatch.setattr(banded_conv, "banded_conv", refuse)
     module = CBAM(16).to("meta")
     x = torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)
     out = module(x)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.nn import cbam_fused, cbam_kernels
-from search.nn.cbam import CBAM, CBAMConfig, reference_forward
+from search.knobs import CBAMConfig
+from search.nn import cbam_kernels
+from search.nn.cbam import CBAM, reference_forward
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +94,7 @@ def test_kernels_match_float64_reference(kernels, config, shape) -> None:
             x = torch.randn(shape, dtype=torch.float64)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            assert cbam_fused.kernel_route(x, module)[0] is kernels
+            assert cbam_kernels.kernel_route(x, module)[0] is kernels
             grad = torch.randn(shape, dtype=torch.float64)
             got = _run(module, x, grad, CBAM.__call__)
             want = _run(ref, x, grad, reference_forward)
@@ -129,7 +130,7 @@ def test_float32_kernels_agree_with_torch_path(kernels, monkeypatch, shape) -> N
         other = copy.deepcopy(module)
         got = _run(module, xl, grad, CBAM.__call__)
         _switch(monkeypatch, False)
-        assert cbam_fused.kernel_route(xl, other) is None
+        assert cbam_kernels.kernel_route(xl, other) is None
         want = _run(other, xl, grad, CBAM.__call__)
         _switch(monkeypatch, True)
         for g, w in zip(got, want, strict=True):
@@ -184,15 +185,15 @@ def test_ties_go_to_the_first_index_as_on_the_torch_path(
 
 def test_other_cases_stay_on_the_torch_path(kernels) -> None:
     x = torch.randn(2, 16, 6, 6)
-    assert cbam_fused.kernel_route(x, CBAM(16))[0] is kernels
+    assert cbam_kernels.kernel_route(x, CBAM(16))[0] is kernels
     for config in (
         CBAMConfig(arrangement="parallel"),
         CBAMConfig(pool_types=("avg", "lp")),
         CBAMConfig(spatial_pool="conv"),
     ):
-        assert cbam_fused.kernel_route(x, CBAM(16, config)) is None
-    assert cbam_fused.kernel_route(x.bfloat16(), CBAM(16).bfloat16()) is None
-    assert cbam_fused.kernel_route(x.double(), CBAM(16)) is None  # parameters in float32
+        assert cbam_kernels.kernel_route(x, CBAM(16, config)) is None
+    assert cbam_kernels.kernel_route(x.bfloat16(), CBAM(16).bfloat16()) is None
+    assert cbam_kernels.kernel_route(x.double(), CBAM(16)) is None  # parameters in float32
 
 
 def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
@@ -219,7 +220,7 @@ def test_fallback_when_the_build_fails(monkeypatch, caplog) -> None:
 def test_environment_turns_the_kernels_off_and_names_the_cache(monkeypatch, tmp_path) -> None:
     _switch(monkeypatch, False)
     assert not cbam_kernels.enabled()
-    assert cbam_fused.kernel_route(torch.randn(2, 8, 4, 4), CBAM(8)) is None
+    assert cbam_kernels.kernel_route(torch.randn(2, 8, 4, 4), CBAM(8)) is None
     monkeypatch.setenv("CBAM_NAS_KERNEL_CACHE_DIR", str(tmp_path))
     cbam_kernels.settings.cache_clear()
     assert cbam_kernels.cache_dir() == tmp_path
@@ -242,7 +243,7 @@ def test_kernel_plans_follow_the_module(kernels) -> None:
     x = torch.randn(2, 16, 5, 6)
 
     def check(module: CBAM, inputs: torch.Tensor) -> None:
-        assert cbam_fused.kernel_route(inputs, module) is not None
+        assert cbam_kernels.kernel_route(inputs, module) is not None
         want = reference_forward(copy.deepcopy(module), inputs)
         torch.testing.assert_close(module(inputs), want, rtol=1e-5, atol=1e-6)
 

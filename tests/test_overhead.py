@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from search.errors import InvalidValue
-from search.nn.cbam import CBAM, CBAMConfig, reference_forward
+from search.knobs import CBAMConfig
+from search.nn.cbam import CBAM, reference_forward
 from search.overhead import (
     OverheadReport,
     attention_elementwise_ops,

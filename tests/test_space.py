@@ -9,7 +9,9 @@ import pytest
 from torch import nn
 
 from search.errors import InvalidValue
-from search.nn.cbam import CBAM, CBAMConfig, SqueezeExcite
+from search.knobs import CBAMConfig
+from search.nn.cbam import CBAM
+from search.nn.squeeze_excite import SqueezeExcite
 from search.space import (
     REFERENCE_NAMES,
     Architecture,

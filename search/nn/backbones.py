@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -377,73 +378,8 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# Public constructors, torchvision style: one private builder behind them.
-
-_RESNETS: dict[str, tuple[ResidualBlock, tuple[int, ...]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-}
-_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
-_MOBILENET_WIDTHS = {
-    "mobilenet_v1": 1.0,
-    "mobilenet_v1_0.75": 0.75,
-    "mobilenet_v1_0.5": 0.5,
-    "mobilenet_v1_0.25": 0.25,
-}
-
-
-def _resnet(
-    arch: str, num_classes: int, in_channels: int, attention: AttentionFactory | None
-) -> ResNet:
-    block, layers = _RESNETS[arch]
-    return ResNet(block, layers, num_classes, in_channels, attention)
-
-
-def resnet18(
-    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
-) -> ResNet:
-    return _resnet("resnet18", num_classes, in_channels, attention)
-
-
-def resnet34(
-    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
-) -> ResNet:
-    return _resnet("resnet34", num_classes, in_channels, attention)
-
-
-def resnet50(
-    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
-) -> ResNet:
-    return _resnet("resnet50", num_classes, in_channels, attention)
-
-
-def resnet101(
-    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
-) -> ResNet:
-    return _resnet("resnet101", num_classes, in_channels, attention)
-
-
-def cifar_resnet(
-    depth: int,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    attention: AttentionFactory | None = None,
-) -> CifarResNet:
-    return CifarResNet(depth, num_classes, in_channels, attention)
-
-
-def mobilenet_v1(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    attention: AttentionFactory | None = None,
-    width_mult: float = 1.0,
-) -> MobileNetV1:
-    return MobileNetV1(num_classes, in_channels, attention, width_mult)
-
-
-# The registry.
+# The registry: each public constructor registers the names it builds (torchvision's
+# ``register_model`` does the same for its models), with what the search needs to know of each.
 
 
 @dataclass(frozen=True)
@@ -461,27 +397,94 @@ class BackboneInfo:
         return tuple(range(1, len(self.blocks_per_stage) + 1))
 
 
-def _registry() -> tuple[dict[str, BackboneInfo], dict[str, Callable[..., nn.Module]]]:
-    infos: list[BackboneInfo] = []
-    constructors: dict[str, Callable[..., nn.Module]] = {}
-    for depth in _CIFAR_DEPTHS:
-        name = f"cifar_resnet{depth}"
-        n = (depth - 2) // 6
-        infos.append(BackboneInfo(name, "cifar_resnet", (n, n, n), _CIFAR_WIDTHS, 32))
-        constructors[name] = partial(cifar_resnet, depth)
-    for name, (block, layers) in _RESNETS.items():
-        channels = tuple(64 * 2**i * block.expansion for i in range(len(layers)))
-        infos.append(BackboneInfo(name, "resnet", layers, channels, 224))
-        constructors[name] = partial(_resnet, name)
-    for name, alpha in _MOBILENET_WIDTHS.items():
-        blocks = tuple(len(spec) for spec in _MOBILENET_STAGES)
-        channels = tuple(int(spec[0][0] * alpha) for spec in _MOBILENET_STAGES)
-        infos.append(BackboneInfo(name, "mobilenet_v1", blocks, channels, 224))
-        constructors[name] = partial(mobilenet_v1, width_mult=alpha)
-    return {info.name: info for info in infos}, constructors
+BACKBONES: dict[str, BackboneInfo] = {}
+_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {}
+_Builder = TypeVar("_Builder", bound=Callable[..., nn.Module])
 
 
-BACKBONES, _CONSTRUCTORS = _registry()
+def register_backbone(info: BackboneInfo, **fixed: Any) -> Callable[[_Builder], _Builder]:
+    """Register ``builder(**fixed, num_classes=..., in_channels=..., attention=...)`` as the
+    backbone ``info.name``; stack one per name a builder makes."""
+
+    def register(builder: _Builder) -> _Builder:
+        if info.name in BACKBONES:
+            raise ValueError(f"backbone {info.name!r} is registered twice")
+        BACKBONES[info.name] = info
+        _CONSTRUCTORS[info.name] = partial(builder, **fixed)
+        return builder
+
+    return register
+
+
+def _resnet_info(name: str, block: ResidualBlock, layers: tuple[int, ...]) -> BackboneInfo:
+    channels = tuple(64 * 2**i * block.expansion for i in range(len(layers)))
+    return BackboneInfo(name, "resnet", layers, channels, 224)
+
+
+def _cifar_info(depth: int) -> BackboneInfo:
+    n = (depth - 2) // 6
+    return BackboneInfo(f"cifar_resnet{depth}", "cifar_resnet", (n, n, n), _CIFAR_WIDTHS, 32)
+
+
+def _mobilenet_info(name: str, alpha: float) -> BackboneInfo:
+    blocks = tuple(len(spec) for spec in _MOBILENET_STAGES)
+    channels = tuple(int(spec[0][0] * alpha) for spec in _MOBILENET_STAGES)
+    return BackboneInfo(name, "mobilenet_v1", blocks, channels, 224)
+
+
+@register_backbone(_resnet_info("resnet18", BasicBlock, (2, 2, 2, 2)))
+def resnet18(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, attention)
+
+
+@register_backbone(_resnet_info("resnet34", BasicBlock, (3, 4, 6, 3)))
+def resnet34(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, attention)
+
+
+@register_backbone(_resnet_info("resnet50", Bottleneck, (3, 4, 6, 3)))
+def resnet50(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, attention)
+
+
+@register_backbone(_resnet_info("resnet101", Bottleneck, (3, 4, 23, 3)))
+def resnet101(
+    num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
+) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, in_channels, attention)
+
+
+@register_backbone(_cifar_info(20), depth=20)
+@register_backbone(_cifar_info(32), depth=32)
+@register_backbone(_cifar_info(44), depth=44)
+@register_backbone(_cifar_info(56), depth=56)
+@register_backbone(_cifar_info(110), depth=110)
+def cifar_resnet(
+    depth: int,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    attention: AttentionFactory | None = None,
+) -> CifarResNet:
+    return CifarResNet(depth, num_classes, in_channels, attention)
+
+
+@register_backbone(_mobilenet_info("mobilenet_v1", 1.0), width_mult=1.0)
+@register_backbone(_mobilenet_info("mobilenet_v1_0.75", 0.75), width_mult=0.75)
+@register_backbone(_mobilenet_info("mobilenet_v1_0.5", 0.5), width_mult=0.5)
+@register_backbone(_mobilenet_info("mobilenet_v1_0.25", 0.25), width_mult=0.25)
+def mobilenet_v1(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    attention: AttentionFactory | None = None,
+    width_mult: float = 1.0,
+) -> MobileNetV1:
+    return MobileNetV1(num_classes, in_channels, attention, width_mult)
 
 
 def build_backbone(

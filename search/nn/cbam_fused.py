@@ -13,109 +13,28 @@ read+write passes over the feature map for forward+backward, most of them in the
   backward passes from what forward kept, not a second autograd graph: on CIFAR-sized maps the
   per-op overhead, not the bytes, is what remains.
 
-The k x k convolution over the 1-2 pooled maps is a banded matrix product (``_banded_conv``):
-oneDNN's convolution is slowest exactly there (one output channel, backward).
+The k x k convolution over the 1-2 pooled maps is a banded matrix product
+(:mod:`search.nn.banded_conv`): oneDNN's convolution is slowest exactly there.
 
-On CPU, in float32/float64, the paper's arrangement (channel then spatial) with avg/max channel
-pooling and max & mean spatial pooling runs in hand-written kernels instead (``_cbam_cpu.cpp``,
-loaded by :mod:`search.nn.cbam_kernels`): each sample is pooled, gated and differentiated while it sits
-in cache, ~3 passes over the feature map forward and ~5 backward, with no per-op overhead; their
-forward and backward are one autograd function in C++, and what they read from a module is kept
-per module (:class:`KernelPlan`). Every other CPU case (half precision, other knobs, or no
-compiler) takes the torch-op path below. CUDA takes neither: ``CBAM.forward`` runs the plain
-definition there (see :mod:`search.nn.cbam`).
+This path runs on the CPU for every knob and dtype the compiled kernels
+(:mod:`search.nn.cbam_kernels`) do not cover: half precision, the other arrangements and pool
+types, or no compiler. CUDA takes neither: ``CBAM.forward`` runs the plain definition there (see
+:mod:`search.nn.cbam`).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from search.nn import cbam_kernels
-
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from torch import nn
-
-    from search.nn.cbam import CBAM, CBAMConfig, ChannelGate, SpatialGate
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-# Widths up to this use the banded-matrix convolution; wider maps use oneDNN's.
-BANDED_CONV_MAX_WIDTH = 64
-
-
-@lru_cache(maxsize=128)
-def _band_selector(width: int, kernel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """E[(w_in, w_out), j] = 1 where tap j of a row filter links w_in to w_out (zero padding)."""
-    pos = torch.arange(width, device=device)
-    tap = pos.view(width, 1) - pos.view(1, width) + kernel // 2
-    return (
-        F.one_hot(tap.clamp(0, kernel - 1), kernel)
-        .to(dtype)
-        .mul_(((tap >= 0) & (tap < kernel)).unsqueeze(-1))
-        .view(width * width, kernel)
-    )
-
-
-def _windows(maps: Tensor, kernel: int) -> Tensor:
-    """(B*H, M*k*W): for each output row, the k input rows it reads, per map (zero-padded)."""
-    b, m, h, w = maps.shape
-    pad = kernel // 2
-    rows = F.pad(maps, (0, 0, pad, pad)).unfold(2, kernel, 1)  # (b, m, h, w, k)
-    return rows.permute(0, 2, 1, 4, 3).reshape(b * h, m * kernel * w)
-
-
-def _banded_conv(maps: Tensor, weight: Tensor) -> Tensor:
-    """``F.conv2d(maps, weight, padding=k // 2)`` for one output channel, as a matrix product.
-
-    The width direction is folded into a banded (W x W) matrix per map and row offset, so the
-    convolution becomes (B*H, M*k*W) @ (M*k*W, W): dense BLAS work in both directions.
-    """
-    b, m, h, w = maps.shape
-    k = weight.shape[-1]
-    band = weight.reshape(m * k, k) @ _band_selector(w, k, maps.device, maps.dtype).t()
-    out = _windows(maps, k) @ band.view(m * k * w, w)
-    return out.view(b, 1, h, w)
-
-
-def _banded_conv_backward(d_out: Tensor, maps: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    b, m, h, w = maps.shape
-    k = weight.shape[-1]
-    pad = k // 2
-    selector = _band_selector(w, k, maps.device, maps.dtype)
-    band = weight.reshape(m * k, k) @ selector.t()
-    d_rows = d_out.reshape(b * h, w)
-    d_band = _windows(maps, k).t() @ d_rows
-    d_weight = (d_band.view(m * k, w * w) @ selector).view_as(weight)
-    d_windows = (d_rows @ band.view(m * k * w, w).t()).view(b, h, m, k, w)
-    # Fold the k row windows back: k strided adds beat aten's generic unfold_backward ~5x here.
-    d_padded = maps.new_zeros(b, h + 2 * pad, m, w)
-    for i in range(k):
-        d_padded[:, i : i + h].add_(d_windows[:, :, :, i])
-    return d_padded[:, pad : pad + h].permute(0, 2, 1, 3), d_weight
-
-
-def spatial_conv(maps: Tensor, weight: Tensor) -> Tensor:
-    """The spatial gate's k x k convolution (differentiable; used by the plain path too).
-
-    Banded on the CPU only: cuDNN's convolution is one launch each way where the banded product
-    is several.
-    """
-    if (
-        maps.device.type == "cpu"
-        and maps.shape[-1] <= BANDED_CONV_MAX_WIDTH
-        and weight.shape[-1] > 1
-    ):
-        return _banded_conv(maps, weight)
-    return F.conv2d(maps, weight, padding=weight.shape[-1] // 2)
+from search.nn.banded_conv import spatial_conv, spatial_conv_backward
+from search.nn.gates import ChannelGate, GatedModule, SpatialGate
 
 
 def flat(x: Tensor) -> Tensor:
@@ -347,23 +266,7 @@ def _spatial_backward(
             [True, bn.weight.requires_grad, bn.bias.requires_grad],
         )
         grads[bn.weight], grads[bn.bias] = d_bn_weight, d_bn_bias
-    weight = gate.conv.weight
-    if w <= BANDED_CONV_MAX_WIDTH and weight.shape[-1] > 1:
-        d_maps, grads[weight] = _banded_conv_backward(d_logits, state.maps, weight)
-    else:
-        d_maps, grads[weight], _ = torch.ops.aten.convolution_backward(
-            d_logits,
-            state.maps,
-            weight,
-            None,
-            [1, 1],
-            list(gate.conv.padding),
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, True, False],
-        )
+    d_maps, grads[gate.conv.weight] = spatial_conv_backward(d_logits, state.maps, gate.conv.weight)
     return d_maps
 
 
@@ -420,123 +323,7 @@ class Saved:
     spatial: _SpatialState | None = None
 
 
-@lru_cache(maxsize=64)
-def _config_fits_kernels(config: CBAMConfig) -> bool:
-    return (
-        config.arrangement == "channel-spatial"
-        and config.spatial_pool == "maxmean"
-        and set(config.pool_types) <= {"avg", "max"}
-    )
-
-
-@dataclass(frozen=True, eq=False)
-class KernelPlan:
-    """What the kernels take from one module: its tensors and fixed flags, read once."""
-
-    bn: nn.BatchNorm2d | None  # its training flag, momentum and eps are read on every call
-    params: tuple[Tensor | None, ...]  # fc1 w, b; fc2 w, b; conv w; BatchNorm w, b
-    stats: tuple[Tensor | None, Tensor | None]  # the BatchNorm's running mean and variance
-    batches: Tensor | None  # its num_batches_tracked, where it keeps running statistics
-    flags: tuple[int, int, bool, bool]  # avg and max slots, mean first, has BatchNorm
-    held: tuple[tuple[dict[str, Any], str, Any], ...]  # (a module's dict, name, what it held)
-
-    def still_held(self) -> bool:
-        """Whether the module still holds every submodule and tensor this plan was read from:
-        assignment, ``load_state_dict(assign=True)`` and ``torch.func.functional_call`` all
-        swap them in the modules' own dicts (the last without any hook). ~10 us with cold
-        caches, against ~80 us for reading the module again."""
-        return all(place.get(name) is what for place, name, what in self.held)
-
-
-# Plans per module, for the dtype of its last input. Walking a module's submodules and
-# parameters (``nn.Module.__getattr__``) on every call cost ~0.1 ms with cold caches, as much as
-# the kernels themselves at CIFAR sizes. Weak keys: a plan goes with its module and is never
-# copied or pickled with it.
-_plans: weakref.WeakKeyDictionary[CBAM, tuple[torch.dtype, KernelPlan | None]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def forget_kernel_plan(m: CBAM) -> None:
-    """Drop the module's plan (``CBAM._apply``: a cast or a move keeps the tensor objects)."""
-    _plans.pop(m, None)
-
-
-def _make_plan(x: Tensor, m: CBAM) -> KernelPlan | None:
-    if x.dtype not in _KERNEL_DTYPES or not _config_fits_kernels(m.config):
-        return None
-    channel, spatial = m.channel_gate, m.spatial_gate
-    fc1, fc2, conv, bn = channel.fc1, channel.fc2, spatial.conv, spatial.bn
-    # Where each tensor the kernels read lives: the parameters in the order the kernels'
-    # backward returns their gradients, then the BatchNorm's buffers.
-    places: list[tuple[dict[str, Any], str]] = [
-        *((layer._parameters, name) for layer in (fc1, fc2) for name in ("weight", "bias")),
-        (conv._parameters, "weight"),
-    ]
-    if bn is not None:
-        places += [(bn._parameters, "weight"), (bn._parameters, "bias")]
-        places += [(bn._buffers, n) for n in ("running_mean", "running_var", "num_batches_tracked")]
-    tensors = [place.get(name) for place, name in places]
-    params = tuple(tensors[:7]) if bn is not None else (*tensors, None, None)
-    if any(p is not None and (p.dtype != x.dtype or not p.is_cpu) for p in params):
-        return None
-    stats, batches = (None, None), None
-    if bn is not None:
-        stats = (tensors[7], tensors[8])
-        batches = tensors[9] if stats[0] is not None else None
-    held = [
-        (m._modules, "channel_gate", channel),
-        (m._modules, "spatial_gate", spatial),
-        (channel._modules, "fc1", fc1),
-        (channel._modules, "fc2", fc2),
-        (spatial._modules, "conv", conv),
-        (spatial._modules, "bn", bn),
-        *((place, name, t) for (place, name), t in zip(places, tensors, strict=True)),
-    ]
-    pools = channel.pool_types
-    avg = pools.index("avg") if "avg" in pools else -1
-    mx = pools.index("max") if "max" in pools else -1
-    flags = (avg, mx, spatial.mean_first, bn is not None)
-    return KernelPlan(bn, params, stats, batches, flags, tuple(held))
-
-
-def kernel_route(x: Tensor, m: CBAM) -> tuple[ModuleType, KernelPlan] | None:
-    """The compiled CPU kernels and the module's plan, if they cover this input and module;
-    else ``None``. ``x`` is contiguous or channels_last (``CBAM.forward`` makes it so)."""
-    if not x.is_cpu or not cbam_kernels.enabled():
-        return None
-    cached = _plans.get(m)
-    if cached is None or cached[0] != x.dtype or not (cached[1] is None or cached[1].still_held()):
-        cached = _plans[m] = (x.dtype, _make_plan(x, m))
-    plan = cached[1]
-    if plan is None:
-        return None
-    bn = plan.bn
-    if bn is not None and (bn.momentum is None or (plan.stats[0] is None and not bn.training)):
-        return None
-    kernels = cbam_kernels.kernels()
-    return None if kernels is None else (kernels, plan)
-
-
-def kernel_forward(kernels: ModuleType, x: Tensor, plan: KernelPlan, grad: bool) -> Tensor:
-    """``out = x * A * S`` through the kernels. With ``grad``, ``out`` carries the kernels'
-    backward, an autograd function written in C++."""
-    bn = plan.bn
-    training = bn is not None and bn.training
-    args = (
-        x,
-        *plan.params,
-        *plan.stats,
-        *plan.flags,
-        training,
-        bn.momentum if bn is not None else 0.0,
-        bn.eps if bn is not None else 0.0,
-        plan.batches if training else None,
-    )
-    return kernels.forward_autograd(*args) if grad else kernels.forward(*args)[0]
-
-
-def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor, Saved]:
+def fused_forward(x: Tensor, m: GatedModule, for_backward: bool = True) -> tuple[Tensor, Saved]:
     """``out = x * A * S``; with ``for_backward=False`` (inference) no argmax is kept."""
     b, c, h, w = x.shape
     arrangement = m.config.arrangement
@@ -562,7 +349,7 @@ def fused_forward(x: Tensor, m: CBAM, for_backward: bool = True) -> tuple[Tensor
 
 
 def fused_backward(
-    x: Tensor, g: Tensor, m: CBAM, saved: Saved
+    x: Tensor, g: Tensor, m: GatedModule, saved: Saved
 ) -> tuple[Tensor, dict[Tensor, Tensor]]:
     """dx and parameter gradients of ``out = x * A * S`` for the module's arrangement.
 
@@ -707,7 +494,7 @@ class FusedGates(torch.autograd.Function):
     """out = x * A * S for every arrangement; see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: CBAM, *params: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, module: GatedModule, *params: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             out, saved = fused_forward(x, module)
         ctx.module, ctx.saved = module, saved

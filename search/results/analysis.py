@@ -42,13 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from search.errors import InvalidValue, NotFound
-from search.nn.cbam import (
-    ARRANGEMENTS,
-    POOL_TYPES,
-    SPATIAL_POOLS,
-    has_channel_gate,
-    has_spatial_gate,
-)
+from search.knobs import ARRANGEMENTS, POOL_TYPES, SPATIAL_POOLS, has_channel_gate, has_spatial_gate
 from search.results.cache import CACHE, Cache, cached, completed, version
 from search.results.leaderboard import OVERHEAD_COLUMNS, pareto_flags
 from search.results.queries import ranking

@@ -1,7 +1,8 @@
 """Alembic environment, configured in code by ``search.store.engine.Database.alembic_config``.
 
 Runs on the connection passed in ``config.attributes["connection"]`` when there is one (what
-``Database.migrate()`` does), else opens ``sqlalchemy.url`` through ``search.store.engine.open_database``.
+``Database.migrate()`` does), else opens ``sqlalchemy.url`` through
+``search.store.engine.open_database``.
 Only our tables are compared and migrated: Optuna's tables share the database.
 """
 
