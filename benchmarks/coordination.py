@@ -84,8 +84,7 @@ from benchmarks._timing import machine
 from search.spec import SearchSpec
 from search.store.engine import open_database
 from search.store.models import ResultState, Search, SearchState, TrialResult
-from search.store.searches import create_search
-from search.study.studies import load_study
+from search.store.searches import create_search, search_study
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 50.0
@@ -320,7 +319,7 @@ def check(url: str, search_id: str, trials: int) -> None:
             numbers = session.scalars(
                 select(TrialResult.number).where(TrialResult.search_id == search_id)
             ).all()
-        finished = load_study(db, search).get_trials(deepcopy=False, states=_FINISHED)
+        finished = search_study(db, search).get_trials(deepcopy=False, states=_FINISHED)
     states = dict(rows)
     ok = (
         search.state == SearchState.completed

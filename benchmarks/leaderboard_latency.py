@@ -82,8 +82,9 @@ from search.spec import SearchSpec
 from search.store.artifacts import ARTIFACT_FILES
 from search.store.engine import Database, open_database
 from search.store.models import Reference, ResultState, Search, SearchState, TrialResult
-from search.store.searches import create_search, delete_search
-from search.study.studies import architecture_for, load_study, objective_values
+from search.store.searches import create_search, delete_search, search_study
+from search.study.objectives import objective_values
+from search.study.studies import architecture_for
 from service.app import create_app
 from service.auth import create_token, revoke_token
 
@@ -400,7 +401,7 @@ def _tell_references(
     db: Database, search: Search, spec: SearchSpec, plan: list[Attempt], intermediate: bool
 ) -> None:
     """Ask the enqueued reference trials from the study and tell them, as a worker does."""
-    study = load_study(db, search, spec)
+    study = search_study(db, search, spec)
     storage = study._storage
     for attempt in plan[: len(REFERENCE_NAMES)]:
         trial = study.ask()
@@ -561,7 +562,7 @@ def populate(db: Database, args: argparse.Namespace) -> Filled:
     _tell_references(db, search, spec, plan, args.intermediate_values)
     sampled = [(a.row["optuna_number"], a.trial) for a in plan if a.trial is not None]
     if args.add_trials:
-        study = optuna.load_study(study_name=search.study_name, storage=storage)
+        study = optuna.search_study(study_name=search.study_name, storage=storage)
         for i in range(0, len(sampled), BATCH):
             study.add_trials([trial for _, trial in sampled[i : i + BATCH]])
     else:

@@ -86,7 +86,8 @@ def _backbone_info(value: Any, field: str = "backbone") -> BackboneInfo:
     return BACKBONES[value]
 
 
-def _encode(values: Iterable[Any]) -> str:
+def encode_choice(values: Iterable[Any]) -> str:
+    """A set as one categorical choice and label: ``"avg+max"``, ``"1+2"``."""
     return "+".join(str(v) for v in values)
 
 
@@ -213,13 +214,13 @@ class Architecture:
         else:
             parts = ["CBAM", _ARROWS[self.arrangement]]
             if self.reduction is not None:
-                parts += [f"r{self.reduction}", _encode(self.pool_types)]
+                parts += [f"r{self.reduction}", encode_choice(self.pool_types)]
                 parts += [] if self.mlp_bias else ["no-bias"]
             if self.kernel_size is not None:
                 parts.append(f"k{self.kernel_size}")
                 parts += ["conv-pool"] if self.spatial_pool == "conv" else []
                 parts += [] if self.spatial_bn else ["no-bn"]
-        where = "all" if self.stages is None else "s" + _encode(self.stages)
+        where = "all" if self.stages is None else "s" + encode_choice(self.stages)
         where += "" if self.blocks == "all" else f"/{self.blocks}"
         return " ".join([*parts, f"@{where}"])
 
@@ -352,7 +353,7 @@ class SearchSpace:
             if len(options) == 1:
                 return options[0]
             if name in ("pool_types", "stages"):
-                encoded = [_encode(o) for o in options]
+                encoded = [encode_choice(o) for o in options]
                 return options[encoded.index(trial.suggest_categorical(name, encoded))]
             return trial.suggest_categorical(name, list(options))
 
@@ -395,7 +396,7 @@ class SearchSpace:
             )
         choices = self._choices(architecture.backbone)
         return {
-            name: _encode(value) if name in ("pool_types", "stages") else value
+            name: encode_choice(value) if name in ("pool_types", "stages") else value
             for name, value in self._values_of(architecture).items()
             if len(choices[name]) > 1
         }

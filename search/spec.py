@@ -24,20 +24,11 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from search.datasets import DATASETS
 from search.errors import InvalidValue
 from search.nn.backbones import BACKBONES
 from search.space import SearchSpace
 
-DATASETS = (
-    "digits",
-    "cluttered-digits",
-    "cifar10",
-    "cifar100",
-    "mnist",
-    "fashion-mnist",
-    "imagefolder",
-    "synthetic",
-)
 OVERHEADS = ("params", "macs", "latency")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 EARLY_STOPPING = ("none", "halving", "median", "hyperband")
@@ -146,7 +137,8 @@ class _Section:
 
 @dataclass(frozen=True)
 class DatasetSpec(_Section):
-    """``options`` is free-form and read by the dataset's loader (root, canvas, download, ...)."""
+    """``name`` is one of the dataset catalogue (:mod:`search.datasets`); ``options`` are read by
+    its loader, checked against the catalogue's types and bounds (root, canvas, download, ...)."""
 
     path: ClassVar[str] = "dataset"
 
@@ -155,7 +147,7 @@ class DatasetSpec(_Section):
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice(self.name, self._at("name"), DATASETS)
+        _choice(self.name, self._at("name"), tuple(DATASETS))
         self._set("options", _json_object(self.options, self._at("options")))
         self._set(
             "val_fraction", _float(self.val_fraction, self._at("val_fraction"), 0, 1, low_open=True)

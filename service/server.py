@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from search.settings import Settings
@@ -31,15 +30,6 @@ log = logging.getLogger("cbam_nas.serve")
 PARENT_PID_ENV = "CBAM_NAS_PARENT_PID"
 _STOP_TIMEOUT_S = 60.0
 _RESPAWN_DELAY_S = 5.0
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    devices: list[str] = field(default_factory=lambda: ["cpu"])
-    submit: list[Path] = field(default_factory=list)
 
 
 def worker_devices(device: str, workers: int | None) -> list[str]:

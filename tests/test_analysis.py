@@ -15,15 +15,15 @@ from optuna.distributions import CategoricalDistribution
 from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from search.results import analysis
+from search.results import ablation, cache, curves, importance, knob_views, scatter
 from search.results.leaderboard import pareto_flags
 from search.settings import Settings
 from search.space import Architecture, reference_architectures
 from search.spec import SearchSpec
 from search.store.engine import Database
 from search.store.models import Reference, ResultState, Search, TrialResult, utcnow
-from search.store.searches import create_search
-from search.study.studies import load_study
+from search.store.searches import create_search, search_study
+from search.study import optuna_fast
 from service.app import create_app
 from service.auth import create_token
 
@@ -35,9 +35,9 @@ REFS = reference_architectures(BACKBONE)
 @pytest.fixture
 def db(any_db: Database) -> Iterator[Database]:
     """SQLite and PostgreSQL in turn: the study is read from Optuna's tables directly."""
-    analysis.clear_cache()
+    cache.clear_all()
     yield any_db
-    analysis.clear_cache()
+    cache.clear_all()
 
 
 def _search(db: Database, **overrides: Any) -> Search:
@@ -131,7 +131,7 @@ def _expected(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
 
 
 def test_ablation_tables_match_a_hand_computation(db: Database, ablation_search: Search) -> None:
-    answer = analysis.ablation(db, ablation_search.id)
+    answer = ablation.ablation(db, ablation_search.id)
     assert answer["trials"] == 8 and answer["cbam_trials"] == 6
     tables = {t["knob"]: t for t in answer["tables"]}
     assert list(tables) == [
@@ -184,17 +184,17 @@ def test_ablation_tables_match_a_hand_computation(db: Database, ablation_search:
         {"value": "cbam", **_expected([0.85], [1.2])},
     ]
     # Without the overhead figure: accuracies only.
-    latency = analysis.ablation(db, ablation_search.id, overhead="latency")
+    latency = ablation.ablation(db, ablation_search.id, overhead="latency")
     first = latency["tables"][0]["rows"][0]
     assert first["n"] == 3 and first["overhead_pct_mean"] is None
     assert first["overhead_pct_std"] is None
 
 
 def test_ablation_is_cached_until_a_trial_completes(db: Database, ablation_search: Search) -> None:
-    first = analysis.ablation(db, ablation_search.id)
-    assert analysis.ablation(db, ablation_search.id) is first
+    first = ablation.ablation(db, ablation_search.id)
+    assert ablation.ablation(db, ablation_search.id) is first
     _insert(db, [_row(ablation_search, 20, _cbam(kernel_size=5), 0.9, 2.0)])
-    second = analysis.ablation(db, ablation_search.id)
+    second = ablation.ablation(db, ablation_search.id)
     assert second is not first and second["trials"] == 9
     kernels = {r["value"]: r["n"] for r in second["tables"][2]["rows"]}
     assert kernels == {3: 1, 5: 1, 7: 4}
@@ -204,16 +204,16 @@ def test_unknown_search_and_bad_arguments(db: Database) -> None:
     from search.errors import InvalidValue, NotFound
 
     with pytest.raises(NotFound):
-        analysis.scatter(db, "nope")
+        scatter.scatter(db, "nope")
     search = _search(db)
     with pytest.raises(InvalidValue):
-        analysis.scatter(db, search.id, overhead="flops")
+        scatter.scatter(db, search.id, overhead="flops")
     with pytest.raises(InvalidValue):
-        analysis.learning_curves(db, search.id, top=0)
-    empty = analysis.scatter(db, search.id)
+        curves.learning_curves(db, search.id, top=0)
+    empty = scatter.scatter(db, search.id)
     assert empty["total"] == 0 and empty["points"] == []
-    assert analysis.ablation(db, search.id)["tables"][0]["rows"] == []
-    assert analysis.knobs(db, search.id)["rows"] == []
+    assert ablation.ablation(db, search.id)["tables"][0]["rows"] == []
+    assert knob_views.knobs(db, search.id)["rows"] == []
 
 
 # -- scatter ----------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_unknown_search_and_bad_arguments(db: Database) -> None:
 
 def test_scatter_is_exact_when_small(db: Database, ablation_search: Search) -> None:
     _insert(db, [_row(ablation_search, 30, _cbam(kernel_size=5), 0.9, None)])  # no params
-    answer = analysis.scatter(db, ablation_search.id)
+    answer = scatter.scatter(db, ablation_search.id)
     assert answer["total"] == answer["shown"] == 8 and not answer["downsampled"]
     assert answer["missing"] == 1
     points = {p["number"]: p for p in answer["points"]}
@@ -255,18 +255,18 @@ def _many(db: Database, n: int, seed: int = 0) -> Search:
 
 def test_scatter_thins_keeping_pareto_and_references(db: Database) -> None:
     search = _many(db, 3000)
-    full = analysis.scatter(db, search.id, max_points=5000)
+    full = scatter.scatter(db, search.id, max_points=5000)
     assert full["shown"] == full["total"] == 3000 and not full["downsampled"]
     front = {p["number"] for p in full["points"] if p["pareto"]}
-    thinned = analysis.scatter(db, search.id, max_points=200)
+    thinned = scatter.scatter(db, search.id, max_points=200)
     shown = {p["number"] for p in thinned["points"]}
     assert thinned["total"] == 3000 and thinned["downsampled"]
     assert 100 < thinned["shown"] == len(shown) <= 200
     assert front <= shown and {0, 1, 2} <= shown
     assert {p["number"] for p in thinned["points"] if p["pareto"]} == front
     # Deterministic, and independent of the cache.
-    analysis.clear_cache()
-    assert analysis.scatter(db, search.id, max_points=200) == thinned
+    cache.clear_all()
+    assert scatter.scatter(db, search.id, max_points=200) == thinned
 
 
 def test_thin_keeps_the_best_of_each_cell() -> None:
@@ -278,17 +278,17 @@ def test_thin_keeps_the_best_of_each_cell() -> None:
         [{"val_accuracy": a, "params": o} for a, o in zip(accuracy, overhead, strict=True)],
         ["params"],
     )
-    kept = analysis.thin(accuracy, overhead, numbers, flags, 100)
+    kept = scatter.thin(accuracy, overhead, numbers, flags, 100)
     assert kept == sorted(kept) and len(kept) <= 100
     assert {i for i, f in enumerate(flags) if f} <= set(kept)
     # The best point overall survives; so do all points when they fit.
     assert max(range(1000), key=lambda i: accuracy[i]) in kept
-    assert analysis.thin(accuracy[:50], overhead[:50], numbers[:50], flags[:50], 100) == list(
+    assert scatter.thin(accuracy[:50], overhead[:50], numbers[:50], flags[:50], 100) == list(
         range(50)
     )
     # More forced points than allowed: all of them, nothing else.
     forced = [i % 2 == 0 for i in range(1000)]
-    kept = analysis.thin(accuracy, overhead, numbers, forced, 100)
+    kept = scatter.thin(accuracy, overhead, numbers, forced, 100)
     assert {i for i in range(0, 1000, 2)} <= set(kept) and len(kept) <= 501
 
 
@@ -317,7 +317,7 @@ def test_knobs_columns_and_rows(db: Database) -> None:
         _row(search, 4, _cbam(), 0.70, state=ResultState.failed),
     ]
     _insert(db, rows)
-    answer = analysis.knobs(db, search.id)
+    answer = knob_views.knobs(db, search.id)
     columns = {c["name"]: c for c in answer["columns"]}
     assert list(columns) == [
         "arrangement",
@@ -377,20 +377,20 @@ def test_knobs_columns_and_rows(db: Database) -> None:
 
 def test_knobs_thin_like_the_scatter(db: Database) -> None:
     search = _many(db, 1500)
-    answer = analysis.knobs(db, search.id, max_points=100)
-    scatter = analysis.scatter(db, search.id, max_points=100)
+    answer = knob_views.knobs(db, search.id, max_points=100)
+    points = scatter.scatter(db, search.id, max_points=100)
     assert answer["total"] == 1500 and answer["downsampled"]
-    assert {r["number"] for r in answer["rows"]} == {p["number"] for p in scatter["points"]}
+    assert {r["number"] for r in answer["rows"]} == {p["number"] for p in points["points"]}
 
 
 def test_knob_paths_group_trials_by_knob_values_and_accuracy_band(
     db: Database, ablation_search: Search
 ) -> None:
-    answer = analysis.knob_paths(db, ablation_search.id)
+    answer = knob_views.knob_paths(db, ablation_search.id)
     assert answer["total"] == answer["sampled"] == 8  # completed rows only
     # 8 trials ranked by accuracy: bands end at ranks ceil(0.8), ceil(2), ceil(4), 8.
     bands = answer["bands"]
-    assert [b["name"] for b in bands] == [name for _, name in analysis.ACCURACY_BANDS]
+    assert [b["name"] for b in bands] == [name for _, name in knob_views.ACCURACY_BANDS]
     assert [b["count"] for b in bands] == [1, 1, 2, 4]
     assert (bands[0]["min"], bands[0]["max"]) == (0.86, 0.86)
     assert (bands[2]["min"], bands[2]["max"]) == (0.84, 0.845)
@@ -405,22 +405,22 @@ def test_knob_paths_group_trials_by_knob_values_and_accuracy_band(
     assert best["mean_accuracy"] == 0.86
     # The no-attention reference has no knob at all: n/a everywhere, listed last.
     (none,) = [p for p in answer["paths"] if p["band"] == 3 and p["mean_accuracy"] == 0.80]
-    assert set(none["values"]) == {analysis.NOT_APPLICABLE}
-    assert all(c["values"][-1] == analysis.NOT_APPLICABLE for c in columns.values())
+    assert set(none["values"]) == {knob_views.NOT_APPLICABLE}
+    assert all(c["values"][-1] == knob_views.NOT_APPLICABLE for c in columns.values())
     assert columns["arrangement"]["values"][:2] == ["channel-spatial", "spatial-channel"]
 
 
 def test_knob_paths_sample_large_searches_but_band_every_trial(db: Database) -> None:
     search = _many(db, 1500)
-    answer = analysis.knob_paths(db, search.id, max_trials=300)
+    answer = knob_views.knob_paths(db, search.id, max_trials=300)
     assert answer["total"] == 1500 and answer["sampled"] == 300
     assert sum(p["count"] for p in answer["paths"]) == 300
     assert [b["count"] for b in answer["bands"]] == [150, 225, 375, 750]
     # A uniform sample: each band keeps about its share.
     share = sum(p["count"] for p in answer["paths"] if p["band"] == 3) / 300
     assert 0.4 < share < 0.6
-    analysis.clear_cache()
-    assert analysis.knob_paths(db, search.id, max_trials=300) == answer
+    cache.clear_all()
+    assert knob_views.knob_paths(db, search.id, max_trials=300) == answer
 
 
 # -- learning curves --------------------------------------------------------------------------
@@ -446,19 +446,19 @@ def test_learning_curves_of_the_best_trials(db: Database) -> None:
             _row(search, 4, arch, 0.85, params=90, curve=_curve([0.85])),
         ],
     )
-    curves = analysis.learning_curves(db, search.id, top=3)
+    best = curves.learning_curves(db, search.id, top=3)
     # Accuracy first, then fewer parameters; pruned trials are not ranked.
-    assert [c["number"] for c in curves] == [2, 1, 4]
-    assert curves[1]["curve"] == {
+    assert [c["number"] for c in best] == [2, 1, 4]
+    assert best[1]["curve"] == {
         "epoch": [1, 2],
         "val_accuracy": [0.85, 0.9],
         "train_loss": [pytest.approx(0.15), pytest.approx(0.1)],
         "val_loss": [pytest.approx(0.25), pytest.approx(0.2)],
         "train_accuracy": [None, None],
     }
-    assert curves[0]["curve"]["train_loss"] == [None]
-    assert curves[0]["label"] == arch.describe() and curves[0]["val_accuracy"] == 0.9
-    assert len(analysis.learning_curves(db, search.id, top=10)) == 4
+    assert best[0]["curve"]["train_loss"] == [None]
+    assert best[0]["label"] == arch.describe() and best[0]["val_accuracy"] == 0.9
+    assert len(curves.learning_curves(db, search.id, top=10)) == 4
 
 
 # -- importance -------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def _fill_study(
     and SE references without parameters), with a trial-result row each."""
     spec = SearchSpec.from_dict(search.spec)
     rng = random.Random(seed)
-    study = load_study(db, search, spec)
+    study = search_study(db, search, spec)
     trials, rows = [], []
     for name in ("none", "se"):
         trials.append(
@@ -520,7 +520,7 @@ def test_importance_finds_the_knob_that_matters(db: Database) -> None:
         return (0.9 if arch.kernel_size == 7 else 0.7) + rng.uniform(-0.01, 0.01)
 
     _fill_study(db, search, 80, accuracy)
-    answer = analysis.importance(db, search.id)
+    answer = importance.importance(db, search.id)
     assert answer["evaluator"] == "PedAnovaImportanceEvaluator" and answer["reason"] is None
     assert answer["trials"] == 80  # the references have no knob values
     importances = answer["importances"]
@@ -528,25 +528,29 @@ def test_importance_finds_the_knob_that_matters(db: Database) -> None:
     assert sum(importances.values()) == pytest.approx(1.0)
     assert next(iter(importances)) == "kernel_size" and importances["kernel_size"] > 0.5
     # Once per change: the same answer until another trial completes.
-    assert analysis.importance(db, search.id) is answer
+    assert importance.importance(db, search.id) is answer
     _insert(db, [_row(search, 500, _cbam(), 0.8)])
-    assert analysis.importance(db, search.id) is not answer
+    assert importance.importance(db, search.id) is not answer
 
 
 def test_importance_reads_the_study_like_optunas_storage(db: Database) -> None:
     search = _search(db)  # the whole default space: conditional knobs
     trials = _fill_study(db, search, 30, lambda arch, rng: rng.random())
-    direct = analysis._read_study_trials(db, search.study_name)
-    through_optuna = analysis._load_study_trials(db, search)
+    direct = optuna_fast._read_completed_trials(db.session, search.study_name, ())
+    through_optuna = optuna_fast._load_completed_trials(db.optuna_storage(), search.study_name, ())
+    assert direct[0] == through_optuna[0] and len(direct[0]) >= 30
 
-    def essence(ts: list[optuna.trial.FrozenTrial]) -> list[Any]:
-        return [(t.number, t.params, t.distributions, t.value) for t in ts]
+    def essence(ts: list[optuna_fast.CompletedTrial]) -> list[Any]:
+        return sorted((t.number, t.params, t.distributions, t.value) for t in ts)
 
-    assert essence(direct) == essence(through_optuna)
-    assert [t.value for t in direct] == [-t.values[0] for t in trials if t.params]
+    assert essence(direct[1]) == essence(through_optuna[1])
+    with_knobs = importance.study_trials(db, search)
+    assert [t.value for t in with_knobs] == [-t.values[0] for t in trials if t.params]
     # Read again: only the new trials are fetched; the result is the same.
-    assert essence(analysis._read_study_trials(db, search.study_name)) == essence(direct)
-    assert analysis.importance(db, search.id)["trials"] == 30
+    numbers, fresh = optuna_fast._read_completed_trials(db.session, search.study_name, direct[0])
+    assert numbers == direct[0] and fresh == []
+    assert importance.study_trials(db, search) == with_knobs
+    assert importance.importance(db, search.id)["trials"] == 30
 
 
 def test_importance_falls_back_to_optunas_storage(
@@ -558,15 +562,15 @@ def test_importance_falls_back_to_optunas_storage(
     def changed_schema(*_args: Any) -> None:
         raise SQLAlchemyError("no such column: trial_params.param_value")
 
-    monkeypatch.setattr(analysis, "_read_study_trials", changed_schema)
-    answer = analysis.importance(db, search.id)
+    monkeypatch.setattr(optuna_fast, "_read_completed_trials", changed_schema)
+    answer = importance.importance(db, search.id)
     assert answer["trials"] == 10 and answer["importances"]
 
 
 def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
     few = _search(db)
     _fill_study(db, few, 2, lambda arch, rng: 0.5)
-    answer = analysis.importance(db, few.id)
+    answer = importance.importance(db, few.id)
     assert answer["importances"] == {} and answer["trials"] == 2
     assert "at least 3" in answer["reason"]
 
@@ -580,15 +584,15 @@ def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
     }
     fixed = _search(db, space=fixed_space)
     spec = SearchSpec.from_dict(fixed.spec)
-    study = load_study(db, fixed, spec)
+    study = search_study(db, fixed, spec)
     # Every knob is fixed, so trials carry no parameters: no trial has knob values.
     study.add_trials([optuna.trial.create_trial(params={}, distributions={}, values=[0.5, 1.0])])
-    answer = analysis.importance(db, fixed.id)
+    answer = importance.importance(db, fixed.id)
     assert answer["importances"] == {} and answer["trials"] == 0
 
     same = _search(db, space={**fixed_space, "reductions": [8, 16]})
     distribution = CategoricalDistribution([8, 16])
-    load_study(db, same).add_trials(
+    search_study(db, same).add_trials(
         [
             optuna.trial.create_trial(
                 params={"reduction": 8}, distributions={"reduction": distribution}, values=[a, 1.0]
@@ -596,7 +600,7 @@ def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
             for a in (0.5, 0.6, 0.7)
         ]
     )
-    answer = analysis.importance(db, same.id)
+    answer = importance.importance(db, same.id)
     assert answer["importances"] == {} and answer["trials"] == 3
     assert answer["reason"] == "every trial has the same knob values"
 
@@ -610,9 +614,9 @@ def test_endpoints(db: Database, settings: Settings, ablation_search: Search) ->
     assert client.get(f"{base}/scatter").status_code == 401
     client.headers["Authorization"] = f"Bearer {create_token(db, 't')}"
 
-    scatter = client.get(f"{base}/scatter", params={"overhead": "params", "max_points": 10})
-    assert scatter.status_code == 200, scatter.text
-    body = scatter.json()
+    scattered = client.get(f"{base}/scatter", params={"overhead": "params", "max_points": 10})
+    assert scattered.status_code == 200, scattered.text
+    body = scattered.json()
     assert body["total"] == 8 and body["shown"] <= 10 and body["overhead"] == "params"
     assert set(body["points"][0]) == {
         "number",
@@ -625,19 +629,19 @@ def test_endpoints(db: Database, settings: Settings, ablation_search: Search) ->
     }
     knobs = client.get(f"{base}/knobs").json()
     assert knobs["columns"][0]["name"] == "arrangement" and len(knobs["rows"]) == 8
-    ablation = client.get(f"{base}/ablation", params={"overhead": "params"}).json()
-    assert ablation["tables"][0]["knob"] == "arrangement"
-    assert ablation == analysis.ablation(db, ablation_search.id)
+    tables = client.get(f"{base}/ablation", params={"overhead": "params"}).json()
+    assert tables["tables"][0]["knob"] == "arrangement"
+    assert tables == ablation.ablation(db, ablation_search.id)
     curves = client.get(f"{base}/curves", params={"top": 2}).json()
     assert [c["number"] for c in curves] == [4, 2]
     importance = client.get(f"{base}/importance").json()
     assert importance["importances"] == {} and importance["reason"]
 
     paths = client.get(f"{base}/knob-paths").json()
-    assert paths == analysis.knob_paths(db, ablation_search.id)
+    assert paths == knob_views.knob_paths(db, ablation_search.id)
 
     # Answers carry an ETag: unchanged, the server says so; a new completed trial changes it.
-    tag = scatter.headers["ETag"]
+    tag = scattered.headers["ETag"]
     again = client.get(
         f"{base}/scatter",
         params={"overhead": "params", "max_points": 10},

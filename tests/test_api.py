@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
+from search.datasets import DATASETS
 from search.nn.backbones import BACKBONES
 from search.settings import Settings
 from search.space import Architecture, reference_architectures
-from search.spec import DATASETS, OVERHEADS, SearchSpec
+from search.spec import OVERHEADS, SearchSpec
 from search.store.engine import Database, open_database
 from search.store.models import (
     Reference,

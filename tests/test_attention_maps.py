@@ -294,8 +294,8 @@ def test_attention_report_shape_and_values() -> None:
 
 
 def test_validation_samples_of_tensors_and_streamed_folders(tmp_path: Path) -> None:
+    from workers.artifacts import validation_samples
     from workers.data import ImageFiles, StreamingData, load_dataset
-    from workers.worker import validation_samples
 
     options = {"size": 16, "num_samples": 64, "num_test": 16}
     data = load_dataset("synthetic", options, tmp_path, 0.25, 0)

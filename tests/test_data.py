@@ -12,15 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+from search.datasets import DATASETS
 from search.errors import InvalidValue
 from workers.data import (
-    DATASETS,
     DatasetNotFound,
     DatasetTensors,
     StreamingData,
     clear_cache,
     load_dataset,
 )
+from workers.data.base import LOADERS, loads
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +35,10 @@ def load(name: str, data_dir: Path, val_fraction: float = 0.1, seed: int = 0, **
     return load_dataset(name, options, data_dir, val_fraction, seed)
 
 
-def test_registry_matches_the_spec() -> None:
-    from search.spec import DATASETS as SPEC_DATASETS
-
-    assert set(DATASETS) == set(SPEC_DATASETS)
+def test_every_catalogued_dataset_has_one_loader() -> None:
+    assert set(LOADERS) == set(DATASETS)
+    with pytest.raises(ValueError, match="not in the dataset catalogue"):
+        loads("imagenet")(lambda request: None)
 
 
 def test_unknown_name_and_options_are_refused(tmp_path: Path) -> None:

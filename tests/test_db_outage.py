@@ -34,9 +34,8 @@ from support import free_port, quick_spec, wait_until
 
 from search.store.engine import Database, Outage, is_transient, open_database, retrying
 from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
-from search.store.searches import create_search
-from search.study.studies import load_study
-from workers.worker import claim_trial, sweep_lost
+from search.store.searches import create_search, search_study
+from workers.queue import claim_trial, sweep_lost
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTAGE_S = 20.0
@@ -311,7 +310,7 @@ def test_workers_ride_out_a_postgresql_restart(server: _Server, tmp_path: Path) 
     ], [(r.number, r.attempt, r.state, r.failure_reason) for r in rows]
     resumed = next(r for r in rows if r.id == interrupted.id)
     assert resumed.epochs_run == epochs and resumed.worker == interrupted.worker
-    study = load_study(db, search.study_name)
+    study = search_study(db, search.study_name)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * budget
     for log in logs:
         text_ = log.read_text()

@@ -27,9 +27,10 @@ from search.space import Architecture
 from search.spec import SearchSpec
 from search.store.engine import Database
 from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen
-from search.store.searches import create_search
-from search.study.studies import load_study
-from workers.worker import STOPPED_REASON, Worker, WorkerOptions, claim_trial, dry_run_figures
+from search.store.searches import create_search, search_study
+from workers.dry_run import dry_run_figures
+from workers.queue import claim_trial
+from workers.worker import STOPPED_REASON, Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -96,7 +97,7 @@ def _assert_completed_exactly(db: Database, search_id: str, budget: int) -> list
         assert row.epochs_run == 0 and row.artifacts is None and row.finished_at is not None
     search = _search(db, search_id)
     assert search.state == SearchState.completed and search.claimed == budget
-    trials = load_study(db, search).get_trials(deepcopy=False)
+    trials = search_study(db, search).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * budget
     # Each row told its own Optuna trial, with the row's own figures.
     assert sorted(r.optuna_number for r in rows) == sorted(t.number for t in trials)
@@ -151,7 +152,7 @@ def test_dry_run_seconds_hold_each_trial_and_a_stop_hands_it_back(sqlite_db: Dat
     assert not thread.is_alive()
     [row] = _rows(sqlite_db, stopped.id)
     assert row.state == ResultState.requeued and row.failure_reason.startswith(STOPPED_REASON)
-    trial = load_study(sqlite_db, _search(sqlite_db, stopped.id)).trials[row.optuna_number]
+    trial = search_study(sqlite_db, _search(sqlite_db, stopped.id)).trials[row.optuna_number]
     assert trial.state == TrialState.FAIL
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from search.datasets import DATASETS
 from search.errors import InvalidValue
 from search.space import SearchSpace
 from search.spec import (
-    DATASETS,
     EARLY_STOPPING,
     OVERHEADS,
     SAMPLERS,

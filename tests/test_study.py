@@ -11,32 +11,31 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-import search.study.studies as study_module
+from search.results.queries import rung_accuracies
 from search.space import REFERENCE_NAMES, Architecture, SearchSpace, reference_architectures
 from search.spec import SearchSpec
 from search.store.engine import Database
 from search.store.models import ResultState, Search, TrialResult
-from search.store.searches import create_search
-from search.study.studies import (
+from search.store.searches import create_search, search_study
+from search.study import optuna_fast
+from search.study.early_stopping import (
     EpochContext,
     NoStopping,
     OptunaPruning,
     SuccessiveHalving,
-    architecture_for,
+    early_stopping_policy,
+    promoted,
+)
+from search.study.objectives import (
     constraint_value,
     directions,
-    early_stopping_policy,
-    frozen_trial,
-    grid_space,
-    load_study,
-    make_sampler,
     objective_names,
     objective_values,
-    promoted,
-    retry_trial,
     set_constraint,
-    tell_trial,
 )
+from search.study.optuna_fast import frozen_trial, retry_trial, tell_trial
+from search.study.samplers import grid_space, make_sampler
+from search.study.studies import architecture_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -82,7 +81,7 @@ def test_create_search_enqueues_the_references_first(db: Database) -> None:
         row = session.get(Search, search.id)
         assert row.state.value == "queued" and row.budget_trials == 6 and row.claimed == 0
         assert SearchSpec.from_dict(row.spec) == spec
-    study = load_study(db, search)
+    study = search_study(db, search)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.metric_names == ["val_accuracy", "params_pct"]
     seen = []
@@ -97,12 +96,12 @@ def test_create_search_enqueues_the_references_first(db: Database) -> None:
     # The paper's CBAM is inside the default space: its parameters are recorded in the trial.
     assert frozen_trial(study, 2).params == spec.space.to_params(references["cbam"])
     # Loading by study name gives the same study.
-    assert len(load_study(db, search.study_name).trials) == 4
+    assert len(search_study(db, search.study_name).trials) == 4
 
 
 def test_small_budget_enqueues_fewer_references(db: Database) -> None:
     search = create_search(db, _spec(budget={"trials": 1}))
-    study = load_study(db, search)
+    study = search_study(db, search)
     assert [t.user_attrs for t in study.trials] == [{"reference": "none"}]
 
 
@@ -116,7 +115,7 @@ def test_idempotency_key_returns_the_same_search(db: Database) -> None:
 def test_reference_outside_a_narrow_space_has_no_params(db: Database) -> None:
     spec = _spec(space={"arrangements": ["spatial"], "kernel_sizes": [3]})
     search = create_search(db, spec)
-    study = load_study(db, search)
+    study = search_study(db, search)
     for _ in range(3):
         trial = study.ask()
         architecture, reference = architecture_for(trial, spec)
@@ -128,10 +127,10 @@ def test_reference_outside_a_narrow_space_has_no_params(db: Database) -> None:
 def test_seed_offsets_draw_different_architectures(db: Database) -> None:
     spec = _spec(budget={"trials": 1}, sampler="random")
     search = create_search(db, spec)
-    load_study(db, search).ask()  # the reference
+    search_study(db, search).ask()  # the reference
     drawn = set()
     for offset in range(1, 6):
-        study = load_study(db, search, seed_offset=offset)
+        study = search_study(db, search, seed_offset=offset)
         drawn.add(architecture_for(study.ask(), spec)[0])
     assert len(drawn) == 5
     # Same offset, same draw: searches are reproducible.
@@ -147,11 +146,11 @@ def test_every_sampler_runs_a_study(db: Database, sampler: str) -> None:
     spec = _spec(sampler=sampler, space=space, budget={"trials": 8})
     search = create_search(db, spec)
     for offset in range(8):
-        study = load_study(db, search, seed_offset=offset)
+        study = search_study(db, search, seed_offset=offset)
         trial = study.ask()
         architecture, _ = architecture_for(trial, spec)
         study.tell(trial, [0.5 + 0.01 * offset, float(architecture.reduction or 0)])
-    assert len(load_study(db, search).trials) == 8
+    assert len(search_study(db, search).trials) == 8
 
 
 def test_grid_space_lists_every_parameter() -> None:
@@ -166,7 +165,7 @@ def test_grid_space_lists_every_parameter() -> None:
 def test_constrained_study_uses_constraints(db: Database) -> None:
     spec = _spec(objectives=CONSTRAINED, early_stopping={"policy": "median"})
     search = create_search(db, spec)
-    study = load_study(db, search)
+    study = search_study(db, search)
     assert isinstance(study.pruner, optuna.pruners.MedianPruner)
     assert len(study.directions) == 1
     for pct, accuracy in ((0.0, 0.5), (5.0, 0.9), (0.5, 0.7)):
@@ -176,13 +175,13 @@ def test_constrained_study_uses_constraints(db: Database) -> None:
     # The most accurate trial is infeasible: the best feasible one wins.
     assert study.best_trial.number == 2
     hyperband = _spec(objectives=CONSTRAINED, early_stopping={"policy": "hyperband"})
-    assert isinstance(load_study(db, search, hyperband).pruner, optuna.pruners.HyperbandPruner)
+    assert isinstance(search_study(db, search, hyperband).pruner, optuna.pruners.HyperbandPruner)
 
 
 def test_retry_trial_has_the_same_params_and_attrs(db: Database) -> None:
     spec = _spec()
     search = create_search(db, spec)
-    study = load_study(db, search)
+    study = search_study(db, search)
     drawn = []
     for _ in range(4):
         trial = study.ask()
@@ -190,7 +189,7 @@ def test_retry_trial_has_the_same_params_and_attrs(db: Database) -> None:
         study.tell(trial, state=TrialState.FAIL)
     for number in (2, 3):  # the CBAM reference and a sampled trial
         previous = frozen_trial(study, number)
-        again = retry_trial(load_study(db, search, seed_offset=99), previous)
+        again = retry_trial(search_study(db, search, seed_offset=99), previous)
         assert again.number != previous.number
         assert again.params == previous.params and again.user_attrs == previous.user_attrs
         assert architecture_for(again, spec) == drawn[number]
@@ -217,7 +216,7 @@ def test_sampled_parameters_are_written_in_one_transaction(any_db: Database) -> 
     db = any_db
     spec = _spec(sampler="random", budget={"trials": 1})
     search = create_search(db, spec)
-    study = load_study(db, search, seed_offset=1)
+    study = search_study(db, search, seed_offset=1)
     tell_trial(study, study.ask(), state=TrialState.FAIL)  # the reference
     counts = _count_statements(db)
     for _ in range(2):  # the study's first parameters, then known distributions
@@ -229,11 +228,11 @@ def test_sampled_parameters_are_written_in_one_transaction(any_db: Database) -> 
         assert counts["commit"] == 1
         if not db.is_sqlite:  # one statement (SQLite's are in-process: one per row)
             assert counts["param inserts"] == 1
-        stored = frozen_trial(load_study(db, search), trial.number)
+        stored = frozen_trial(search_study(db, search), trial.number)
         assert stored.params == trial.params and stored.distributions == trial.distributions
         assert spec.space.sample(stored, spec.backbone) == architecture
         tell_trial(study, trial, [0.5, 1.0])
-    told = frozen_trial(load_study(db, search), trial.number)
+    told = frozen_trial(search_study(db, search), trial.number)
     assert told.state == TrialState.COMPLETE and told.values == [0.5, 1.0]
 
 
@@ -243,21 +242,21 @@ def test_parameters_whose_write_failed_are_written_by_the_retry(
     """A sampling retried through a database outage writes what the failed one drew."""
     spec = _spec(sampler="random", budget={"trials": 1})
     search = create_search(db, spec)
-    study = load_study(db, search, seed_offset=2)
+    study = search_study(db, search, seed_offset=2)
     tell_trial(study, study.ask(), state=TrialState.FAIL)  # the reference
     trial = study.ask()
-    write = study_module._write_params_in_one_transaction
+    write = optuna_fast._write_params_in_one_transaction
 
     def outage(*_args: Any) -> bool:
         raise OperationalError("INSERT", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(study_module, "_write_params_in_one_transaction", outage)
+    monkeypatch.setattr(optuna_fast, "_write_params_in_one_transaction", outage)
     with pytest.raises(OperationalError):
         architecture_for(trial, spec)
-    assert frozen_trial(load_study(db, search), trial.number).params == {}
-    monkeypatch.setattr(study_module, "_write_params_in_one_transaction", write)
+    assert frozen_trial(search_study(db, search), trial.number).params == {}
+    monkeypatch.setattr(optuna_fast, "_write_params_in_one_transaction", write)
     architecture, _ = architecture_for(trial, spec)
-    stored = frozen_trial(load_study(db, search), trial.number)
+    stored = frozen_trial(search_study(db, search), trial.number)
     assert stored.params == trial.params
     assert spec.space.sample(stored, spec.backbone) == architecture
 
@@ -323,7 +322,8 @@ def test_successive_halving_compares_at_the_same_epoch(db: Database) -> None:
     policy = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=3, epochs=9)
 
     def stop(epoch: int, accuracy: float, policy: SuccessiveHalving = policy) -> bool:
-        context = EpochContext(db, search.id, me, None, epoch, accuracy)  # type: ignore[arg-type]
+        others = lambda: rung_accuracies(db, search.id, epoch, me)  # noqa: E731
+        context = EpochContext(None, epoch, accuracy, others)  # type: ignore[arg-type]
         return policy.should_stop(context)
 
     # Epoch 1: others 0.50, 0.40, 0.30; top 1 of 4 goes on.

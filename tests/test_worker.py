@@ -31,20 +31,14 @@ from search.settings import Settings
 from search.space import Architecture, build_model
 from search.store.engine import Database, open_database
 from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
-from search.store.searches import create_search
-from search.study.studies import frozen_trial, load_study
+from search.store.searches import LOST_REASON, create_search, search_study
+from search.study.optuna_fast import frozen_trial
 from service.cli import app
+from workers.artifacts import ARTIFACTS_ATTR
 from workers.data import load_dataset
+from workers.queue import claim_trial, sweep_lost
 from workers.train import evaluate
-from workers.worker import (
-    ARTIFACTS_ATTR,
-    LOST_REASON,
-    STOPPED_REASON,
-    Worker,
-    WorkerOptions,
-    claim_trial,
-    sweep_lost,
-)
+from workers.worker import STOPPED_REASON, Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 180
@@ -141,7 +135,7 @@ def test_worker_completes_a_search_and_weights_reproduce(
         assert row.test_accuracy is not None and row.wall_time_s > 0
     assert rows[0].params_pct == 0 and rows[2].params_pct > rows[1].params_pct > 0
 
-    study = load_study(any_db, _search(any_db, search.id))
+    study = search_study(any_db, _search(any_db, search.id))
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert trials[3].values == [rows[3].val_accuracy, pytest.approx(rows[3].params_pct)]
@@ -182,7 +176,7 @@ def test_over_budget_architectures_are_measured_not_trained(sqlite_db: Database)
         ResultState.over_budget,
     ]
     assert all(r.params_pct > 0.5 and r.epochs_run == 0 for r in rows[1:])
-    study = load_study(sqlite_db, _search(sqlite_db, search.id))
+    study = search_study(sqlite_db, _search(sqlite_db, search.id))
     assert [t.state for t in study.get_trials()] == [
         TrialState.COMPLETE,
         TrialState.PRUNED,
@@ -273,7 +267,7 @@ def test_two_workers_never_exceed_the_budget(any_db: Database, tmp_path: Path) -
     assert len(_completed(rows)) == 5
     search_row = _search(any_db, search.id)
     assert search_row.state == SearchState.completed and search_row.claimed == 5
-    study = load_study(any_db, search_row)
+    study = search_study(any_db, search_row)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 5
 
 
@@ -305,7 +299,7 @@ def test_killed_worker_trial_is_rerun_with_the_same_parameters(
     rerun = next(r for r in rows if (r.number, r.attempt) == (running.number, 1))
     assert rerun.state == ResultState.completed and rerun.worker == "rescuer"
     assert rerun.architecture == lost[0].architecture
-    study = load_study(any_db, _search(any_db, search.id))
+    study = search_study(any_db, _search(any_db, search.id))
     old, new = frozen_trial(study, lost[0].optuna_number), frozen_trial(study, rerun.optuna_number)
     assert old.state == TrialState.FAIL and new.state == TrialState.COMPLETE
     assert old.params and new.params == old.params
@@ -353,7 +347,7 @@ def test_cancelled_search_stops_its_worker(sqlite_db: Database) -> None:
     rows = _rows(sqlite_db, search.id)
     assert len(rows) == 1 and rows[0].state == ResultState.failed
     assert rows[0].failure_reason == "search cancelled" and rows[0].epochs_run < 10
-    study = load_study(sqlite_db, _search(sqlite_db, search.id))
+    study = search_study(sqlite_db, _search(sqlite_db, search.id))
     assert study.get_trials()[0].state == TrialState.FAIL
 
 

@@ -54,8 +54,8 @@ _state: dict[str, ModuleType | None] = {}
 @functools.cache
 def settings() -> Settings:
     """The settings the kernels follow, read once per process: asked on every CBAM call, where
-    building a ``Settings`` (~0.4 ms) would cost more than the kernel itself. ``reset`` (or
-    ``settings.cache_clear()``) reads them again."""
+    building a ``Settings`` (~0.4 ms) would cost more than the kernel itself
+    (``settings.cache_clear()`` reads them again)."""
     return Settings()
 
 
@@ -161,13 +161,6 @@ def kernels() -> ModuleType | None:
                     )
             _state["module"] = module
     return _state["module"]
-
-
-def reset() -> None:
-    """Forget the loaded kernels (tests: re-evaluate :func:`enabled` and the build)."""
-    with _lock:
-        _state.clear()
-    settings.cache_clear()
 
 
 # -- plans: what the kernels read from one module ---------------------------------------------

@@ -9,6 +9,7 @@ one small query per call. Cached answers are shared between callers: treat them 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from datetime import datetime
@@ -32,6 +33,7 @@ class Cache:
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._computing: dict[Hashable, threading.Lock] = {}
+        _CACHES.add(self)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
@@ -58,6 +60,15 @@ class Cache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+_CACHES: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def clear_all() -> None:
+    """Forget every answer cached in this process (tests; a process that rewrites rows)."""
+    for cache in list(_CACHES):
+        cache.clear()
 
 
 CACHE = Cache()

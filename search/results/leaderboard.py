@@ -106,11 +106,6 @@ def reference_entries(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
     return out
 
 
-def reference_accuracies(entries: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Reference name -> its best completed validation accuracy."""
-    return {name: entry[ACCURACY] for name, entry in reference_entries(entries).items()}
-
-
 def deltas(
     entry: Mapping[str, Any],
     references: Mapping[str, Mapping[str, Any] | float],
@@ -164,10 +159,3 @@ def leaderboard(
     ):
         entry.update(rank=rank, pareto=pareto, **deltas(entry, references, overheads))
     return entries
-
-
-def pareto_front(rows: Iterable[Any], overheads: Sequence[str] = ("params",)) -> list[Entry]:
-    """The leaderboard's Pareto-optimal entries, by increasing first overhead."""
-    column = OVERHEAD_COLUMNS[overheads[0]][0] if overheads else "params"
-    front = [e for e in leaderboard(rows, overheads) if e["pareto"]]
-    return sorted(front, key=lambda e: e.get(column) or 0)

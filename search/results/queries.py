@@ -1,4 +1,5 @@
-"""Reads of a search's trial-result rows for the API and the CLI: progress, pages, leaderboards.
+"""Reads of a search's trial-result rows: progress, pages and leaderboards for the API and the CLI,
+and the accuracies at a rung for early stopping.
 
 Every answer comes from our own indexed ``trial_results`` rows; nothing here reads the Optuna
 study. The leaderboard ranks a search's completed rows from a narrow column query (a few
@@ -396,3 +397,17 @@ def completed_since(db: Database, since: datetime) -> int:
 def workers_seen_since(db: Database, since: datetime) -> int:
     with db.session() as session:
         return session.scalar(select(func.count()).where(WorkerSeen.last_seen >= since)) or 0
+
+
+def rung_accuracies(db: Database, search_id: str, epoch: int, exclude_row: int) -> list[float]:
+    """The validation accuracies at ``epoch`` of the search's running, completed and pruned
+    trials (from their rows' learning curves), but for row ``exclude_row``."""
+    query = select(TrialResult.learning_curve).where(
+        TrialResult.search_id == search_id,
+        TrialResult.id != exclude_row,
+        TrialResult.epochs_run >= epoch,
+        TrialResult.state.in_([ResultState.running, ResultState.completed, ResultState.pruned]),
+    )
+    with db.session() as session:
+        curves = session.scalars(query).all()
+    return [float(c[epoch - 1]["val_accuracy"]) for c in curves if len(c) >= epoch]

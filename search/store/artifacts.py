@@ -9,7 +9,6 @@ kept on the trial-result row (``TrialResult.artifacts``) so that downloads need 
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -68,11 +67,6 @@ def open_artifact(store: Any, artifact_id: str, what: str) -> Iterator[IO[bytes]
 def read_artifact(store: Any, artifact_id: str, what: str) -> bytes:
     with open_artifact(store, artifact_id, what) as stream:
         return stream.read()
-
-
-def copy_artifact(store: Any, artifact_id: str, destination: Path, what: str) -> None:
-    with open_artifact(store, artifact_id, what) as stream, destination.open("wb") as out:
-        shutil.copyfileobj(stream, out)
 
 
 def remove_artifacts(store: Any, artifact_ids: Iterable[str]) -> None:

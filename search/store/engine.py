@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from filelock import FileLock
 from sqlalchemy import create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -45,15 +46,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from search.errors import InvalidValue
 from search.store.models import Base
+from search.study.optuna_fast import grpc_proxy
 
 if TYPE_CHECKING:
     from alembic.config import Config
     from optuna.storages import BaseStorage, RDBStorage
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: migrations of one SQLite file are then not serialised
-    fcntl = None  # type: ignore[assignment]
 
 VERSION_TABLE = "cbam_nas_alembic_version"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -387,7 +384,7 @@ class Database:
             raise ValueError("Optuna's heartbeat needs its RDB storage, not the gRPC proxy")
         with self._storage_lock:
             if self._proxy is None:
-                self._proxy = grpc_storage(*self.optuna_proxy)
+                self._proxy = grpc_proxy(*self.optuna_proxy, wait_s=GRPC_WAIT_S)
             return self._proxy
 
     def rdb_storage(
@@ -464,16 +461,11 @@ class Database:
                     )
                     connection.commit()
             return
-        if self.sqlite_path is None or fcntl is None:
+        if self.sqlite_path is None:
             yield
             return
-        lock_path = self.sqlite_path.with_name(self.sqlite_path.name + ".lock")
-        with lock_path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with FileLock(self.sqlite_path.with_name(self.sqlite_path.name + ".lock")):
+            yield
 
     def close(self) -> None:
         """Dispose of the connection pools (ours and the Optuna storages')."""
@@ -502,51 +494,6 @@ def grpc_address(url: str) -> tuple[str, int]:
     if parsed.scheme != "grpc" or not parsed.hostname or parsed.path not in ("", "/") or not port:
         raise InvalidValue("optuna_storage_url", url, "grpc://HOST:PORT (Optuna's gRPC proxy)")
     return parsed.hostname, port
-
-
-def grpc_storage(host: str, port: int) -> BaseStorage:
-    """A client of Optuna's gRPC storage proxy whose calls wait while the proxy is unreachable
-    (e.g. restarting), up to ``GRPC_WAIT_S``, instead of failing at once as Optuna's do."""
-    import json
-    import warnings
-
-    import grpc
-    import optuna
-
-    try:  # Optuna's client with our channel options: its internals as of Optuna 4.2 to 5.0
-        from optuna.storages._grpc.auto_generated import api_pb2_grpc
-        from optuna.storages._grpc.client import GrpcClientCache
-    except ImportError:  # moved: Optuna's client as it is (its calls fail at once)
-        client: type[BaseStorage] = optuna.storages.GrpcStorageProxy
-    else:
-        service_config = {
-            "methodConfig": [
-                {
-                    "name": [{"service": "optuna.StorageService"}],
-                    "waitForReady": True,
-                    "timeout": f"{GRPC_WAIT_S}s",
-                }
-            ]
-        }
-
-        class WaitingGrpcStorageProxy(optuna.storages.GrpcStorageProxy):
-            def _setup(self) -> None:
-                host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6
-                self._channel = grpc.insecure_channel(
-                    f"{host}:{self._port}",
-                    options=[
-                        ("grpc.max_receive_message_length", -1),
-                        ("grpc.service_config", json.dumps(service_config)),
-                    ],
-                )
-                self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
-                self._cache = GrpcClientCache(self._stub)
-
-        client = WaitingGrpcStorageProxy
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return client(host=host, port=port)  # type: ignore[call-arg]
 
 
 def open_database(

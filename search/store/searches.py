@@ -1,24 +1,41 @@
-"""A search's life: creating it (row, Optuna study, enqueued references), cancelling, deleting.
+"""A search's life, every change of its state in one place: creating it (row, Optuna study,
+enqueued references), cancelling, deleting, completing it when nothing is left to run, and
+failing it when it cannot run at all; and its Optuna study, loaded for a search row.
 
-Shared by the command line (``cbam-nas run``) and the REST API; no HTTP here.
+Shared by the command line (``cbam-nas run``), the REST API and the workers; no HTTP here.
+A search's budget counts slots (``Search.claimed`` of ``budget_trials``); an attempt that was
+handed back (``requeued``) or failed runs again while it has retries left
+(:func:`pending_retries`), and a search is complete once every slot is claimed (or its
+wall-clock budget has passed), nothing runs and no retry is pending (:func:`maybe_complete`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy.orm import aliased
 
 from search.errors import Conflict, NotFound
+from search.spec import SearchSpec
 from search.store.artifacts import remove_artifacts
 from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
-from search.study.studies import create_study
+from search.study.studies import create_study, load_study
 
 if TYPE_CHECKING:
-    from search.spec import SearchSpec
     from search.store.engine import Database
+
+log = logging.getLogger("cbam_nas.searches")
+
+LOST_REASON = "worker lost"
+"""How a swept attempt's ``failure_reason`` starts: it counts against the retries."""
+ACTIVE_STATES = (SearchState.queued, SearchState.running)
+FINISHED_STATES = (SearchState.completed, SearchState.cancelled, SearchState.failed)
 
 
 def create_search(
@@ -48,7 +65,7 @@ def create_search(
         claimed=0,
         idempotency_key=idempotency_key,
     )
-    create_study(db, spec, row.study_name)
+    create_study(db.optuna_storage(), spec, row.study_name)
     try:
         with db.session() as session:
             session.add(row)
@@ -67,7 +84,16 @@ def find_by_idempotency_key(db: Database, key: str) -> Search | None:
         return session.scalars(select(Search).where(Search.idempotency_key == key)).one_or_none()
 
 
-ACTIVE_STATES = (SearchState.queued, SearchState.running)
+def search_study(
+    db: Database, search: Search | str, spec: SearchSpec | None = None, *, seed_offset: int = 0
+) -> optuna.Study:
+    """The Optuna study of ``search`` (a row, or its study name), with the sampler and pruner of
+    its spec (read from the row when not given); see :func:`search.study.studies.load_study`."""
+    if isinstance(search, str):
+        with db.session() as session:
+            search = session.scalars(select(Search).where(Search.study_name == search)).one()
+    spec = spec or SearchSpec.from_dict(search.spec)
+    return load_study(db.optuna_storage(), search.study_name, spec, seed_offset=seed_offset)
 
 
 def cancel_search(db: Database, search_id: str) -> Search:
@@ -128,3 +154,103 @@ def delete_search(db: Database, search_id: str, store: Any | None = None) -> Non
         optuna.delete_study(study_name=study_name, storage=db.optuna_storage())
     if store is not None:
         remove_artifacts(store, artifact_ids)
+
+
+# -- completion and failure ----------------------------------------------------------------
+
+
+def _counts_against_retries(row: Any) -> ColumnElement[bool]:
+    return or_(
+        row.state == ResultState.failed,
+        and_(row.state == ResultState.requeued, row.failure_reason.like(f"{LOST_REASON}%")),
+    )
+
+
+def pending_retries(search_id: str, max_retries: int) -> Any:
+    """The select of the search's attempts that should run again: requeued or failed, without a
+    next attempt yet, with retries left."""
+    return _pending_retries().params(search_id=search_id, max_retries=max_retries)
+
+
+@functools.cache
+def _pending_retries() -> Any:
+    # Built once: aliasing a table proxies each of its columns, milliseconds per build, and
+    # every claim and completion check asks this.
+    row, later, counted = (aliased(TrialResult) for _ in range(3))
+    has_next = exists().where(
+        later.search_id == row.search_id,
+        later.number == row.number,
+        later.attempt == row.attempt + 1,
+    )
+    failures = (
+        select(func.count())
+        .where(
+            counted.search_id == row.search_id,
+            counted.number == row.number,
+            _counts_against_retries(counted),
+        )
+        .scalar_subquery()
+    )
+    return (
+        select(row)
+        .where(
+            row.search_id == bindparam("search_id"),
+            row.state.in_([ResultState.requeued, ResultState.failed]),
+            ~has_next,
+            failures <= bindparam("max_retries"),
+        )
+        .order_by(row.number)
+    )
+
+
+def deadline_passed(search: Search, spec: SearchSpec) -> bool:
+    limit = spec.budget.wall_clock_s
+    if limit is None or search.started_at is None:
+        return False
+    return utcnow() - search.started_at > timedelta(seconds=limit)
+
+
+def maybe_complete(db: Database, search_id: str) -> bool:
+    """Mark the search completed if nothing is left to run; True if this call did."""
+    return db.retrying(lambda: _maybe_complete(db, search_id), what="completing a search")
+
+
+def _maybe_complete(db: Database, search_id: str) -> bool:
+    with db.session() as session:
+        search = session.get(Search, search_id)
+        if search is None or search.state != SearchState.running:
+            return False
+        spec = SearchSpec.from_dict(search.spec)
+        running = exists().where(
+            TrialResult.search_id == search_id, TrialResult.state == ResultState.running
+        )
+        conditions = [Search.id == search_id, Search.state == SearchState.running, ~running]
+        if not deadline_passed(search, spec):
+            pending = pending_retries(search_id, spec.budget.max_retries).exists()
+            conditions += [Search.claimed >= Search.budget_trials, ~pending]
+        now = utcnow()
+        result = session.execute(
+            update(Search)
+            .where(*conditions)
+            .values(state=SearchState.completed, finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        done = result.rowcount == 1
+    if done:
+        log.info("search %s completed", search_id[:8])
+    return done
+
+
+def fail_search(db: Database, search_id: str, error: str) -> None:
+    now = utcnow()
+
+    def write() -> None:
+        with db.session() as session:
+            session.execute(
+                update(Search)
+                .where(Search.id == search_id, Search.state.in_(ACTIVE_STATES))
+                .values(state=SearchState.failed, error=error, finished_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+
+    db.retrying(write, what="failing a search")

@@ -77,7 +77,3 @@ class LeaderboardOut(BaseModel):
         description="Trials best first, with rank, pareto and delta_vs_<reference> (accuracy "
         "points) and <overhead>_delta_vs_<reference> (percent)."
     )
-
-
-class ErrorOut(BaseModel):
-    detail: Any

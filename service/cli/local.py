@@ -29,7 +29,7 @@ def _setup_logging(rich_output: bool) -> None:
     if rich_output:
         from rich.logging import RichHandler
 
-        from workers.worker import stderr_console
+        from workers.console import stderr_console
 
         handler: logging.Handler = RichHandler(console=stderr_console(), show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -254,7 +254,7 @@ def _wait(db: Database, search_id: str, children: list[subprocess.Popen[bytes]])
 
     with db.session() as session:
         budget = session.get(Search, search_id).budget_trials
-    from workers.worker import stderr_console
+    from workers.console import stderr_console
 
     console = stderr_console()
     with Progress(console=console, disable=not console.is_terminal, transient=True) as bar:

@@ -2,7 +2,7 @@
 coordinates of the knobs, the paper's ablation tables, learning curves and knob importances.
 
 Each answer is computed and encoded in the process once per change of the search (see
-``search.results.analysis``), and carries an ETag: polling an unchanged search gets 304."""
+``search.results.cache``), and carries an ETag: polling an unchanged search gets 304."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from search.results import analysis
+from search.results import ablation as ablation_view
+from search.results import curves as curves_view
+from search.results import importance as importance_view
+from search.results import knob_views
+from search.results import scatter as scatter_view
 from search.results.leaderboard import OVERHEAD_COLUMNS
 from service.api.deps import DB, Reader
 from service.api.encoded import json_answer
@@ -38,12 +42,12 @@ def scatter(
     db: DB,
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
-    max_points: MaxPoints = analysis.DEFAULT_MAX_POINTS,
+    max_points: MaxPoints = scatter_view.DEFAULT_MAX_POINTS,
 ) -> Response:
     """Completed trials as points of validation accuracy against ``overhead``, with the Pareto
     flag, the reference name and the architecture's label; thinned above ``max_points``
     (``total`` / ``shown``)."""
-    return json_answer(request, db, search_id, analysis.scatter, overhead.value, max_points)
+    return json_answer(request, db, search_id, scatter_view.scatter, overhead.value, max_points)
 
 
 @router.get("/knobs", responses=JSON)
@@ -52,11 +56,11 @@ def knobs(
     db: DB,
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
-    max_points: MaxPoints = analysis.DEFAULT_MAX_POINTS,
+    max_points: MaxPoints = scatter_view.DEFAULT_MAX_POINTS,
 ) -> Response:
     """Parallel coordinates: the knob columns (categorical with their values, or numeric with
     their range) and the completed trials' knob values with accuracy and overhead."""
-    return json_answer(request, db, search_id, analysis.knobs, overhead.value, max_points)
+    return json_answer(request, db, search_id, knob_views.knobs, overhead.value, max_points)
 
 
 @router.get("/knob-paths", responses=JSON)
@@ -66,11 +70,11 @@ def knob_paths(
     search_id: str,
     max_trials: Annotated[
         int, Query(ge=10, le=20_000, description="Draw the paths from a sample of this many.")
-    ] = analysis.DEFAULT_PATH_TRIALS,
+    ] = knob_views.DEFAULT_PATH_TRIALS,
 ) -> Response:
     """Parallel categories: the completed trials in accuracy bands (top 10 %, 10-25 %, 25-50 %,
     the rest), grouped by their knob values into paths with a count and mean accuracy."""
-    return json_answer(request, db, search_id, analysis.knob_paths, max_trials)
+    return json_answer(request, db, search_id, knob_views.knob_paths, max_trials)
 
 
 @router.get("/ablation", responses=JSON)
@@ -83,7 +87,7 @@ def ablation(
     """The paper's ablation tables: accuracy and overhead (mean, std) of the CBAM trials grouped
     by arrangement, channel pooling, kernel size, spatial pooling, reduction and placement; the
     references apart as ``baselines``."""
-    return json_answer(request, db, search_id, analysis.ablation, overhead.value)
+    return json_answer(request, db, search_id, ablation_view.ablation, overhead.value)
 
 
 @router.get("/curves", responses=JSON)
@@ -91,11 +95,11 @@ def curves(
     request: Request, db: DB, search_id: str, top: Annotated[int, Query(ge=1, le=50)] = 5
 ) -> Response:
     """Per-epoch validation accuracy and losses of the ``top`` best completed trials."""
-    return json_answer(request, db, search_id, analysis.learning_curves, top)
+    return json_answer(request, db, search_id, curves_view.learning_curves, top)
 
 
 @router.get("/importance", responses=JSON)
 def importance(request: Request, db: DB, search_id: str) -> Response:
     """Knob importances for validation accuracy (Optuna's PED-ANOVA); empty with a ``reason``
     while there are too few trials."""
-    return json_answer(request, db, search_id, analysis.importance)
+    return json_answer(request, db, search_id, importance_view.importance)

@@ -1,0 +1,43 @@
+"""Dry runs: the made-up figures of a worker that coordinates without training.
+
+Dry-run workers (``WorkerOptions.dry_run``, ``cbam-nas worker --dry-run``) go through exactly a
+real worker's path (claim, ask, row updates, tell, completion) but record made-up metrics
+instead of loading data, measuring and training, after ``WorkerOptions.dry_run_seconds`` of sleep
+in place of training, and store no artifacts: load tests and ``benchmarks/coordination.py`` use
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from search.space import Architecture
+
+# A dry run's made-up figures of the backbone without attention: params, MACs, latency in ms.
+DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
+
+
+def dry_run_figures(architecture: Architecture) -> tuple[float, dict[str, Any]]:
+    """The made-up validation accuracy and overheads a dry-run worker records: fixed functions of
+    the architecture's id (the same from every worker), overheads 0 % without attention. Nothing
+    is built, measured or trained."""
+    digest = hashlib.sha256(architecture.id.encode()).digest()
+    u = [int.from_bytes(digest[2 * i : 2 * i + 2], "big") / 0xFFFF for i in range(4)]
+    attends = architecture.attention != "none"
+    pct = {
+        "params_pct": 0.2 + 4.8 * u[1] if attends else 0.0,
+        "macs_pct": 0.1 + 1.9 * u[2] if attends else 0.0,
+        "latency_pct": 1.0 + 29.0 * u[3] if attends else 0.0,
+    }
+    base_params, base_macs, base_latency_ms = DRY_RUN_BASELINE
+    figures = {
+        "params": round(base_params * (1 + pct["params_pct"] / 100)),
+        "macs": round(base_macs * (1 + pct["macs_pct"] / 100)),
+        "attention_ops": 0,
+        "latency_ms": base_latency_ms * (1 + pct["latency_pct"] / 100),
+        "train_step_ms": None,
+        "peak_memory_bytes": None,
+        **pct,
+    }
+    return 0.5 + 0.4 * u[0], figures
