@@ -3,6 +3,7 @@
 #   make test                       lint, check the Docker files, run the tests
 #   make test TORCH_SPEC="torch torchvision"   pick your own torch build on the first install
 #   make test PYTEST_ARGS="-k cbam -x"         pass arguments to pytest
+#   make test-fast                  lint and the tests but the process-level end-to-end ones (-m 'not e2e')
 .DEFAULT_GOAL := test
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -21,7 +22,7 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
 .PHONY: $(STAMP)
 endif
 
-.PHONY: install kernels demo test pytest lint format check-docker bench clean distclean
+.PHONY: install kernels demo test test-fast pytest lint format check-docker bench clean distclean
 
 install: $(STAMP)
 
@@ -44,6 +45,9 @@ demo: $(STAMP) kernels
 	$(BIN)/cbam-nas serve --port $(DEMO_PORT) --workers 1 --device cpu --submit $(DEMO_SPEC)
 
 test: lint check-docker pytest
+
+test-fast: PYTEST_ARGS += -m 'not e2e'
+test-fast: lint pytest
 
 pytest: $(STAMP) kernels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -48,6 +48,9 @@ start)
   "${RUNAS[@]}" "$PGBIN/psql" -h "$PGTMP" -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qc \
     "CREATE ROLE app LOGIN CREATEDB PASSWORD 'app';" -c "CREATE DATABASE appdb OWNER app;" \
     >/dev/null 2>&1 || true
+  # Tests drop their databases WITH (FORCE), which must end autovacuum workers in them too.
+  "${RUNAS[@]}" "$PGBIN/psql" -h "$PGTMP" -p "$PORT" -U postgres -qc \
+    "GRANT pg_signal_backend TO app;" >/dev/null 2>&1 || true
   echo "$URL"
   ;;
 url) echo "$URL" ;;

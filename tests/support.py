@@ -1,14 +1,39 @@
-"""Helpers the tests' modules share: free ports, waiting for a condition, a quick search spec."""
+"""Helpers the tests' modules share: free ports, waiting for a condition, a quick search spec,
+and ``cbam-nas serve`` processes."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from search.spec import SearchSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED_TRIALS = 5
+SERVED_SPEC: dict[str, Any] = {
+    "name": "served",
+    "backbone": "cifar_resnet20",
+    "dataset": {
+        "name": "synthetic",
+        "options": {"size": 16, "num_samples": 256, "num_test": 32},
+        "val_fraction": 0.25,
+    },
+    "space": {"arrangements": ["channel-spatial", "spatial"], "kernel_sizes": [3, 7]},
+    "training": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+    "sampler": "random",
+    "budget": {"trials": SERVED_TRIALS},
+    "early_stopping": {"policy": "none"},
+}
+"""The search of the ``served_search`` fixture (conftest.py)."""
 
 
 def free_port(start: int | None = None) -> int:
@@ -65,3 +90,75 @@ def quick_spec(
     }
     data.update(overrides)
     return SearchSpec.from_dict(data)
+
+
+@dataclass
+class Served:
+    """A ``cbam-nas serve`` process: its URL, admin token and state directory."""
+
+    url: str
+    token: str
+    state: Path
+    process: subprocess.Popen[bytes]
+    search_id: str = ""
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.url}/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=120,
+        )
+
+
+def start_serve(state: Path, env: dict[str, str], workers: int = 1) -> Served:
+    """``cbam-nas serve`` on a free port with ``workers`` local workers, ready (``/readyz``)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--workers", str(workers)],
+        cwd=state,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert process.poll() is None, "cbam-nas serve exited"
+        try:
+            return httpx.get(f"{url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, "cbam-nas serve to be ready", timeout=60, interval=0.3)
+    except BaseException:
+        stop_serve(process)
+        raise
+    token_file = Path(env.get("CBAM_NAS_TOKEN_FILE", state / ".cbam-nas" / "token"))
+    return Served(url, token_file.read_text().strip(), state, process)
+
+
+def stop_serve(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_search(served: Served, spec: dict[str, Any], timeout: float = 300) -> str:
+    """Submit ``spec`` to ``served`` and wait until the search has completed; its id."""
+    with served.api() as client:
+        created = client.post("/searches", json=spec)
+        assert created.status_code == 201, created.text
+        search_id = created.json()["id"]
+        wait_until(
+            lambda: client.get(f"/searches/{search_id}").json()["state"] == "completed",
+            "the search to complete",
+            timeout=timeout,
+            interval=1.0,
+        )
+    return search_id

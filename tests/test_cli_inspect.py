@@ -42,7 +42,9 @@ def test_inspect_json() -> None:
 
 
 def test_inspect_table() -> None:
-    code, _, output = _inspect("--backbone", "cifar_resnet20", "--preset", "se", "--train-step")
+    code, _, output = _inspect(
+        "--backbone", "cifar_resnet20", "--preset", "se", "--train-step", *FAST
+    )
     assert code == 0
     for text in ("SE r16 @all", "Parameters", "MACs", "Latency", "Train step", "Peak train memory"):
         assert text in output
@@ -108,6 +110,7 @@ def test_inspect_preset_and_architecture_are_exclusive(tmp_path: Path) -> None:
     assert code == 2
 
 
+@pytest.mark.e2e
 def test_console_script() -> None:
     script = Path(sys.executable).parent / "cbam-nas"
     if not script.exists():

@@ -4,106 +4,27 @@ holding a finished small search. Every test saves a screenshot under test-artifa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, expect
 from safetensors.torch import load as load_safetensors
-from support import free_port
+from support import SERVED_TRIALS, Served
 
 from service.dashboard.routes import plotly_js
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "screenshots"
-TRIALS = 5
-SPEC = {
-    "name": "dashboard test",
-    "backbone": "cifar_resnet20",
-    "dataset": {
-        "name": "synthetic",
-        "options": {"size": 16, "num_samples": 256, "num_test": 32},
-        "val_fraction": 0.25,
-    },
-    "space": {"arrangements": ["channel-spatial", "spatial"], "kernel_sizes": [3, 7]},
-    "training": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-    "sampler": "random",
-    "budget": {"trials": TRIALS},
-    "early_stopping": {"policy": "none"},
-}
+TRIALS = SERVED_TRIALS
+pytestmark = pytest.mark.e2e
 
 
-@dataclass
-class Server:
-    url: str
-    token: str
-    search_id: str
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=f"{self.url}/api/v1",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=120,
-        )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[Server]:
-    """``cbam-nas serve`` with one worker, after it finished a 5-trial search."""
-    state = tmp_path_factory.mktemp("dashboard")
-    port = free_port()
-    env = {
-        **os.environ,
-        "CBAM_NAS_DATABASE_URL": f"sqlite:///{state / 'cbam-nas.db'}",
-        "CBAM_NAS_ARTIFACTS_DIR": str(state / "artifacts"),
-        "CBAM_NAS_CACHE_DIR": str(state / "cache"),
-        "CBAM_NAS_TOKEN_FILE": str(state / "token"),
-        "CBAM_NAS_DATA_DIR": str(shared_data_dir),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1"],
-        cwd=state,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, "cbam-nas serve exited"
-            assert time.monotonic() < deadline, "cbam-nas serve not ready in 60 s"
-            time.sleep(0.3)
-        token = (state / "token").read_text().strip()
-        running = Server(url, token, "")
-        with running.api() as client:
-            created = client.post("/searches", json=SPEC)
-            assert created.status_code == 201, created.text
-            running.search_id = created.json()["id"]
-            deadline = time.monotonic() + 300
-            while client.get(f"/searches/{running.search_id}").json()["state"] != "completed":
-                assert time.monotonic() < deadline, "the search did not complete in 300 s"
-                time.sleep(1)
-        yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+@pytest.fixture
+def server(served_search: Served) -> Served:
+    """The shared served search (conftest.py): ``cbam-nas serve`` with one worker, after it
+    finished a 5-trial search."""
+    return served_search
 
 
 @pytest.fixture
@@ -121,7 +42,7 @@ def errors(page: Page) -> list[str]:
 
 
 @pytest.fixture
-def signed_in(page: Page, server: Server, errors: list[str]) -> Page:
+def signed_in(page: Page, server: Served, errors: list[str]) -> Page:
     """A page whose session already holds the token (as if entered once before)."""
     page.add_init_script(f"sessionStorage.setItem('cbamNasToken', {json.dumps(server.token)})")
     return page
@@ -141,7 +62,7 @@ def _plot_points(page: Page, selector: str, meta: str) -> int:
 
 
 def test_token_entered_once_opens_the_searches_page(
-    page: Page, server: Server, errors: list[str]
+    page: Page, server: Served, errors: list[str]
 ) -> None:
     page.goto(server.url + "/")
     expect(page.locator("#token-form")).to_be_visible()
@@ -160,7 +81,7 @@ def test_token_entered_once_opens_the_searches_page(
     assert errors == []
 
 
-def test_a_wrong_token_is_refused_with_a_message(page: Page, server: Server) -> None:
+def test_a_wrong_token_is_refused_with_a_message(page: Page, server: Served) -> None:
     page.goto(server.url + "/")
     page.fill("#token-input", "cbn_1_" + "x" * 43)
     page.click("#token-form button")
@@ -169,7 +90,7 @@ def test_a_wrong_token_is_refused_with_a_message(page: Page, server: Server) -> 
 
 
 def test_search_page_draws_every_completed_trial(
-    signed_in: Page, server: Server, errors: list[str]
+    signed_in: Page, server: Served, errors: list[str]
 ) -> None:
     page = signed_in
     page.goto(f"{server.url}/searches/{server.search_id}")
@@ -222,7 +143,7 @@ def _column(page: Page, css_class: str) -> list[float]:
 
 
 def test_leaderboard_sorts_by_a_clicked_column(
-    signed_in: Page, server: Server, errors: list[str]
+    signed_in: Page, server: Served, errors: list[str]
 ) -> None:
     page = signed_in
     page.goto(f"{server.url}/searches/{server.search_id}")
@@ -252,7 +173,7 @@ def test_leaderboard_sorts_by_a_clicked_column(
 
 
 def test_new_search_form_shows_validation_and_creates(
-    signed_in: Page, server: Server, errors: list[str]
+    signed_in: Page, server: Served, errors: list[str]
 ) -> None:
     page = signed_in
     page.goto(server.url + "/")
@@ -285,7 +206,7 @@ def test_new_search_form_shows_validation_and_creates(
 
 
 def test_trial_page_shows_attention_and_serves_the_weights(
-    signed_in: Page, server: Server, errors: list[str]
+    signed_in: Page, server: Served, errors: list[str]
 ) -> None:
     page = signed_in
     with server.api() as client:
@@ -319,7 +240,7 @@ def test_trial_page_shows_attention_and_serves_the_weights(
     assert errors == []
 
 
-def test_plotly_js_is_served_from_the_package_gzipped(server: Server) -> None:
+def test_plotly_js_is_served_from_the_package_gzipped(server: Served) -> None:
     original = plotly_js().read_bytes()
     url = f"{server.url}/static/vendor/plotly.min.js"
     packed = httpx.get(url, headers={"Accept-Encoding": "gzip"})

@@ -239,6 +239,7 @@ def server() -> Iterator[_Server]:
         server("stop")
 
 
+@pytest.mark.e2e
 def test_workers_ride_out_a_postgresql_restart(server: _Server, tmp_path: Path) -> None:
     url = server("start").splitlines()[-1]
     db = open_database(url)

@@ -2,8 +2,9 @@
 
 Workers are real ``cbam-nas worker --dry-run`` processes (claim, ask, tell with made-up metrics;
 nothing trained), so a trial lasts tens of milliseconds and the claims race as hard as they can.
-Each test runs on SQLite and on PostgreSQL (``database_url``). Processes are waited for with
-timeouts, so that a hang fails the test instead of blocking the run.
+The claim races run on SQLite and on PostgreSQL (``any_db``); fairness, the order in which one
+query hands out work, on PostgreSQL, the database of deployments with many workers. Processes are
+waited for with timeouts, so that a hang fails the test instead of blocking the run.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def test_a_claim_completes_a_finished_search_and_records_the_worker(any_db: Data
 # -- many workers ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_eight_workers_complete_a_budget_of_40_exactly(any_db: Database, tmp_path: Path) -> None:
     """Eight workers wait idle until the search exists (a start line), then race for its 40
     slots; they are stopped with SIGTERM once it is completed."""
@@ -241,6 +243,8 @@ def _worker_share(claims: list[TrialResult], search_id: str, until: Any) -> floa
     return mine / total
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("any_db", ["postgresql"], indirect=True)
 def test_two_searches_share_the_workers_fairly(any_db: Database, tmp_path: Path) -> None:
     """claim_trial gives a worker the search with the fewest trials in flight relative to its
     budget (ties: the fewest claimed). With equal budgets each search holds about half of the

@@ -1,6 +1,6 @@
-"""``cbam-nas serve`` end to end: a real server process with one local worker, a
-3-trial search over HTTP, the leaderboard, downloads that reproduce the reported accuracy, ONNX
-that runs in onnxruntime, and a clean stop that takes the workers with it."""
+"""``cbam-nas serve`` end to end: a real server process with one local worker, a search over
+HTTP, the leaderboard, downloads that reproduce the reported accuracy, ONNX that runs in
+onnxruntime, and a clean stop that takes the workers with it."""
 
 from __future__ import annotations
 
@@ -9,39 +9,21 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
-from support import free_port
+from support import SERVED_SPEC, SERVED_TRIALS, Served, start_serve, wait_until
 
 from search.settings import Settings
 from search.space import Architecture, build_model
 from search.spec import SearchSpec
 from workers.data import load_dataset
 from workers.train import evaluate
-
-ROOT = Path(__file__).resolve().parent.parent
-SPEC: dict[str, Any] = {
-    "name": "e2e",
-    "backbone": "cifar_resnet20",
-    "dataset": {
-        "name": "synthetic",
-        "options": {"size": 16, "num_samples": 256, "num_test": 32},
-        "val_fraction": 0.25,
-    },
-    "training": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-    "sampler": "random",
-    "budget": {"trials": 3},
-    "early_stopping": {"policy": "none"},
-}
 
 
 def _worker_pids(server_pid: int) -> list[int]:
@@ -51,72 +33,22 @@ def _worker_pids(server_pid: int) -> list[int]:
     return [int(pid) for pid in found]
 
 
-@pytest.fixture
-def server(
-    settings: Settings, database_url: str, tmp_path: Path
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """The server on a fresh database: SQLite, then PostgreSQL (CBAM_NAS_DATABASE_URL)."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(f"serve exited:\n{process.stdout.read() if process.stdout else ''}")
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("serve did not become ready in 60 s")
-    try:
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
-def test_serve_runs_a_search_end_to_end(
-    server: tuple[str, subprocess.Popen[str]], settings: Settings
-) -> None:
-    base, process = server
-    # The admin token: created on first start, owner-only, and the only way in.
-    assert stat.S_IMODE(settings.token_file.stat().st_mode) == 0o600
-    token = settings.token_file.read_text().strip()
-    assert httpx.get(f"{base}/api/v1/searches").status_code == 401
-    client = httpx.Client(
-        base_url=f"{base}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=180
-    )
-
-    created = client.post("/searches", json=SPEC)
-    assert created.status_code == 201, created.text
-    search_id = created.json()["id"]
-    deadline = time.monotonic() + 240
-    while True:
-        search = client.get(f"/searches/{search_id}").json()
-        if search["state"] not in ("queued", "running"):
-            break
-        assert time.monotonic() < deadline, f"search not finished: {search['progress']}"
-        time.sleep(1.0)
+@pytest.mark.e2e
+def test_serve_runs_a_search_end_to_end(served_search: Served, shared_data_dir: Path) -> None:
+    """The shared served search (conftest.py), submitted over HTTP and run by serve's worker."""
+    client = served_search.api()
+    search_id = served_search.search_id
+    search = client.get(f"/searches/{search_id}").json()
     assert search["state"] == "completed", search
     progress = search["progress"]
-    assert (progress["done"], progress["completed"], progress["budget"]) == (3, 3, 3)
+    trials = SERVED_TRIALS
+    assert (progress["done"], progress["completed"], progress["budget"]) == (trials,) * 3
 
     # The three references ran first; every trial is ranked, with its flag and deltas.
     board = client.get(f"/searches/{search_id}/leaderboard", params={"overhead": "params"}).json()
-    assert board["total"] == 3 and set(board["references"]) == {"none", "se", "cbam"}
+    assert board["total"] == trials and set(board["references"]) == {"none", "se", "cbam"}
+    numbers = {e["reference"]: e["number"] for e in board["entries"] if e["reference"]}
+    assert numbers == {"none": 0, "se": 1, "cbam": 2}
     entries = {e["reference"]: e for e in board["entries"]}
     assert entries["none"]["delta_vs_none"] == pytest.approx(0.0)
     assert entries["none"]["params_delta_vs_none"] == pytest.approx(0.0)
@@ -144,11 +76,11 @@ def test_serve_runs_a_search_end_to_end(
     architecture = Architecture.from_json(files["architecture.json"].decode())
     assert architecture.to_dict() == best["architecture"]
     metrics = json.loads(files["metrics.json"])
-    spec = SearchSpec.from_dict(SPEC)
+    spec = SearchSpec.from_dict(SERVED_SPEC)
     data = load_dataset(
         spec.dataset.name,
         spec.dataset.options,
-        settings.data_dir,
+        shared_data_dir,
         spec.dataset.val_fraction,
         spec.seed,
     )
@@ -171,11 +103,26 @@ def test_serve_runs_a_search_end_to_end(
     (got,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
-    # Stopping the server stops its worker.
-    workers = _worker_pids(process.pid)
-    assert workers
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_serve_starts_on_a_fresh_database_and_its_workers_stop_with_it(
+    database_url: str, settings: Settings, tmp_path: Path
+) -> None:
+    """On PostgreSQL (the compose file's database; the shared served search is on SQLite):
+    serve migrates a fresh database, makes the admin token, starts its worker, and a SIGTERM
+    takes the worker with it."""
+    served = start_serve(tmp_path, {"CBAM_NAS_DATABASE_URL": database_url})
+    try:
+        # The admin token: created on first start, owner-only, and the only way in.
+        assert stat.S_IMODE(settings.token_file.stat().st_mode) == 0o600
+        assert httpx.get(f"{served.url}/api/v1/searches").status_code == 401
+        with served.api() as client:
+            assert client.get("/searches").json()["total"] == 0
+        workers = wait_until(lambda: _worker_pids(served.process.pid), "serve's local worker")
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=60)
     deadline = time.monotonic() + 30
     while any(_alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "local workers outlived the server"

@@ -75,6 +75,8 @@ def _summary(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[Any, ...]]:
     return [(t.number, t.state, t.params, t.values, t.user_attrs, t.system_attrs) for t in trials]
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the proxy's setting
 def test_worker_runs_a_search_through_the_proxy(
     direct_db: Database, database_url: str, tmp_path: Path
 ) -> None:

@@ -257,6 +257,7 @@ def test_lost_trials_are_requeued_and_retried_within_bounds(sqlite_db: Database)
 # -- several workers, killed workers, signals, cancellation ----------------------------------
 
 
+@pytest.mark.e2e
 def test_two_workers_never_exceed_the_budget(any_db: Database, tmp_path: Path) -> None:
     search = create_search(any_db, quick_spec(trials=5, epochs=1, samples=128))
     log = tmp_path / "workers.log"
@@ -271,6 +272,8 @@ def test_two_workers_never_exceed_the_budget(any_db: Database, tmp_path: Path) -
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 5
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("any_db", ["postgresql"], indirect=True)  # SQLite: the in-process tests
 def test_killed_worker_trial_is_rerun_with_the_same_parameters(
     any_db: Database, tmp_path: Path
 ) -> None:
@@ -306,6 +309,7 @@ def test_killed_worker_trial_is_rerun_with_the_same_parameters(
     assert new.user_attrs["reference"] == old.user_attrs["reference"] == "cbam"
 
 
+@pytest.mark.e2e
 def test_sigterm_hands_the_trial_back(sqlite_db: Database, tmp_path: Path) -> None:
     search = create_search(sqlite_db, quick_spec(trials=1, epochs=8))
     log = tmp_path / "worker.log"
@@ -367,6 +371,7 @@ sampler: random
 """
 
 
+@pytest.mark.e2e
 def test_run_prints_a_leaderboard(settings: Settings, tmp_path: Path) -> None:
     spec_file = tmp_path / "search.yaml"
     spec_file.write_text(TINY_YAML)
