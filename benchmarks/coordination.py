@@ -378,22 +378,15 @@ def profile(url: str, args: argparse.Namespace) -> list[tuple[str, float, float]
 
         return wrapper
 
-    # The worker asks through its own two-step ``_ask`` where it has one.
-    ask = (worker_module, "_ask") if hasattr(worker_module, "_ask") else (optuna.Study, "ask")
-    # The worker tells through search.study.studies.tell_trial where it has one.
-    tell = (
-        (worker_module, "tell_trial")
-        if hasattr(worker_module, "tell_trial")
-        else (optuna.Study, "tell")
-    )
+    # The worker's names for what it calls (search.study.optuna_fast's ask and tell, ...).
     parts = [
-        (*ask, "Optuna ask (new trial; the queue until empty)"),
+        (worker_module, "ask", "Optuna ask (new trial; the queue until empty)"),
         (worker_module, "architecture_for", "Optuna sampling and parameter writes"),
-        (*tell, "Optuna tell"),
+        (worker_module, "tell_trial", "Optuna tell"),
         (worker_module.Worker, "_study", "Optuna study and sampler"),
         (worker_module, "claim_trial", "ours: claim (+ liveness row, completions due)"),
-        (worker_module, "_update_row", "ours: trial-row update (architecture)"),
-        (worker_module, "_close_row", "ours: trial-row close (figures, state)"),
+        (worker_module, "update_row", "ours: trial-row update (architecture)"),
+        (worker_module, "close_row", "ours: trial-row close (figures, state)"),
         (worker_module.Worker, "seen", "ours: worker liveness row (idle, exit)"),
         (worker_module, "sweep_lost", "ours: sweep for lost trials"),
         (worker_module, "maybe_complete", "ours: completion check"),
