@@ -222,7 +222,8 @@ def _worker_process(
     """A forked worker: runs one warm-up trial (its study loaded, the search's first reads),
     waits at the start line after it, then ``delay_s`` more (its place in the round), runs on
     until the search is completed and reports what it did from then on."""
-    from workers.worker import Worker, WorkerOptions
+    from workers.options import WorkerOptions
+    from workers.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format=f"{name}: %(message)s")
     options = WorkerOptions(

@@ -67,6 +67,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import insert, select, update
 
 from benchmarks._timing import machine
+from search.build import build_model
 from search.knobs import CBAMConfig, has_channel_gate, has_spatial_gate
 from search.nn.attention import create_attention
 from search.nn.backbones import BACKBONES
@@ -77,7 +78,7 @@ from search.overhead import (
     count_params,
 )
 from search.settings import Settings
-from search.space import REFERENCE_NAMES, Architecture, build_model
+from search.space import REFERENCE_NAMES, Architecture
 from search.spec import SearchSpec
 from search.store.artifacts import ARTIFACT_FILES
 from search.store.engine import Database, open_database

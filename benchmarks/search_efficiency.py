@@ -41,7 +41,8 @@ from search.spec import SearchSpec
 from search.store.engine import open_database
 from search.store.models import ResultState, TrialResult
 from search.store.searches import create_search
-from workers.worker import Worker, WorkerOptions
+from workers.options import WorkerOptions
+from workers.worker import Worker
 
 POLICIES = ("none", "halving")
 SPACE = {

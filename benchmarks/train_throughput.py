@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from benchmarks._timing import machine
+from search.build import build_model
 from search.nn.cbam import CBAM, reference_forward
-from search.space import Architecture, build_model
+from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.data import DatasetTensors
 from workers.train import train

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from search.build import build_model
 from search.nn.cbam import CBAM
-from search.space import Architecture, build_model
+from search.space import Architecture
 
 # The state-dict keys of every backbone's stem and classifier (in_channels, num_classes).
 _STEM_WEIGHT = "conv1.weight"

@@ -17,7 +17,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from search.space import Architecture, build_model
+from search.build import build_model
+from search.space import Architecture
 
 __all__ = [
     "CLASSIFIER_WEIGHT",

@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from search.build import build_model
 from search.errors import InvalidValue
 from search.knobs import CBAMConfig, has_channel_gate, has_spatial_gate
 from search.nn.cbam import CBAM
-from search.space import Architecture, build_model
+from search.space import Architecture
 
 InputShape = tuple[int, int, int]
 _Call = tuple[CBAMConfig, tuple[int, ...]]

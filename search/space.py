@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from search.backbones import BACKBONES, BackboneInfo, backbone_info
 from search.errors import InvalidValue
 from search.knobs import (
     ARRANGEMENTS,
@@ -48,8 +47,6 @@ from search.knobs import (
     has_channel_gate,
     has_spatial_gate,
 )
-from search.nn.attention import create_attention
-from search.nn.backbones import BACKBONES, BackboneInfo, build_backbone
 
 if TYPE_CHECKING:
     from optuna.trial import BaseTrial
@@ -78,12 +75,6 @@ def _check_stages(value: Any, field: str, info: BackboneInfo | None = None) -> t
 
 # Knob name -> validator, as architectures and the space normalise values.
 _KNOB_CHECKS: dict[str, Callable[[Any, str], Any]] = {**VALIDATORS, "pool_types": _check_pool_set}
-
-
-def _backbone_info(value: Any, field: str = "backbone") -> BackboneInfo:
-    if not isinstance(value, str) or value not in BACKBONES:
-        raise InvalidValue(field, value, sorted(BACKBONES))
-    return BACKBONES[value]
 
 
 def encode_choice(values: Iterable[Any]) -> str:
@@ -119,7 +110,7 @@ class Architecture:
     blocks: str = "all"
 
     def __post_init__(self) -> None:
-        info = _backbone_info(self.backbone)
+        info = backbone_info(self.backbone)
         check_attention(self.attention)
         values: dict[str, Any] = dict.fromkeys(CBAM_KNOBS)
         stages, blocks = None, "all"
@@ -228,21 +219,6 @@ class Architecture:
 _ARCHITECTURE_FIELDS = tuple(f.name for f in fields(Architecture))
 
 
-def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The backbone with attention modules exactly where ``architecture`` places them."""
-    if architecture.attention == "none":
-        return build_backbone(architecture.backbone, num_classes, in_channels)
-    config = architecture.cbam_config()
-    se_reduction = architecture.reduction or 16
-
-    def factory(stage: int, block: int, channels: int) -> nn.Module:
-        if not architecture.attends(stage, block):
-            return nn.Identity()
-        return create_attention(architecture.attention, channels, config, se_reduction)
-
-    return build_backbone(architecture.backbone, num_classes, in_channels, factory)
-
-
 def reference_architectures(backbone: str) -> dict[str, Architecture]:
     """The baselines of every search: no attention, SE (r=16), the paper's CBAM in every block."""
     return {
@@ -322,7 +298,7 @@ class SearchSpace:
 
     def validate_for(self, backbone: str) -> BackboneInfo:
         """Check the backbone and every stage set against it; returns the backbone's info."""
-        info = _backbone_info(backbone)
+        info = backbone_info(backbone)
         for i, stage_set in enumerate(self.stages or ()):
             _check_stages(stage_set, f"space.stages[{i}]", info)
         return info

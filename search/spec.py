@@ -24,9 +24,9 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from search.backbones import BACKBONES
 from search.datasets import DATASETS
 from search.errors import InvalidValue
-from search.nn.backbones import BACKBONES
 from search.space import SearchSpace
 
 OVERHEADS = ("params", "macs", "latency")

@@ -17,10 +17,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from search.attention_maps import attention_maps, attention_report, normalise
+from search.build import build_model
 from search.nn.cbam import CBAM
 from search.nn.gates import ChannelGate, SpatialGate
 from search.settings import Settings
-from search.space import Architecture, build_model, reference_architectures
+from search.space import Architecture, reference_architectures
 from search.store.engine import Database
 from search.store.models import ResultState, TrialResult, utcnow
 
@@ -435,7 +436,8 @@ def test_a_workers_trial_has_attention_pictures(
     from service.app import create_app
     from service.auth import create_token
     from workers.data import load_dataset
-    from workers.worker import Worker, WorkerOptions
+    from workers.options import WorkerOptions
+    from workers.worker import Worker
 
     dataset = {"name": "synthetic", "options": {"size": 16, "num_samples": 64, "num_test": 8}}
     spec = SearchSpec.from_dict(

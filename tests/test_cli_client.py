@@ -233,7 +233,7 @@ def _store_artifacts(
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
     from safetensors.torch import save_file
 
-    from search.space import build_model
+    from search.build import build_model
 
     folder.mkdir()
     save_file(build_model(arch, 10).state_dict(), str(folder / "weights.safetensors"))
@@ -351,7 +351,8 @@ def test_leaderboard_ranks_with_pareto_flags(server: str, finished_search: str) 
 def test_download_best_and_by_number(server: str, finished_search: str, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from search.space import Architecture, build_model, reference_architectures
+    from search.build import build_model
+    from search.space import Architecture, reference_architectures
 
     out_dir = tmp_path / "best"
     code, out, err = _cli("download", finished_search, "--out", str(out_dir))

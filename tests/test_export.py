@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from search.build import build_model
 from search.export import (
     CLASSIFIER_WEIGHT,
     INPUT_NAME,
@@ -30,7 +31,7 @@ from search.export import (
     export_onnx,
 )
 from search.nn.backbones import BACKBONES
-from search.space import Architecture, SearchSpace, build_model, reference_architectures
+from search.space import Architecture, SearchSpace, reference_architectures
 
 BACKBONE = "cifar_resnet20"
 REFERENCES = reference_architectures(BACKBONE)

@@ -228,7 +228,8 @@ def run_one_trial(db: Database, device: str) -> None:
     from search.spec import SearchSpec
     from search.store.models import ResultState, TrialResult
     from search.store.searches import create_search
-    from workers.worker import Worker, WorkerOptions
+    from workers.options import WorkerOptions
+    from workers.worker import Worker
 
     spec = SearchSpec.from_dict(
         {

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from search.build import build_model
 from search.errors import InvalidValue
 from search.knobs import CBAMConfig
 from search.nn.cbam import CBAM, reference_forward
@@ -21,7 +22,7 @@ from search.overhead import (
     measure_latency,
     measure_train_step,
 )
-from search.space import Architecture, build_model, reference_architectures
+from search.space import Architecture, reference_architectures
 
 CIFAR_SHAPE = (3, 32, 32)
 

@@ -30,8 +30,10 @@ from search.store.engine import Database
 from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen
 from search.store.searches import create_search, search_study
 from workers.dry_run import dry_run_figures
+from workers.options import WorkerOptions
 from workers.queue import claim_trial
-from workers.worker import STOPPED_REASON, Worker, WorkerOptions
+from workers.trial import STOPPED_REASON
+from workers.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from support import SERVED_SPEC, SERVED_TRIALS, Served, start_serve, wait_until
 
+from search.build import build_model
 from search.settings import Settings
-from search.space import Architecture, build_model
+from search.space import Architecture
 from search.spec import SearchSpec
 from workers.data import load_dataset
 from workers.train import evaluate

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from torch import nn
 
+from search.build import build_model
 from search.errors import InvalidValue
 from search.knobs import CBAMConfig
 from search.nn.cbam import CBAM
@@ -16,7 +17,6 @@ from search.space import (
     REFERENCE_NAMES,
     Architecture,
     SearchSpace,
-    build_model,
     reference_architectures,
 )
 

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from search.space import Architecture, build_model
+from search.build import build_model
+from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.augment import augment, crop, mirror, normalizer, to_float
 from workers.data import DatasetTensors, ImageFiles, StreamingData

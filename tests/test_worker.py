@@ -27,8 +27,9 @@ from sqlalchemy import select, update
 from support import quick_spec, wait_until
 from typer.testing import CliRunner
 
+from search.build import build_model
 from search.settings import Settings
-from search.space import Architecture, build_model
+from search.space import Architecture
 from search.store.engine import Database, open_database
 from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
 from search.store.searches import LOST_REASON, create_search, search_study
@@ -36,9 +37,11 @@ from search.study.optuna_fast import frozen_trial
 from service.cli import app
 from workers.artifacts import ARTIFACTS_ATTR
 from workers.data import load_dataset
+from workers.options import WorkerOptions
 from workers.queue import claim_trial, sweep_lost
 from workers.train import evaluate
-from workers.worker import STOPPED_REASON, Worker, WorkerOptions
+from workers.trial import STOPPED_REASON
+from workers.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 180

@@ -12,7 +12,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from optuna.trial import TrialState
+
 from search.space import Architecture
+from search.store.models import ResultState
+from search.study.objectives import objective_values
+from workers.trial import STOPPED_REASON, Outcome, TrialContext
 
 # A dry run's made-up figures of the backbone without attention: params, MACs, latency in ms.
 DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
@@ -41,3 +46,20 @@ def dry_run_figures(architecture: Architecture) -> tuple[float, dict[str, Any]]:
         **pct,
     }
     return 0.5 + 0.4 * u[0], figures
+
+
+def evaluate(ctx: TrialContext) -> Outcome:
+    """A dry-run trial's end: made-up figures, recorded and told as a trained trial's are,
+    after ``dry_run_seconds`` in place of training (a signal meanwhile hands the trial back,
+    as at an epoch boundary)."""
+    seconds = ctx.options.dry_run_seconds
+    if seconds > 0 and ctx.stopping.wait(seconds):
+        return Outcome(ResultState.requeued, f"{STOPPED_REASON} (signal)")
+    accuracy, figures = dry_run_figures(ctx.architecture)
+    constraint = ctx.constraint(figures)
+    if constraint is not None and constraint > 0:
+        return Outcome(ResultState.over_budget, optuna_state=TrialState.PRUNED, row=figures)
+    metrics = {"val_accuracy": accuracy, "final_val_accuracy": accuracy}
+    values = objective_values(ctx.claim.spec, accuracy, figures)
+    row = {"epochs_run": 0, "wall_time_s": seconds, **figures, **metrics}
+    return Outcome(ResultState.completed, values=values, row=row)

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from search.build import build_model
 from search.errors import InvalidValue
-from search.space import Architecture, build_model
+from search.space import Architecture
 from workers.augment import augment, normalizer, to_float
 from workers.data import StreamingData
 

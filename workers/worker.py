@@ -38,40 +38,25 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
-from sqlalchemy import select
 
 from search.errors import InvalidValue
-from search.overhead import OverheadReport, check_device, measure
-from search.results.queries import rung_accuracies
 from search.settings import Settings, get_settings
-from search.space import Architecture
-from search.spec import SearchSpec
 from search.store.artifacts import artifact_store
 from search.store.engine import is_transient, open_database
-from search.store.models import OVERHEAD_FIELDS, ResultState, Search, SearchState, utcnow
+from search.store.models import ResultState, Search, utcnow
 from search.store.searches import FINISHED_STATES, fail_search, maybe_complete
-from search.study.early_stopping import EpochContext, early_stopping_policy
-from search.study.objectives import (
-    CONSTRAINT_ATTR,
-    constraint_value,
-    objective_values,
-    set_constraint,
-)
+from search.study.objectives import CONSTRAINT_ATTR
 from search.study.optuna_fast import ask, frozen_trial, retry_trial, tell_trial
 from search.study.samplers import make_sampler
 from search.study.studies import architecture_for, load_study
-from workers.artifacts import store_artifacts, validation_samples
+from workers import dry_run
 from workers.console import Progress
-from workers.data import DatasetNotFound, DatasetTensors, StreamingData, load_dataset
-from workers.dry_run import dry_run_figures
 from workers.heartbeat import Heartbeat
+from workers.options import WorkerOptions
 from workers.queue import (
     Claim,
     claim_trial,
@@ -84,43 +69,9 @@ from workers.queue import (
     tell_failed,
     update_row,
 )
-from workers.train import EpochReport, StopTraining, TrainResult, TrialFailed, train
+from workers.trial import Outcome, SearchFailed, TrialContext
 
 log = logging.getLogger("cbam_nas.worker")
-
-STOPPED_REASON = "worker stopped"
-CANCELLED_REASON = "search cancelled"
-
-
-@dataclass
-class WorkerOptions:
-    """How a worker runs. ``None`` for ``database_url``/``artifacts_dir`` means the settings'."""
-
-    database_url: str | None = None
-    artifacts_dir: Path | None = None
-    device: str = "cpu"
-    search_id: str | None = None
-    max_trials: int | None = None
-    name: str | None = None
-    grace_period_s: float = 60.0
-    heartbeat_interval_s: float = 10.0
-    poll_interval_s: float = 2.0
-    exit_when_idle: bool = False
-    latency_batch: int = 1
-    latency_repeats: int = 15
-    threads: int | None = None
-    progress: bool = False
-    dry_run: bool = False
-    """Coordination only: claim, ask and tell with made-up metrics (:func:`dry_run_figures`)
-    without loading data, measuring or training; no artifacts. For load tests and
-    ``benchmarks/coordination.py``, never for a real search."""
-    dry_run_seconds: float = 0.0
-    """With ``dry_run``: how long each trial holds the worker in place of training (a sleep, no
-    CPU; heartbeats and signals as in training), so that workers stand in for GPU workers."""
-
-
-class SearchFailed(Exception):
-    """The search cannot run at all (e.g. its dataset is missing): fail the search, not a trial."""
 
 
 class Worker:
@@ -129,7 +80,16 @@ class Worker:
     def __init__(self, options: WorkerOptions, settings: Settings | None = None) -> None:
         self.options = options
         self.settings = settings or get_settings()
-        self.device = str(check_device(options.device))
+        self._evaluate_trial: Callable[[TrialContext], Outcome] = dry_run.evaluate
+        self.device = options.device  # a dry run stands in for a worker on it: nothing runs there
+        if not options.dry_run:
+            # Imported by workers that train only: torch and the training loop, which a dry-run
+            # worker never loads (about 2 s of CPU at each start; load tests start dozens).
+            from search.overhead import check_device
+            from workers import training
+
+            self.device = str(check_device(options.device))
+            self._evaluate_trial = training.evaluate
         self.name = options.name or f"{socket.gethostname()}-{os.getpid()}"
         self.db = open_database(options.database_url or self.settings.database_url, role="worker")
         self.db.retry_s = self.settings.db_retry_s
@@ -280,19 +240,17 @@ class Worker:
             trial: optuna.Trial | None = None
             try:
                 trial = self._trial(claim)
-                return self._evaluate(claim, trial, progress)
+                return self._end(claim, trial, self._evaluate(claim, trial, progress))
             except SearchFailed as exc:
                 log.error("%s: search failed: %s", claim.label, exc)
                 fail_search(self.db, claim.search_id, str(exc))
-                return self._end(claim, trial, ResultState.failed, str(exc))
-            except TrialFailed as exc:
-                log.warning("%s failed: %s", claim.label, exc.reason)
-                return self._end(claim, trial, ResultState.failed, exc.reason)
+                return self._end(claim, trial, Outcome(ResultState.failed, str(exc)))
             except Exception as exc:
                 if is_transient(exc):
                     raise  # the database stayed away past db_retry_s: the worker exits (run)
                 log.exception("%s failed", claim.label)
-                return self._end(claim, trial, ResultState.failed, f"{type(exc).__name__}: {exc}")
+                reason = f"{type(exc).__name__}: {exc}"
+                return self._end(claim, trial, Outcome(ResultState.failed, reason))
 
     def _study(self, claim: Claim) -> optuna.Study:
         """The claim's study, loaded once per search, with a sampler seeded for this attempt
@@ -327,21 +285,9 @@ class Worker:
             drained=self._drained,
         )
 
-    def _data(self, spec: SearchSpec) -> DatasetTensors | StreamingData:
-        try:
-            return load_dataset(
-                spec.dataset.name,
-                spec.dataset.options,
-                self.settings.data_dir,
-                spec.dataset.val_fraction,
-                spec.seed,
-            )
-        except (InvalidValue, DatasetNotFound) as exc:
-            raise SearchFailed(str(exc)) from exc
-
-    def _evaluate(
-        self, claim: Claim, trial: optuna.Trial, progress: Progress
-    ) -> ResultState | None:
+    def _evaluate(self, claim: Claim, trial: optuna.Trial, progress: Progress) -> Outcome:
+        """The trial's architecture, recorded on its row, then evaluated: trained, or given
+        made-up figures in a dry run."""
         spec = claim.spec
         architecture, reference = self.db.retrying(
             lambda: architecture_for(trial, spec), what="sampling an architecture"
@@ -355,193 +301,41 @@ class Worker:
             reference=reference,
             optuna_number=trial.number,
         )
-        if self.options.dry_run:
-            return self._dry_run(claim, trial, architecture)
-        data = self._data(spec)
-        overhead = measure(
-            architecture,
-            num_classes=data.num_classes,
-            in_channels=data.in_channels,
-            input_size=data.image_size,
-            device=self.device,
-            batch_size=self.options.latency_batch,
-            repeats=self.options.latency_repeats,
-            warmup=min(3, self.options.latency_repeats),
-        )
-        figures = {k: getattr(overhead, k) for k in OVERHEAD_FIELDS}
-        update_row(self.db, claim.row_id, **figures)
-        constraint = constraint_value(spec, figures)
-        if constraint is not None:
-            self.db.retrying(lambda: set_constraint(trial, constraint), what="telling a constraint")
-            if constraint > 0:
-                log.info(
-                    "%s %s: over the overhead budget by %.2f points, not trained",
-                    claim.label,
-                    architecture.describe(),
-                    constraint,
-                )
-                return self._end(claim, trial, ResultState.over_budget, None, TrialState.PRUNED)
-
-        progress.start(f"{claim.label} {architecture.describe()}", spec.training.epochs)
-        on_epoch = self._on_epoch(claim, trial, reference, progress)
-        result = train(
-            architecture,
-            data,
-            spec.training,
-            seed=spec.seed,
-            device=self.device,
-            on_epoch=on_epoch,
-            threads=self.options.threads,
-        )
-        return self._finish(claim, trial, architecture, overhead, result, data)
-
-    def _dry_run(
-        self, claim: Claim, trial: optuna.Trial, architecture: Architecture
-    ) -> ResultState | None:
-        """End a dry-run trial: made-up figures, written and told as a trained trial's are,
-        after ``dry_run_seconds`` in place of training (a signal meanwhile hands the trial back,
-        as at an epoch boundary)."""
-        seconds = self.options.dry_run_seconds
-        if seconds > 0 and self.stopping.wait(seconds):
-            return self._end(claim, trial, ResultState.requeued, f"{STOPPED_REASON} (signal)")
-        accuracy, figures = dry_run_figures(architecture)
-        constraint = constraint_value(claim.spec, figures)
-        if constraint is not None:
-            self.db.retrying(lambda: set_constraint(trial, constraint), what="telling a constraint")
-            if constraint > 0:
-                return self._end(
-                    claim, trial, ResultState.over_budget, None, TrialState.PRUNED, **figures
-                )
-        metrics = {"val_accuracy": accuracy, "final_val_accuracy": accuracy}
-        values = objective_values(claim.spec, accuracy, figures)
-        return self._end(
+        context = TrialContext(
             claim,
             trial,
-            ResultState.completed,
-            None,
-            values=values,
-            epochs_run=0,
-            wall_time_s=seconds,
-            **figures,
-            **metrics,
+            architecture,
+            reference,
+            self.db,
+            self.settings,
+            self.options,
+            self.device,
+            self.stopping,
+            progress,
+            self._artifact_store,
         )
+        return self._evaluate_trial(context)
 
-    def _on_epoch(
-        self, claim: Claim, trial: optuna.Trial, reference: str | None, progress: Progress
-    ) -> Callable[[EpochReport], None]:
-        spec = claim.spec
-        policy = early_stopping_policy(spec)
-        curve: list[dict[str, Any]] = []
-
-        def search_state() -> SearchState | None:
-            with self.db.session() as session:
-                return session.scalar(select(Search.state).where(Search.id == claim.search_id))
-
-        def on_epoch(report: EpochReport) -> None:
-            curve.append(report.to_dict())
-            best = max(point["val_accuracy"] for point in curve)
-            alive = update_row(
-                self.db,
-                claim.row_id,
-                learning_curve=list(curve),
-                epochs_run=report.epoch,
-                val_accuracy=best,
-                final_val_accuracy=report.val_accuracy,
-                heartbeat_at=utcnow(),
-            )
-            log.info(
-                "%s epoch %d/%d: val acc %.4f, train loss %.4f, %.1f s, %.0f img/s",
-                claim.label,
-                report.epoch,
-                spec.training.epochs,
-                report.val_accuracy,
-                report.train_loss,
-                report.seconds,
-                report.images_per_s,
-            )
-            progress.advance()
-            if not alive:
-                raise StopTraining("lost")
-            if report.epoch >= spec.training.epochs:
-                return  # the trial is complete: keep its result whatever happens now
-            if self.stopping.is_set():
-                raise StopTraining("shutdown")
-            if self.db.retrying(search_state, what="reading the search") != SearchState.running:
-                raise StopTraining("cancelled")
-            context = EpochContext(
-                trial,
-                report.epoch,
-                report.val_accuracy,
-                lambda: rung_accuracies(self.db, claim.search_id, report.epoch, claim.row_id),
-            )
-            # References always run to the end (they are the baselines), but are reported to
-            # the policy so that Optuna's pruners see them.
-            stop = self.db.retrying(lambda: policy.should_stop(context), what="early stopping")
-            if stop and reference is None:
-                raise StopTraining("pruned")
-
-        return on_epoch
-
-    def _finish(
-        self,
-        claim: Claim,
-        trial: optuna.Trial,
-        architecture: Architecture,
-        overhead: OverheadReport,
-        result: TrainResult,
-        data: DatasetTensors | StreamingData | None = None,
-    ) -> ResultState | None:
-        common = {
-            "val_accuracy": result.best_val_accuracy,
-            "final_val_accuracy": result.final_val_accuracy,
-            "test_accuracy": result.test_accuracy,
-            "epochs_run": result.epochs_run,
-            "wall_time_s": result.wall_time_s,
-            "images_per_s": result.images_per_s,
-        }
-        if result.stopped == "lost":
-            log.warning("%s was taken from this worker (heartbeat too old)", claim.label)
-            tell_failed(self.db, claim.study_name, trial.number)
-            return None
-        if result.stopped == "shutdown":
-            return self._end(claim, trial, ResultState.requeued, f"{STOPPED_REASON} (signal)")
-        if result.stopped == "cancelled":
-            return self._end(claim, trial, ResultState.failed, CANCELLED_REASON)
-        if result.stopped == "pruned":
-            return self._end(claim, trial, ResultState.pruned, None, TrialState.PRUNED, **common)
+    def _artifact_store(self) -> Any:
         if self._store is None:
             self._store = artifact_store(self.settings, self.options.artifacts_dir)
-        samples = None
-        if data is not None:
-            try:
-                samples = validation_samples(data)
-            except Exception:  # the pictures are optional: never lose a trained trial to them
-                log.warning("%s: no sample images stored", claim.label, exc_info=True)
-        artifacts = store_artifacts(
-            self._store, trial, architecture, result, overhead, samples, db=self.db
-        )
-        values = objective_values(claim.spec, result.best_val_accuracy, overhead.to_dict())
-        return self._end(
-            claim, trial, ResultState.completed, None, values=values, artifacts=artifacts, **common
-        )
+        return self._store
 
     def _end(
-        self,
-        claim: Claim,
-        trial: optuna.Trial | None,
-        state: ResultState,
-        reason: str | None,
-        optuna_state: TrialState = TrialState.FAIL,
-        values: list[float] | None = None,
-        **row_values: Any,
+        self, claim: Claim, trial: optuna.Trial | None, outcome: Outcome
     ) -> ResultState | None:
-        """Tell the study, then close the row (if it is still ours) with its final state and
-        ``row_values`` (the trial's figures) in one update; log the trial's line."""
+        """Tell the study, then close the row (if it is still ours) with the outcome's state
+        and figures in one update; log the trial's line."""
+        if outcome.lost:
+            trial_number = None if trial is None else trial.number
+            tell_failed(self.db, claim.study_name, trial_number)
+            return None
+        state, reason = outcome.state, outcome.reason
         if trial is not None:
-            if values is not None:
-                tell = functools.partial(tell_trial, trial.study, trial, values)
+            if outcome.values is not None:
+                tell = functools.partial(tell_trial, trial.study, trial, outcome.values)
             else:
-                tell = functools.partial(tell_trial, trial.study, trial, state=optuna_state)
+                tell = functools.partial(tell_trial, trial.study, trial, state=outcome.optuna_state)
             self.db.retrying(tell, what="telling the study")
         finished_at = utcnow()
         row = self.db.retrying(
@@ -551,7 +345,7 @@ class Worker:
                 state=state,
                 failure_reason=reason,
                 finished_at=finished_at,
-                **row_values,
+                **outcome.row,
             ),
             what="updating a trial",
         )

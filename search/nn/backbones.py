@@ -34,7 +34,6 @@ pooling, so channels_last inputs work throughout.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from search.backbones import BACKBONES, CIFAR_WIDTHS, MOBILENET_STAGES
 from search.errors import InvalidValue
 
 AttentionFactory = Callable[[int, int, int], nn.Module]
@@ -251,9 +251,6 @@ class ResNet(_ResNetBase):
         _init_weights(self)
 
 
-_CIFAR_WIDTHS = (16, 32, 64)
-
-
 class CifarResNet(_ResNetBase):
     """He et al. 2016, section 4.2: 3x3 stem, three stages of n BasicBlocks (16/32/64 channels),
     option A shortcuts; depth = 6n + 2."""
@@ -278,7 +275,7 @@ class CifarResNet(_ResNetBase):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity()
         inplanes = 16
-        for stage, planes in enumerate(_CIFAR_WIDTHS, start=1):
+        for stage, planes in enumerate(CIFAR_WIDTHS, start=1):
             stride = 1 if stage == 1 else 2
             layer = self._make_stage(
                 BasicBlock,
@@ -327,16 +324,6 @@ class DepthwiseSeparable(nn.Module):
         return self.attn(x)
 
 
-# MobileNet v1 at alpha = 1: the 13 blocks as (output channels, stride), grouped by width.
-_MOBILENET_STAGES: tuple[tuple[tuple[int, int], ...], ...] = (
-    ((64, 1),),
-    ((128, 2), (128, 1)),
-    ((256, 2), (256, 1)),
-    ((512, 2),) + ((512, 1),) * 5,
-    ((1024, 2), (1024, 1)),
-)
-
-
 class MobileNetV1(nn.Module):
     """Howard et al. 2017: 3x3 stride-2 stem, 13 depthwise-separable blocks in five stages
     (``layer1`` .. ``layer5``), global average pool, classifier. Widths are scaled by
@@ -358,8 +345,8 @@ class MobileNetV1(nn.Module):
         self.conv1 = conv3x3(in_channels, inplanes, stride=2)
         self.bn1 = norm_layer(inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.num_stages = len(_MOBILENET_STAGES)
-        for stage, spec in enumerate(_MOBILENET_STAGES, start=1):
+        self.num_stages = len(MOBILENET_STAGES)
+        for stage, spec in enumerate(MOBILENET_STAGES, start=1):
             blocks = []
             for index, (width, stride) in enumerate(spec):
                 planes = int(width * width_mult)
@@ -378,93 +365,68 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# The registry: each public constructor registers the names it builds (torchvision's
-# ``register_model`` does the same for its models), with what the search needs to know of each.
+# The registry: each public constructor registers the catalogue names it builds (torchvision's
+# ``register_model`` does the same for its models).
 
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What the search needs to know about a backbone without building it."""
-
-    name: str
-    family: str  # "cifar_resnet" | "resnet" | "mobilenet_v1"
-    blocks_per_stage: tuple[int, ...]
-    stage_channels: tuple[int, ...]  # the channels the attention sees in each stage
-    input_size: int  # the image side the backbone is designed for: 32 or 224
-
-    @property
-    def stages(self) -> tuple[int, ...]:
-        return tuple(range(1, len(self.blocks_per_stage) + 1))
-
-
-BACKBONES: dict[str, BackboneInfo] = {}
 _CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {}
 _Builder = TypeVar("_Builder", bound=Callable[..., nn.Module])
 
 
-def register_backbone(info: BackboneInfo, **fixed: Any) -> Callable[[_Builder], _Builder]:
+def register_backbone(name: str, **fixed: Any) -> Callable[[_Builder], _Builder]:
     """Register ``builder(**fixed, num_classes=..., in_channels=..., attention=...)`` as the
-    backbone ``info.name``; stack one per name a builder makes."""
+    catalogue's backbone ``name``; stack one per name a builder makes."""
+    if name not in BACKBONES:
+        raise ValueError(f"{name!r} is not in the backbone catalogue (search.backbones)")
 
     def register(builder: _Builder) -> _Builder:
-        if info.name in BACKBONES:
-            raise ValueError(f"backbone {info.name!r} is registered twice")
-        BACKBONES[info.name] = info
-        _CONSTRUCTORS[info.name] = partial(builder, **fixed)
+        if name in _CONSTRUCTORS:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        _CONSTRUCTORS[name] = partial(builder, **fixed)
         return builder
 
     return register
 
 
-def _resnet_info(name: str, block: ResidualBlock, layers: tuple[int, ...]) -> BackboneInfo:
-    channels = tuple(64 * 2**i * block.expansion for i in range(len(layers)))
-    return BackboneInfo(name, "resnet", layers, channels, 224)
+def _resnet(
+    name: str, block: ResidualBlock, num_classes: int, in_channels: int, attention: Any
+) -> ResNet:
+    layers = BACKBONES[name].blocks_per_stage
+    return ResNet(block, layers, num_classes, in_channels, attention)
 
 
-def _cifar_info(depth: int) -> BackboneInfo:
-    n = (depth - 2) // 6
-    return BackboneInfo(f"cifar_resnet{depth}", "cifar_resnet", (n, n, n), _CIFAR_WIDTHS, 32)
-
-
-def _mobilenet_info(name: str, alpha: float) -> BackboneInfo:
-    blocks = tuple(len(spec) for spec in _MOBILENET_STAGES)
-    channels = tuple(int(spec[0][0] * alpha) for spec in _MOBILENET_STAGES)
-    return BackboneInfo(name, "mobilenet_v1", blocks, channels, 224)
-
-
-@register_backbone(_resnet_info("resnet18", BasicBlock, (2, 2, 2, 2)))
+@register_backbone("resnet18")
 def resnet18(
     num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
 ) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, attention)
+    return _resnet("resnet18", BasicBlock, num_classes, in_channels, attention)
 
 
-@register_backbone(_resnet_info("resnet34", BasicBlock, (3, 4, 6, 3)))
+@register_backbone("resnet34")
 def resnet34(
     num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
 ) -> ResNet:
-    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, attention)
+    return _resnet("resnet34", BasicBlock, num_classes, in_channels, attention)
 
 
-@register_backbone(_resnet_info("resnet50", Bottleneck, (3, 4, 6, 3)))
+@register_backbone("resnet50")
 def resnet50(
     num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
 ) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, attention)
+    return _resnet("resnet50", Bottleneck, num_classes, in_channels, attention)
 
 
-@register_backbone(_resnet_info("resnet101", Bottleneck, (3, 4, 23, 3)))
+@register_backbone("resnet101")
 def resnet101(
     num_classes: int = 1000, in_channels: int = 3, attention: AttentionFactory | None = None
 ) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, in_channels, attention)
+    return _resnet("resnet101", Bottleneck, num_classes, in_channels, attention)
 
 
-@register_backbone(_cifar_info(20), depth=20)
-@register_backbone(_cifar_info(32), depth=32)
-@register_backbone(_cifar_info(44), depth=44)
-@register_backbone(_cifar_info(56), depth=56)
-@register_backbone(_cifar_info(110), depth=110)
+@register_backbone("cifar_resnet20", depth=20)
+@register_backbone("cifar_resnet32", depth=32)
+@register_backbone("cifar_resnet44", depth=44)
+@register_backbone("cifar_resnet56", depth=56)
+@register_backbone("cifar_resnet110", depth=110)
 def cifar_resnet(
     depth: int,
     num_classes: int = 10,
@@ -474,10 +436,10 @@ def cifar_resnet(
     return CifarResNet(depth, num_classes, in_channels, attention)
 
 
-@register_backbone(_mobilenet_info("mobilenet_v1", 1.0), width_mult=1.0)
-@register_backbone(_mobilenet_info("mobilenet_v1_0.75", 0.75), width_mult=0.75)
-@register_backbone(_mobilenet_info("mobilenet_v1_0.5", 0.5), width_mult=0.5)
-@register_backbone(_mobilenet_info("mobilenet_v1_0.25", 0.25), width_mult=0.25)
+@register_backbone("mobilenet_v1", width_mult=1.0)
+@register_backbone("mobilenet_v1_0.75", width_mult=0.75)
+@register_backbone("mobilenet_v1_0.5", width_mult=0.5)
+@register_backbone("mobilenet_v1_0.25", width_mult=0.25)
 def mobilenet_v1(
     num_classes: int = 1000,
     in_channels: int = 3,
@@ -485,6 +447,10 @@ def mobilenet_v1(
     width_mult: float = 1.0,
 ) -> MobileNetV1:
     return MobileNetV1(num_classes, in_channels, attention, width_mult)
+
+
+if set(_CONSTRUCTORS) != set(BACKBONES):
+    raise RuntimeError(f"backbones without a module: {sorted(set(BACKBONES) - set(_CONSTRUCTORS))}")
 
 
 def build_backbone(

@@ -175,8 +175,9 @@ def worker(
         False,
         "--dry-run",
         help="Coordination only: claim, ask and tell each trial with made-up metrics (from a "
-        "hash of the architecture) without loading data, measuring or training; no artifacts. "
-        "For load tests and benchmarks/coordination.py: never on a real search.",
+        "hash of the architecture) without loading data, measuring or training; no artifacts; "
+        "--device is recorded, not used (a stand-in for a worker there). For load tests and "
+        "benchmarks/coordination.py: never on a real search.",
     ),
     dry_run_seconds: float = typer.Option(
         0.0,
@@ -188,17 +189,13 @@ def worker(
     """Pull trials from the database and run them until stopped (SIGTERM/SIGINT: the current
     trial is handed back at the next epoch boundary). With --dry-run the trials are recorded
     with made-up metrics instead of being trained."""
-    from search.overhead import check_device
     from service.server import watch_parent
-    from workers.worker import Worker, WorkerOptions
+    from workers.options import WorkerOptions
+    from workers.worker import Worker
 
     watch_parent()
     on_terminal = sys.stderr.isatty() if progress is None else progress
     _setup_logging(on_terminal)
-    try:
-        check_device(device)
-    except InvalidValue as exc:
-        raise bad_parameter(exc, "--device") from None
     options = WorkerOptions(
         database_url=database,
         artifacts_dir=artifacts,

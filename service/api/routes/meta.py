@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from search.backbones import BACKBONES
 from search.knobs import ARRANGEMENTS, KERNEL_SIZES, POOL_TYPES, SPATIAL_POOLS
-from search.nn.backbones import BACKBONES
 from search.space import BLOCK_CHOICES
 from search.spec import DATASETS, EARLY_STOPPING, OVERHEADS, SAMPLERS, SearchSpec
 from service.api.deps import AppSettings, Reader
