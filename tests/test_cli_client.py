@@ -403,6 +403,7 @@ def test_client_methods(server: str, finished_search: str, token: str, tmp_path:
         assert caught.value.message == f"search {finished_search} not found"
 
 
+@pytest.mark.e2e
 def test_download_with_onnx(server: str, finished_search: str, tmp_path: Path) -> None:
     import onnx
 

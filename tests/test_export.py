@@ -131,12 +131,14 @@ def test_variants_lie_in_the_search_space() -> None:
     assert len({a.id for a in CASES.values()}) == len(CASES)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnxruntime_matches_pytorch(name: str, exported: Callable[[str], Exported]) -> None:
     case = exported(name)
     _assert_matches(case.model, case.onnx_bytes, (3, 32, 32))
 
 
+@pytest.mark.e2e
 def test_interface_and_metadata(exported: Callable[[str], Exported]) -> None:
     case = exported("cbam")
     proto = onnx.load_from_string(case.onnx_bytes)
@@ -153,6 +155,7 @@ def test_interface_and_metadata(exported: Callable[[str], Exported]) -> None:
     assert sum(n.op_type == "Conv" for n in proto.graph.node) == convs == 19 + 9
 
 
+@pytest.mark.e2e
 def test_one_channel_ten_classes(tmp_path: Path) -> None:
     """Digits-like: 1 channel, 32 x 32, 10 classes, all read from the weights; opset asked for."""
     architecture = Architecture(BACKBONE, arrangement="channel", pool_types=("avg", "max"))
@@ -205,6 +208,7 @@ def test_weights_without_a_classifier() -> None:
         export_onnx(REFERENCES["none"], state_dict, num_classes=10)
 
 
+@pytest.mark.e2e
 def test_an_opset_the_exporter_cannot_produce() -> None:
     architecture = Architecture(BACKBONE, arrangement="channel", stages=(1,), blocks="first")
     with pytest.raises(ExportError, match="opset 17"):
