@@ -38,8 +38,8 @@ from search.store.searches import create_search, search_study
 from workers.queue import claim_trial, sweep_lost
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTAGE_S = 12.0
-GRACE_S = 5.0  # less than half the outage: heartbeats missed during it must not count
+OUTAGE_S = 20.0
+GRACE_S = 8.0  # shorter than the outage: heartbeats missed during it must not count
 
 
 # -- which errors are transient ----------------------------------------------------------------
