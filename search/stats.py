@@ -1,0 +1,140 @@
+"""The statistics every comparison cbam-nas shows rests on, from scipy.stats.
+
+- :func:`wilson_interval`: one run's accuracy on ``n`` validation images is a binomial
+  proportion; its Wilson interval is the noise floor no single-seed difference can beat.
+- :func:`mean_interval`: an architecture's mean accuracy over its seeds, with Student's t
+  interval (n >= 2; a single seed has only its Wilson interval).
+- :func:`paired_difference`: two architectures run on the same seeds (seed s fixes the
+  initialisation, data order and augmentation of both) compared by their per-seed differences,
+  which cancel what the seed does to both: Student's paired t, its interval and p-value (n >= 2).
+- :func:`holm`: the p-values of the comparisons one page makes, corrected together (Holm's
+  step-down method: family-wise error at most alpha, never less powerful than Bonferroni).
+- :func:`verdict`: ``better`` / ``worse`` / ``tied`` / ``untested`` from a corrected p-value.
+- :func:`rank_agreement`: Spearman's rho with a Fisher-z interval (Bonett and Wright's variance).
+
+"Tied" is not "equal": it says the data cannot tell the two apart at ``alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+CONFIDENCE = 0.95
+VERDICTS = ("better", "worse", "tied", "untested")
+# Accuracies closer than this are equal (float round-off of fractions of a validation split).
+_TIE = 1e-12
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided interval; ``low``/``high`` None where there is none."""
+
+    n: int
+    estimate: float
+    low: float | None
+    high: float | None
+
+    @property
+    def bounds(self) -> list[float] | None:
+        return None if self.low is None or self.high is None else [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class Difference(Interval):
+    """A paired difference (first minus second) with its two-sided p-value (None: untested)."""
+
+    p_value: float | None = None
+
+
+def wilson_interval(accuracy: float, n: int, confidence: float = CONFIDENCE) -> Interval:
+    """The Wilson score interval of an accuracy measured on ``n`` images."""
+    if n < 1:
+        return Interval(0, accuracy, None, None)
+    correct = min(n, max(0, round(accuracy * n)))
+    ci = stats.binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(n, accuracy, float(ci.low), float(ci.high))
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean of ``values`` with Student's t interval (none below two values; a zero spread
+    gives a zero-width interval)."""
+    data = np.asarray(values, dtype=float)
+    n = len(data)
+    if n == 0:
+        return Interval(0, math.nan, None, None)
+    mean = float(data.mean())
+    if n < 2:
+        return Interval(n, mean, None, None)
+    if np.ptp(data) <= _TIE:
+        return Interval(n, mean, mean, mean)
+    ci = stats.ttest_1samp(data, 0.0).confidence_interval(confidence)
+    return Interval(n, mean, float(ci.low), float(ci.high))
+
+
+def paired_difference(
+    first: Sequence[float], second: Sequence[float], confidence: float = CONFIDENCE
+) -> Difference:
+    """``first - second`` over the seeds both ran (same order), by Student's paired t: the mean
+    difference, its interval and the two-sided p-value; untested below two pairs."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    n = len(a)
+    d = a - b
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return Difference(n, mean, None, None, None)
+    if np.ptp(d) <= _TIE:  # the same difference on every seed: no spread to test against
+        return Difference(n, mean, mean, mean, 1.0 if abs(mean) <= _TIE else 0.0)
+    result = stats.ttest_rel(a, b)
+    ci = result.confidence_interval(confidence)
+    return Difference(n, mean, float(ci.low), float(ci.high), float(result.pvalue))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None stays None). Written here: scipy.stats offers
+    only the false-discovery-rate corrections (``false_discovery_control``), and a page's
+    verdicts need the family-wise error bounded."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(tested)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(difference: Difference, adjusted_p: float | None, alpha: float = ALPHA) -> str:
+    """``better``/``worse`` when the (corrected) difference is significant at ``alpha``,
+    ``tied`` when it is not, ``untested`` without a test."""
+    if adjusted_p is None or difference.p_value is None:
+        return "untested"
+    if adjusted_p >= alpha:
+        return "tied"
+    return "better" if difference.estimate > 0 else "worse"
+
+
+def rank_agreement(
+    first: Sequence[float], second: Sequence[float], confidence: float = CONFIDENCE
+) -> Interval:
+    """Spearman's rho between two scorings of the same items, with a Fisher-z interval using
+    Bonett and Wright's variance (1 + rho^2 / 2) / (n - 3); no interval below four items, and
+    no rho below two or where a scoring is constant."""
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    n = len(a)
+    if n < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return Interval(n, math.nan, None, None)
+    rho = float(stats.spearmanr(a, b).statistic)
+    if n < 4 or abs(rho) >= 1:
+        return Interval(n, rho, None, None) if n < 4 else Interval(n, rho, rho, rho)
+    z = math.atanh(rho)
+    se = math.sqrt((1 + rho * rho / 2) / (n - 3))
+    q = float(stats.norm.ppf(0.5 + confidence / 2))
+    return Interval(n, rho, math.tanh(z - q * se), math.tanh(z + q * se))
