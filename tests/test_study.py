@@ -280,6 +280,33 @@ def test_promoted_keeps_the_top_fraction() -> None:
     assert not promoted(0.3, [0.9, 0.6, 0.1, 0.2, 0.5], 3)
 
 
+def _halving_stops(
+    accuracy: float, others: list[float], val_images: int, chance: float = 0.1
+) -> bool:
+    policy = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=3, epochs=9)
+    context = EpochContext(None, 1, accuracy, lambda: others, val_images, chance)  # type: ignore[arg-type]
+    return policy.should_stop(context)
+
+
+def test_a_rung_at_chance_level_never_prunes() -> None:
+    """The demo once pruned 6 of 12 trials at epoch 1 at 10-13 % (chance: 10 %)."""
+    at_chance = [0.13, 0.12, 0.11, 0.10, 0.11]
+    assert not _halving_stops(0.10, at_chance, val_images=300)
+    # On 30,000 images a cut of 0.12 is clear of guessing, and 0.10 is below it beyond noise.
+    assert _halving_stops(0.10, at_chance, val_images=30_000)
+    # Two of ten classes: guessing scores 0.5, and a cut of 0.55 on 300 images is not clear of it.
+    assert not _halving_stops(0.3, [0.55, 0.5, 0.52], val_images=300, chance=0.5)
+
+
+def test_a_rung_prunes_only_beyond_the_noise_of_the_validation_split() -> None:
+    others = [0.80, 0.60, 0.55, 0.50, 0.45]  # cut (top 2 of 6): 0.60
+    assert not _halving_stops(0.57, others, val_images=300)  # within a run's Wilson interval
+    assert _halving_stops(0.57, others, val_images=30_000)  # the same gap on a large split
+    assert _halving_stops(0.40, others, val_images=300)  # far below: stopped
+    assert not _halving_stops(0.65, others, val_images=300)  # above the cut: goes on
+    assert not _halving_stops(0.40, others, val_images=0)  # no validation split: no noise known
+
+
 def test_policies_from_the_spec() -> None:
     assert isinstance(early_stopping_policy(_spec(early_stopping={"policy": "none"})), NoStopping)
     halving = early_stopping_policy(_spec())
@@ -323,7 +350,8 @@ def test_successive_halving_compares_at_the_same_epoch(db: Database) -> None:
 
     def stop(epoch: int, accuracy: float, policy: SuccessiveHalving = policy) -> bool:
         others = lambda: rung_accuracies(db, search.id, epoch, me)  # noqa: E731
-        context = EpochContext(None, epoch, accuracy, others)  # type: ignore[arg-type]
+        # 10,000 validation images: noise far below these differences.
+        context = EpochContext(None, epoch, accuracy, others, 10_000, 0.1)  # type: ignore[arg-type]
         return policy.should_stop(context)
 
     # Epoch 1: others 0.50, 0.40, 0.30; top 1 of 4 goes on.

@@ -64,7 +64,7 @@ def evaluate(ctx: TrialContext) -> Outcome:
             spec.training,
             seed=spec.seed,
             device=ctx.device,
-            on_epoch=_on_epoch(ctx),
+            on_epoch=_on_epoch(ctx, data),
             threads=options.threads,
         )
     except TrialFailed as exc:
@@ -86,7 +86,9 @@ def _data(ctx: TrialContext, spec: SearchSpec) -> DatasetTensors | StreamingData
         raise SearchFailed(str(exc)) from exc
 
 
-def _on_epoch(ctx: TrialContext) -> Callable[[EpochReport], None]:
+def _on_epoch(
+    ctx: TrialContext, data: DatasetTensors | StreamingData
+) -> Callable[[EpochReport], None]:
     claim, db = ctx.claim, ctx.db
     spec = claim.spec
     policy = early_stopping_policy(spec)
@@ -132,6 +134,8 @@ def _on_epoch(ctx: TrialContext) -> Callable[[EpochReport], None]:
             report.epoch,
             report.val_accuracy,
             lambda: rung_accuracies(db, claim.search_id, report.epoch, claim.row_id),
+            val_images=data.sizes[1],
+            chance=1 / data.num_classes,
         )
         # References always run to the end (they are the baselines), but are reported to the
         # policy so that Optuna's pruners see them.
