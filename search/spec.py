@@ -285,6 +285,41 @@ class BudgetSpec(_Section):
         _int(self.max_retries, self._at("max_retries"), 0)
 
 
+@dataclass(frozen=True)
+class ConfirmSpec(_Section):
+    """Confirmation by racing, after the exploration: the candidates (the Pareto front of the
+    explored architectures, or the most accurate feasible ones in the constrained mode; up to
+    ``top_k``) and the three references run again on shared seeds, one seed per round for every
+    arm still in the race. Once ``min_seeds`` rounds are in, an arm significantly worse than the
+    best (paired t on the shared seeds, Holm-corrected, at ``alpha``) gets no more seeds; arms
+    still tied run until ``max_seeds``. ``epochs`` is the schedule of these runs, meant to be
+    the one the final model will train with (default: twice the exploration's); ``trials`` caps
+    their number (default: every arm on every seed). The leaderboard's verdicts, top group and
+    recommendation come from these runs."""
+
+    path: ClassVar[str] = "confirm"
+
+    enabled: bool = True
+    top_k: int = 3
+    min_seeds: int = 2
+    max_seeds: int = 5
+    alpha: float = 0.05
+    epochs: int | None = None
+    trials: int | None = None
+
+    def __post_init__(self) -> None:
+        at = self._at
+        _bool(self.enabled, at("enabled"))
+        _int(self.top_k, at("top_k"), 1, 50)
+        _int(self.min_seeds, at("min_seeds"), 2, 100)
+        _int(self.max_seeds, at("max_seeds"), self.min_seeds, 100)
+        self._set("alpha", _float(self.alpha, at("alpha"), 0, 0.5, low_open=True))
+        if self.epochs is not None:
+            _int(self.epochs, at("epochs"), 1)
+        if self.trials is not None:
+            _int(self.trials, at("trials"), 1)
+
+
 # -- SearchSpec ----------------------------------------------------------------------------------
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -293,6 +328,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "budget": BudgetSpec,
     "training": TrainingSpec,
     "early_stopping": EarlyStoppingSpec,
+    "confirm": ConfirmSpec,
 }
 
 
@@ -308,6 +344,7 @@ class SearchSpec:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     sampler: str = "tpe"
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
     seed: int = 0
     name: str = ""
 
@@ -345,6 +382,17 @@ class SearchSpec:
                 f"{', '.join(allowed)} ({' and '.join(PRUNER_POLICIES)} need the constrained "
                 "mode: objectives.constraint_overhead and objectives.constraint_max_pct)",
             )
+
+    @property
+    def confirm_epochs(self) -> int:
+        """The schedule of the confirmation runs: ``confirm.epochs``, else twice exploration's."""
+        return self.confirm.epochs or 2 * self.training.epochs
+
+    @property
+    def confirm_trials(self) -> int:
+        """The most confirmation runs: ``confirm.trials``, else every arm on every seed."""
+        arms = self.confirm.top_k + 3  # the candidates and the three references
+        return self.confirm.trials or arms * self.confirm.max_seeds
 
     def validate(self, max_trials: int | None = None) -> SearchSpec:
         """Checks against the server: the trial budget at most ``max_trials``. Returns self."""

@@ -15,8 +15,8 @@ from optuna.distributions import CategoricalDistribution
 from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from search.pareto import pareto_flags
 from search.results import ablation, cache, curves, importance, knob_views, scatter
-from search.results.leaderboard import pareto_flags
 from search.settings import Settings
 from search.space import Architecture, reference_architectures
 from search.spec import SearchSpec

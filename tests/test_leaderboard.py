@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from search.results.leaderboard import deltas, dominates, leaderboard, pareto_flags
+from search.pareto import dominates, pareto_flags
+from search.results.leaderboard import deltas, leaderboard
 from search.store.models import ResultState, TrialResult
 
 

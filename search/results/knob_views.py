@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from search.errors import NotFound
 from search.knobs import has_channel_gate, has_spatial_gate
+from search.pareto import pareto_flags
 from search.results.cache import cached
-from search.results.leaderboard import pareto_flags
 from search.results.rows import Row, architectures, check_overhead, check_positive, load_rows
 from search.results.scatter import DEFAULT_MAX_POINTS, thin
 from search.space import Architecture, encode_choice

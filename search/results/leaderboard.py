@@ -1,4 +1,4 @@
-"""Leaderboards from trial-result rows: ranking, the Pareto front, deltas to the references.
+"""Leaderboards from trial-result rows: ranking, the Pareto flags, deltas to the references.
 
 Pure functions over rows (``TrialResult`` objects or their ``to_dict()`` mappings): the command
 line and the REST API rank the same way. Accuracies are fractions; deltas to the references are
@@ -12,15 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from search.pareto import ACCURACY, OVERHEAD_COLUMNS, pareto_flags
 from search.space import REFERENCE_NAMES
 
-ACCURACY = "val_accuracy"
-# overhead name (as in SearchSpec.objectives) -> (absolute column, percent column)
-OVERHEAD_COLUMNS = {
-    "params": ("params", "params_pct"),
-    "macs": ("macs", "macs_pct"),
-    "latency": ("latency_ms", "latency_pct"),
-}
 RANKED_STATES = ("completed",)
 
 Entry = dict[str, Any]
@@ -36,60 +30,6 @@ def as_entry(row: Any) -> Entry:
 def _state(entry: Mapping[str, Any]) -> str:
     state = entry.get("state")
     return getattr(state, "value", state)
-
-
-def dominates(a: Mapping[str, Any], b: Mapping[str, Any], overheads: Sequence[str]) -> bool:
-    """Whether ``a`` is at least as good as ``b`` everywhere (higher accuracy, lower overheads)
-    and better somewhere. A missing figure is worse than any value."""
-    pairs = list(zip(_goodness(a, overheads), _goodness(b, overheads), strict=True))
-    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
-
-
-def _goodness(entry: Mapping[str, Any], overheads: Sequence[str]) -> tuple[float, ...]:
-    """Accuracy and negated overheads: higher is better in every position."""
-    inf = float("inf")
-    accuracy = entry.get(ACCURACY)
-    figures = [entry.get(OVERHEAD_COLUMNS[o][0]) for o in overheads]
-    return (
-        -inf if accuracy is None else float(accuracy),
-        *(-inf if figure is None else -float(figure) for figure in figures),
-    )
-
-
-def pareto_flags(entries: Sequence[Mapping[str, Any]], overheads: Sequence[str]) -> list[bool]:
-    """For each entry, whether no other entry dominates it.
-
-    Entries are visited best first (lexicographically by :func:`_goodness`), so a dominator is
-    always visited before what it dominates and only the front found so far has to be checked:
-    O(n log n) for one overhead (a staircase: the lowest overhead seen so far), O(n * front)
-    with more. Optuna's ``_is_pareto_front`` needs every objective finite and a numpy array per
-    call; this takes rows as they are, missing figures included.
-    """
-    goodness = [_goodness(entry, overheads) for entry in entries]
-    order = sorted(range(len(entries)), key=lambda i: goodness[i], reverse=True)
-    flags = [False] * len(entries)
-    if len(overheads) == 1:
-        best: tuple[float, ...] | None = None  # the visited point with the lowest overhead
-        for i in order:
-            point = goodness[i]
-            # Visited points have accuracy >= this one's; one dominates iff its overhead is
-            # lower, or equal with a higher accuracy.
-            if best is None or best[1] < point[1] or (best[1] == point[1] and best == point):
-                flags[i] = True
-            if best is None or point[1] > best[1]:
-                best = point
-        return flags
-    front: list[tuple[float, ...]] = []
-    for i in order:
-        point = goodness[i]
-        if not any(_better_or_equal_and_better(f, point) for f in front):
-            flags[i] = True
-            front.append(point)
-    return flags
-
-
-def _better_or_equal_and_better(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
 
 
 def reference_entries(entries: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

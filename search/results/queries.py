@@ -16,14 +16,9 @@ from sqlalchemy import Select, String, func, select, type_coerce
 from sqlalchemy.orm import aliased
 
 from search.errors import InvalidValue, NotFound
+from search.pareto import OVERHEAD_COLUMNS, pareto_flags
 from search.results.cache import cached, completed
-from search.results.leaderboard import (
-    OVERHEAD_COLUMNS,
-    deltas,
-    pareto_flags,
-    rank_key,
-    reference_entries,
-)
+from search.results.leaderboard import deltas, rank_key, reference_entries
 from search.store.models import (
     OVERHEAD_FIELDS,
     ResultState,

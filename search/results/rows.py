@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from search.errors import InvalidValue
+from search.pareto import OVERHEAD_COLUMNS
 from search.results.cache import Cache, completed
-from search.results.leaderboard import OVERHEAD_COLUMNS
 from search.space import Architecture
 from search.store.models import TrialResult
 

@@ -92,6 +92,15 @@ class ResultState(str, enum.Enum):
     failed = "failed"
     over_budget = "over_budget"  # measured, over the overhead constraint, not trained
     requeued = "requeued"  # worker died or was stopped; the slot runs again as a new attempt
+    pending = "pending"  # a confirmation run, scheduled: the next worker claims it
+
+
+class Phase(str, enum.Enum):
+    """Exploration draws architectures from the study; confirmation re-runs the candidates and
+    the references on shared seeds (search.study.confirmation)."""
+
+    explore = "explore"
+    confirm = "confirm"
 
 
 class Reference(str, enum.Enum):
@@ -124,6 +133,7 @@ class Base(DeclarativeBase):
         SearchState: _enum(SearchState),
         ResultState: _enum(ResultState),
         Reference: _enum(Reference),
+        Phase: _enum(Phase),
     }
 
 
@@ -186,7 +196,8 @@ OVERHEAD_FIELDS = (
 
 
 class TrialResult(Base):
-    """One attempt at one slot (``number``, 0..budget-1) of a search: the leaderboard's row.
+    """One attempt at one slot of a search: ``number`` 0..budget-1 explores (an architecture
+    from the study), higher numbers confirm (an architecture again, on seed ``seed``).
 
     Overheads are absolute (``params``, ``macs``, ``latency_ms``) and in percent over the search's
     no-attention baseline (``*_pct``). ``val_accuracy`` is the best validation accuracy over the
@@ -218,6 +229,10 @@ class TrialResult(Base):
     macs_pct: Mapped[float | None]
     latency_pct: Mapped[float | None]
     epochs_run: Mapped[int] = mapped_column(default=0)
+    phase: Mapped[Phase] = mapped_column(default=Phase.explore, server_default="explore")
+    seed: Mapped[int | None] = mapped_column(BigInteger)  # the training seed (data order, init)
+    fidelity_epochs: Mapped[int | None]  # the epochs the trial trains for (its schedule)
+    val_images: Mapped[int | None]  # the validation split its accuracies are measured on
     wall_time_s: Mapped[float | None]
     images_per_s: Mapped[float | None]
     device: Mapped[str | None] = mapped_column(String(64))

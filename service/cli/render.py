@@ -118,7 +118,8 @@ def overhead_table(report: OverheadReport) -> Table:
 
 def leaderboard_table(rows: Sequence[Any], overheads: Sequence[str], title: str = "") -> Table:
     """The leaderboard of a search's rows as a rich table."""
-    from search.results.leaderboard import OVERHEAD_COLUMNS, leaderboard
+    from search.pareto import OVERHEAD_COLUMNS
+    from search.results.leaderboard import leaderboard
 
     table = Table(title=title or None)
     for column in ("#", "architecture", "val acc", "Δ none", "Δ SE", "Δ CBAM", "params"):

@@ -11,12 +11,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
+from search.pareto import OVERHEAD_COLUMNS
 from search.results import ablation as ablation_view
 from search.results import curves as curves_view
 from search.results import importance as importance_view
 from search.results import knob_views
 from search.results import scatter as scatter_view
-from search.results.leaderboard import OVERHEAD_COLUMNS
 from service.api.deps import DB, Reader
 from service.api.encoded import json_answer
 

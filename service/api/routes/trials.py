@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from search.results.leaderboard import OVERHEAD_COLUMNS
+from search.pareto import OVERHEAD_COLUMNS
 from search.results.queries import (
     LEADERBOARD_SORTS,
     SORT_COLUMNS,
