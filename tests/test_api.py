@@ -369,6 +369,13 @@ def test_create_search_is_201_with_progress(client: TestClient, db: Database) ->
         "requeued": 0,
         "eta_s": None,
         "best": None,
+        "confirmation": {
+            "pending": 0,
+            "running": 0,
+            "completed": 0,
+            "failed": 0,
+            "requeued": 0,
+        },
     }
     assert created["started_at"] is None and created["finished_at"] is None
     assert created["error"] is None

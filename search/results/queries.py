@@ -21,6 +21,7 @@ from search.results.cache import cached, completed
 from search.results.leaderboard import deltas, rank_key, reference_entries
 from search.store.models import (
     OVERHEAD_FIELDS,
+    Phase,
     ResultState,
     Search,
     SearchState,
@@ -49,6 +50,21 @@ SORT_COLUMNS = (
 LEADERBOARD_SORTS = ("rank", "number", "val_accuracy", "params", "macs", "latency_ms")
 # Big per-row values that lists leave out; a single trial's answer has them.
 _DETAIL_ONLY = ("learning_curve", "artifacts")
+_EXPLORE_STATES = (
+    ResultState.completed,
+    ResultState.running,
+    ResultState.pruned,
+    ResultState.failed,
+    ResultState.over_budget,
+    ResultState.requeued,
+)
+_CONFIRM_STATES = (
+    ResultState.pending,
+    ResultState.running,
+    ResultState.completed,
+    ResultState.failed,
+    ResultState.requeued,
+)
 _FINISHED = (ResultState.completed, ResultState.pruned, ResultState.over_budget, ResultState.failed)
 
 
@@ -77,7 +93,9 @@ def list_searches(
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a search stands. Counts are of trial attempts; ``done`` of budget slots finished.
+    """Where a search stands. The counts are of the exploration's trial attempts, ``done`` of
+    its budget slots finished; ``confirmation`` counts the confirmation runs by state
+    (``pending``: scheduled, not yet claimed).
 
     ``eta_s`` extrapolates the mean time per finished slot since the search started; None
     before the first slot finishes or once the search is over.
@@ -93,6 +111,7 @@ class Progress:
     requeued: int
     eta_s: float | None
     best: dict[str, Any] | None
+    confirmation: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -105,7 +124,7 @@ def progress(db: Database, search: Search) -> Progress:
 def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
     """The progress of several searches in three queries, whatever their number."""
     ids = [search.id for search in searches]
-    counts: dict[str, dict[ResultState, int]] = {search_id: {} for search_id in ids}
+    counts: dict[str, dict[tuple[Phase, ResultState], int]] = {search_id: {} for search_id in ids}
     # The best completed row of each search: a correlated ORDER BY ... LIMIT 1 walks the
     # covering ranking index (microseconds); a window over every row took ~13 ms at 10k trials.
     top = aliased(TrialResult)
@@ -122,16 +141,20 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
         .scalar_subquery()
     )
     with db.session() as session:
-        for search_id, state, n in session.execute(
-            select(TrialResult.search_id, TrialResult.state, func.count())
+        for search_id, phase, state, n in session.execute(
+            select(TrialResult.search_id, TrialResult.phase, TrialResult.state, func.count())
             .where(TrialResult.search_id.in_(ids))
-            .group_by(TrialResult.search_id, TrialResult.state)
+            .group_by(TrialResult.search_id, TrialResult.phase, TrialResult.state)
         ):
-            counts[search_id][state] = n
+            counts[search_id][(phase, state)] = n
         done = dict(
             session.execute(
                 select(TrialResult.search_id, func.count(TrialResult.number.distinct()))
-                .where(TrialResult.search_id.in_(ids), TrialResult.state.in_(_FINISHED))
+                .where(
+                    TrialResult.search_id.in_(ids),
+                    TrialResult.phase == Phase.explore,
+                    TrialResult.state.in_(_FINISHED),
+                )
                 .group_by(TrialResult.search_id)
             ).all()
         )
@@ -147,12 +170,16 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
     for search in searches:
         finished = min(done.get(search.id, 0), search.budget_trials)
         top = best.get(search.id)
+        count = counts[search.id]
+        explored = {s.value: count.get((Phase.explore, s), 0) for s in _EXPLORE_STATES}
+        confirmed = {s.value: count.get((Phase.confirm, s), 0) for s in _CONFIRM_STATES}
         out[search.id] = Progress(
             budget=search.budget_trials,
             done=finished,
-            **{state.value: counts[search.id].get(state, 0) for state in ResultState},
+            **explored,
             eta_s=_eta(search, finished),
             best=None if top is None else _summary(top),
+            confirmation=confirmed,
         )
     return out
 

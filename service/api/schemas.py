@@ -25,6 +25,9 @@ class ProgressOut(BaseModel):
     requeued: int
     eta_s: float | None = Field(description="Seconds left, extrapolated; None when unknown.")
     best: dict[str, Any] | None = Field(description="The best completed trial so far.")
+    confirmation: dict[str, int] = Field(
+        description="Confirmation runs by state: pending, running, completed, failed, requeued."
+    )
 
 
 class SearchOut(BaseModel):
