@@ -128,6 +128,7 @@ def make_spec(trials: int, sampler: str, seed: int) -> SearchSpec:
             "backbone": "cifar_resnet20",
             "dataset": {"name": "synthetic"},
             "budget": {"trials": trials},
+            "confirm": {"enabled": False},
             "sampler": sampler,
             "early_stopping": {"policy": "none"},
             "seed": seed,

@@ -90,6 +90,7 @@ def make_spec(args: argparse.Namespace, policy: str) -> SearchSpec:
             # Digits: random crops, no flips.
             "training": {"epochs": args.epochs, "batch_size": 64, "lr": 0.1, "flip": False},
             "budget": {"trials": args.trials},
+            "confirm": {"enabled": False},
             "sampler": "random",
             "early_stopping": {
                 "policy": policy,

@@ -32,6 +32,7 @@ SERVED_SPEC: dict[str, Any] = {
     "sampler": "random",
     "budget": {"trials": SERVED_TRIALS},
     "early_stopping": {"policy": "none"},
+    "confirm": {"enabled": False},
 }
 """The search of the ``served_search`` fixture (conftest.py)."""
 
@@ -75,7 +76,7 @@ def quick_spec(
     trials: int = 4, epochs: int = 2, samples: int = 256, **overrides: Any
 ) -> SearchSpec:
     """A search that trains for seconds: CIFAR ResNet-20 on 16x16 synthetic images, random
-    sampler, no early stopping."""
+    sampler, no early stopping, no confirmation (tests/test_confirmation.py turns it on)."""
     data: dict[str, Any] = {
         "backbone": "cifar_resnet20",
         "dataset": {
@@ -87,6 +88,7 @@ def quick_spec(
         "sampler": "random",
         "budget": {"trials": trials},
         "early_stopping": {"policy": "none"},
+        "confirm": {"enabled": False},
     }
     data.update(overrides)
     return SearchSpec.from_dict(data)

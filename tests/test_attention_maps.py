@@ -447,6 +447,7 @@ def test_a_workers_trial_has_attention_pictures(
             "training": {"epochs": 1, "batch_size": 32},
             "budget": {"trials": 1},
             "early_stopping": {"policy": "none"},
+            "confirm": {"enabled": False},
         }
     )
     search = create_search(sqlite_db, spec)

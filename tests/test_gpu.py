@@ -242,6 +242,7 @@ def run_one_trial(db: Database, device: str) -> None:
             "training": {"epochs": 1, "batch_size": 32, "lr": 0.05},
             "sampler": "random",
             "budget": {"trials": 1},
+            "confirm": {"enabled": False},
             "early_stopping": {"policy": "none"},
         }
     )

@@ -50,6 +50,7 @@ def _spec(trials: int, name: str = "scale", sampler: str = "tpe") -> SearchSpec:
             "budget": {"trials": trials},
             "sampler": sampler,
             "early_stopping": {"policy": "none"},
+            "confirm": {"enabled": False},
         }
     )
 

@@ -30,9 +30,10 @@ from typer.testing import CliRunner
 from search.build import build_model
 from search.settings import Settings
 from search.space import Architecture
+from search.store.attempts import LOST_REASON
 from search.store.engine import Database, open_database
 from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
-from search.store.searches import LOST_REASON, create_search, search_study
+from search.store.searches import create_search, search_study
 from search.study.optuna_fast import frozen_trial
 from service.cli import app
 from workers.artifacts import ARTIFACTS_ATTR
@@ -370,6 +371,7 @@ dataset:
   val_fraction: 0.25
 training: {epochs: 1, batch_size: 32, lr: 0.05}
 budget: {trials: 4}
+confirm: {enabled: false}
 sampler: random
 """
 

@@ -57,7 +57,7 @@ def validation_samples(
 
 def store_artifacts(
     store: Any,
-    trial: optuna.Trial,
+    owner: optuna.Trial | optuna.Study,
     architecture: Architecture,
     result: TrainResult,
     overhead: OverheadReport,
@@ -65,8 +65,9 @@ def store_artifacts(
     db: Database | None = None,
 ) -> dict[str, str]:
     """Upload weights, architecture, metrics and (when given) the sample images of
-    :func:`validation_samples`; returns file name -> artifact id (also set as the trial's user
-    attribute ``artifacts``). With ``db`` each upload is retried through its outages."""
+    :func:`validation_samples` under ``owner`` (the trial; the study for a confirmation run,
+    which has no trial); returns file name -> artifact id (also set as a trial's user attribute
+    ``artifacts``). With ``db`` each upload is retried through its outages."""
     from optuna.artifacts import upload_artifact
     from safetensors.torch import save_file
 
@@ -94,9 +95,10 @@ def store_artifacts(
             path = str(folder / name)
             ids[name] = call(
                 lambda path=path: upload_artifact(
-                    artifact_store=store, file_path=path, study_or_trial=trial
+                    artifact_store=store, file_path=path, study_or_trial=owner
                 ),
                 f"storing {name}",
             )
-    call(lambda: trial.set_user_attr(ARTIFACTS_ATTR, ids), "storing artifact ids")
+    if isinstance(owner, optuna.Trial):
+        call(lambda: owner.set_user_attr(ARTIFACTS_ATTR, ids), "storing artifact ids")
     return ids

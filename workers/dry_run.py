@@ -23,10 +23,13 @@ from workers.trial import STOPPED_REASON, Outcome, TrialContext
 DRY_RUN_BASELINE = (272_474, 40_813_184, 2.0)
 
 
-def dry_run_figures(architecture: Architecture) -> tuple[float, dict[str, Any]]:
+def dry_run_figures(
+    architecture: Architecture, seed: int | None = None
+) -> tuple[float, dict[str, Any]]:
     """The made-up validation accuracy and overheads a dry-run worker records: fixed functions of
-    the architecture's id (the same from every worker), overheads 0 % without attention. Nothing
-    is built, measured or trained."""
+    the architecture's id (the same from every worker), overheads 0 % without attention. With a
+    confirmation run's ``seed`` the accuracy moves by up to a point, a fixed function of the two
+    (as seeds move real runs). Nothing is built, measured or trained."""
     digest = hashlib.sha256(architecture.id.encode()).digest()
     u = [int.from_bytes(digest[2 * i : 2 * i + 2], "big") / 0xFFFF for i in range(4)]
     attends = architecture.attention != "none"
@@ -45,7 +48,11 @@ def dry_run_figures(architecture: Architecture) -> tuple[float, dict[str, Any]]:
         "peak_memory_bytes": None,
         **pct,
     }
-    return 0.5 + 0.4 * u[0], figures
+    accuracy = 0.5 + 0.4 * u[0]
+    if seed is not None:
+        noise = hashlib.sha256(f"{architecture.id}/{seed}".encode()).digest()
+        accuracy += 0.02 * (int.from_bytes(noise[:2], "big") / 0xFFFF - 0.5)
+    return accuracy, figures
 
 
 def evaluate(ctx: TrialContext) -> Outcome:
@@ -55,7 +62,9 @@ def evaluate(ctx: TrialContext) -> Outcome:
     seconds = ctx.options.dry_run_seconds
     if seconds > 0 and ctx.stopping.wait(seconds):
         return Outcome(ResultState.requeued, f"{STOPPED_REASON} (signal)")
-    accuracy, figures = dry_run_figures(ctx.architecture)
+    accuracy, figures = dry_run_figures(
+        ctx.architecture, None if ctx.trial is not None else ctx.seed
+    )
     constraint = ctx.constraint(figures)
     if constraint is not None and constraint > 0:
         return Outcome(ResultState.over_budget, optuna_state=TrialState.PRUNED, row=figures)

@@ -47,15 +47,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from search.spec import SearchSpec
+from search.store.attempts import LOST_REASON, pending_retries
+from search.store.confirmation import schedule_round
 from search.store.engine import Database, is_transient
-from search.store.models import ResultState, Search, SearchState, TrialResult, WorkerSeen, utcnow
-from search.store.searches import (
-    ACTIVE_STATES,
-    LOST_REASON,
-    deadline_passed,
-    maybe_complete,
-    pending_retries,
+from search.store.models import (
+    Phase,
+    ResultState,
+    Search,
+    SearchState,
+    TrialResult,
+    WorkerSeen,
+    utcnow,
 )
+from search.store.searches import ACTIVE_STATES, maybe_complete
 
 log = logging.getLogger("cbam_nas.worker")
 
@@ -67,7 +71,8 @@ SWEEP_INTERVAL_S = 5.0
 @dataclass
 class Claim:
     """One attempt this worker holds. ``retry_of`` is the Optuna number whose parameters the
-    attempt re-runs (None: ask the study)."""
+    attempt re-runs (None: ask the study). A confirmation run (``phase`` confirm) carries its
+    architecture, reference and seed instead: it never asks the study."""
 
     search_id: str
     study_name: str
@@ -76,10 +81,32 @@ class Claim:
     number: int
     attempt: int
     retry_of: int | None = None
+    phase: Phase = Phase.explore
+    seed: int | None = None
+    architecture: dict[str, Any] | None = None
+    reference: str | None = None
     label: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        self.label = f"search {self.search_id[:8]} trial {self.number}.{self.attempt}"
+        kind = "confirmation run" if self.phase == Phase.confirm else "trial"
+        self.label = f"search {self.search_id[:8]} {kind} {self.number}.{self.attempt}"
+
+    @classmethod
+    def of_confirmation(
+        cls, search: Search, spec: SearchSpec, row: TrialResult, row_id: int
+    ) -> Claim:
+        return cls(
+            search.id,
+            search.study_name,
+            spec,
+            row_id,
+            row.number,
+            row.attempt,
+            phase=Phase.confirm,
+            seed=row.seed,
+            architecture=row.architecture,
+            reference=row.reference.value if row.reference else None,
+        )
 
 
 def sqlite_ask_lock(db: Database) -> contextlib.AbstractContextManager[Any]:
@@ -96,7 +123,10 @@ def sqlite_ask_lock(db: Database) -> contextlib.AbstractContextManager[Any]:
     return FileLock(path.with_name(path.name + ".ask.lock"))
 
 
-def _new_row(search: Search, number: int, attempt: int, worker: str, device: str) -> TrialResult:
+def _new_row(
+    search: Search, spec: SearchSpec, number: int, attempt: int, worker: str, device: str
+) -> TrialResult:
+    """An exploration attempt's row: it trains on the spec's seed and schedule."""
     now = utcnow()
     return TrialResult(
         search_id=search.id,
@@ -105,6 +135,9 @@ def _new_row(search: Search, number: int, attempt: int, worker: str, device: str
         architecture={},
         arch_id="",
         state=ResultState.running,
+        phase=Phase.explore,
+        seed=spec.seed,
+        fidelity_epochs=spec.training.epochs,
         device=device,
         worker=worker,
         learning_curve=[],
@@ -121,15 +154,21 @@ def _claim_retry(
     for previous in candidates:
         try:
             with db.session() as session:
-                row = _new_row(search, previous.number, previous.attempt + 1, worker, device)
-                if previous.state == ResultState.requeued:
+                row = _new_row(search, spec, previous.number, previous.attempt + 1, worker, device)
+                confirming = previous.phase == Phase.confirm
+                if previous.state == ResultState.requeued or confirming:
                     row.architecture, row.arch_id = previous.architecture, previous.arch_id
                     row.label, row.reference = previous.label, previous.reference
+                if confirming:  # the same architecture on the same seed, whatever happened
+                    row.phase, row.seed = previous.phase, previous.seed
+                    row.fidelity_epochs = previous.fidelity_epochs
                 session.add(row)
                 session.flush()
                 row_id = row.id
         except IntegrityError:
             continue  # another worker took this retry
+        if confirming:
+            return Claim.of_confirmation(search, spec, row, row_id)
         same_params = previous.state == ResultState.requeued
         return Claim(
             search.id,
@@ -180,10 +219,55 @@ def _claim_slot_in(
     if claimed is None:
         return None
     number = claimed - 1
-    row = _new_row(search, number, 0, worker, device)
+    row = _new_row(search, spec, number, 0, worker, device)
     session.add(row)
     session.flush()
     return Claim(search.id, search.study_name, spec, row.id, number, 0)
+
+
+def _claim_pending(
+    db: Database, search: Search, spec: SearchSpec, worker: str, device: str
+) -> Claim | None:
+    """Take one of the search's scheduled confirmation runs (the lowest-numbered first): a
+    conditional update from pending to running, so that one worker gets each."""
+    with db.session() as session:
+        candidates = session.scalars(
+            select(TrialResult)
+            .where(TrialResult.search_id == search.id, TrialResult.state == ResultState.pending)
+            .order_by(TrialResult.number)
+            .limit(8)
+        ).all()
+    for row in candidates:
+        now = utcnow()
+        with db.session() as session:
+            taken = session.execute(
+                update(TrialResult)
+                .where(TrialResult.id == row.id, TrialResult.state == ResultState.pending)
+                .values(
+                    state=ResultState.running,
+                    worker=worker,
+                    device=device,
+                    heartbeat_at=now,
+                    created_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        if taken == 1:
+            return Claim.of_confirmation(search, spec, row, row.id)
+    return None
+
+
+def _claim_confirmation(
+    db: Database, search: Search, spec: SearchSpec, worker: str, device: str
+) -> Claim | None:
+    """A scheduled confirmation run of the search; when there is none and the race needs its
+    next round, that round is scheduled first (search.store.confirmation)."""
+    if not spec.confirm.enabled or search.claimed < search.budget_trials:
+        return None
+    claim = _claim_pending(db, search, spec, worker, device)
+    if claim is None and schedule_round(db, search.id):
+        claim = _claim_pending(db, search, spec, worker, device)
+    return claim
 
 
 def seen_statement(db: Database, **values: Any) -> Any:
@@ -256,12 +340,17 @@ def claim_trial(
             for search, spec in ordered
             if search.state == SearchState.running
             and not in_flight.get(search.id)
-            and (search.claimed >= search.budget_trials or deadline_passed(search, spec))
+            and (
+                search.claimed >= search.budget_trials
+                or search.past_deadline(spec.budget.wall_clock_s)
+            )
         ]
         claim = None
         for search, spec in ordered:
-            if search.id in may_retry or deadline_passed(search, spec):
+            if search.id in may_retry or search.past_deadline(spec.budget.wall_clock_s):
                 break  # a retry or a completion to look at first: the loop below
+            if search.claimed >= search.budget_trials and spec.confirm.enabled:
+                break  # its confirmation: the loop below
             if search.claimed < search.budget_trials:
                 tried = search.id
                 claim = _claim_slot_in(session, db, search, spec, worker, device)
@@ -282,7 +371,7 @@ def claim_trial(
     for search, spec in ordered:
         if search.id in completed:
             continue
-        if deadline_passed(search, spec):
+        if search.past_deadline(spec.budget.wall_clock_s):
             if search.id not in done:
                 maybe_complete(db, search.id)
             continue
@@ -290,6 +379,8 @@ def claim_trial(
             claim = _claim_retry(db, search, spec, worker, device)
         if claim is None and search.id != tried:
             claim = _claim_slot(db, search, spec, worker, device)
+        if claim is None:
+            claim = _claim_confirmation(db, search, spec, worker, device)
         if claim is not None:
             if seen is not None:
                 with db.session() as session:

@@ -19,7 +19,7 @@ from search.overhead import OverheadReport, measure
 from search.results.queries import rung_accuracies
 from search.spec import SearchSpec
 from search.store.models import OVERHEAD_FIELDS, ResultState, Search, SearchState, utcnow
-from search.study.early_stopping import EpochContext, early_stopping_policy
+from search.study.early_stopping import EpochContext, NoStopping, early_stopping_policy
 from search.study.objectives import objective_values
 from workers.artifacts import store_artifacts, validation_samples
 from workers.data import DatasetNotFound, DatasetTensors, StreamingData, load_dataset
@@ -46,7 +46,7 @@ def evaluate(ctx: TrialContext) -> Outcome:
         warmup=min(3, options.latency_repeats),
     )
     figures = {k: getattr(overhead, k) for k in OVERHEAD_FIELDS}
-    update_row(ctx.db, ctx.claim.row_id, **figures)
+    update_row(ctx.db, ctx.claim.row_id, val_images=data.sizes[1], **figures)
     constraint = ctx.constraint(figures)
     if constraint is not None and constraint > 0:
         log.info(
@@ -56,13 +56,13 @@ def evaluate(ctx: TrialContext) -> Outcome:
             constraint,
         )
         return Outcome(ResultState.over_budget, optuna_state=TrialState.PRUNED)
-    ctx.progress.start(f"{ctx.claim.label} {ctx.architecture.describe()}", spec.training.epochs)
+    ctx.progress.start(f"{ctx.claim.label} {ctx.architecture.describe()}", ctx.training.epochs)
     try:
         result = train(
             ctx.architecture,
             data,
-            spec.training,
-            seed=spec.seed,
+            ctx.training,
+            seed=ctx.seed,
             device=ctx.device,
             on_epoch=_on_epoch(ctx, data),
             threads=options.threads,
@@ -91,7 +91,9 @@ def _on_epoch(
 ) -> Callable[[EpochReport], None]:
     claim, db = ctx.claim, ctx.db
     spec = claim.spec
-    policy = early_stopping_policy(spec)
+    # A confirmation run always runs its whole schedule: the race compares whole runs.
+    policy = early_stopping_policy(spec) if ctx.trial is not None else NoStopping()
+    epochs = ctx.training.epochs
     curve: list[dict[str, Any]] = []
 
     def search_state() -> SearchState | None:
@@ -114,7 +116,7 @@ def _on_epoch(
             "%s epoch %d/%d: val acc %.4f, train loss %.4f, %.1f s, %.0f img/s",
             claim.label,
             report.epoch,
-            spec.training.epochs,
+            epochs,
             report.val_accuracy,
             report.train_loss,
             report.seconds,
@@ -123,14 +125,14 @@ def _on_epoch(
         ctx.progress.advance()
         if not alive:
             raise StopTraining("lost")
-        if report.epoch >= spec.training.epochs:
+        if report.epoch >= epochs:
             return  # the trial is complete: keep its result whatever happens now
         if ctx.stopping.is_set():
             raise StopTraining("shutdown")
         if db.retrying(search_state, what="reading the search") != SearchState.running:
             raise StopTraining("cancelled")
         context = EpochContext(
-            ctx.trial,
+            ctx.trial,  # type: ignore[arg-type]  # None only with NoStopping
             report.epoch,
             report.val_accuracy,
             lambda: rung_accuracies(db, claim.search_id, report.epoch, claim.row_id),
@@ -175,7 +177,17 @@ def _finish(
     except Exception:  # the pictures are optional: never lose a trained trial to them
         log.warning("%s: no sample images stored", ctx.claim.label, exc_info=True)
     artifacts = store_artifacts(
-        ctx.artifact_store(), ctx.trial, ctx.architecture, result, overhead, samples, db=ctx.db
+        ctx.artifact_store(),
+        ctx.trial or ctx.study,
+        ctx.architecture,
+        result,
+        overhead,
+        samples,
+        db=ctx.db,
     )
-    values = objective_values(ctx.claim.spec, result.best_val_accuracy, overhead.to_dict())
+    values = (
+        objective_values(ctx.claim.spec, result.best_val_accuracy, overhead.to_dict())
+        if ctx.trial is not None
+        else None
+    )
     return Outcome(ResultState.completed, values=values, row={**figures, "artifacts": artifacts})

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from search.settings import Settings
 from search.space import Architecture
+from search.spec import TrainingSpec
 from search.store.engine import Database
 from search.store.models import ResultState
 from search.study.objectives import constraint_value, set_constraint
@@ -49,12 +50,17 @@ class Outcome:
 
 @dataclass
 class TrialContext:
-    """A claimed trial, its architecture, and what of its worker an evaluation may use."""
+    """A claimed trial, its architecture, how it trains (``training``'s schedule on ``seed``),
+    and what of its worker an evaluation may use. ``trial`` is None for a confirmation run,
+    which the study is never told about; ``study`` holds the run's artifacts either way."""
 
     claim: Claim
-    trial: optuna.Trial
+    trial: optuna.Trial | None
+    study: optuna.Study
     architecture: Architecture
     reference: str | None
+    training: TrainingSpec
+    seed: int
     db: Database
     settings: Settings
     options: WorkerOptions
@@ -66,9 +72,12 @@ class TrialContext:
     def constraint(self, figures: Mapping[str, Any]) -> float | None:
         """In the constrained mode, ``overhead_pct - max_pct`` of ``figures`` (over the
         overhead budget when > 0: then the architecture is not trained), recorded on the
-        trial; None otherwise."""
+        trial; None otherwise, and for a confirmation run (its architecture was within the budget
+        when it was explored)."""
+        trial = self.trial
+        if trial is None:
+            return None
         value = constraint_value(self.claim.spec, figures)
         if value is not None:
-            trial = self.trial
             self.db.retrying(lambda: set_constraint(trial, value), what="telling a constraint")
         return value

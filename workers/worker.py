@@ -38,6 +38,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -45,9 +46,10 @@ import optuna
 
 from search.errors import InvalidValue
 from search.settings import Settings, get_settings
+from search.space import Architecture
 from search.store.artifacts import artifact_store
 from search.store.engine import is_transient, open_database
-from search.store.models import ResultState, Search, utcnow
+from search.store.models import Phase, ResultState, Search, utcnow
 from search.store.searches import FINISHED_STATES, fail_search, maybe_complete
 from search.study.objectives import CONSTRAINT_ATTR
 from search.study.optuna_fast import ask, frozen_trial, retry_trial, tell_trial
@@ -239,6 +241,9 @@ class Worker:
         with Heartbeat(self.db, claim.row_id, self.options.heartbeat_interval_s, beat):
             trial: optuna.Trial | None = None
             try:
+                if claim.phase == Phase.confirm:  # a run of the race: the study is not asked
+                    study = self.db.retrying(lambda: self._study(claim), what="loading the study")
+                    return self._end(claim, None, self._confirm(claim, study, progress))
                 trial = self._trial(claim)
                 return self._end(claim, trial, self._evaluate(claim, trial, progress))
             except SearchFailed as exc:
@@ -301,11 +306,37 @@ class Worker:
             reference=reference,
             optuna_number=trial.number,
         )
-        context = TrialContext(
+        return self._evaluate_trial(
+            self._context(claim, trial, trial.study, architecture, reference, progress)
+        )
+
+    def _confirm(self, claim: Claim, study: optuna.Study, progress: Progress) -> Outcome:
+        """A confirmation run: the claim's architecture on the claim's seed, for the
+        confirmation's schedule; nothing is told to the study."""
+        architecture = Architecture.from_dict(claim.architecture or {})
+        context = self._context(claim, None, study, architecture, claim.reference, progress)
+        return self._evaluate_trial(context)
+
+    def _context(
+        self,
+        claim: Claim,
+        trial: optuna.Trial | None,
+        study: optuna.Study,
+        architecture: Architecture,
+        reference: str | None,
+        progress: Progress,
+    ) -> TrialContext:
+        spec = claim.spec
+        confirming = claim.phase == Phase.confirm
+        epochs = spec.confirm_epochs if confirming else spec.training.epochs
+        return TrialContext(
             claim,
             trial,
+            study,
             architecture,
             reference,
+            replace(spec.training, epochs=epochs),
+            spec.seed if claim.seed is None else claim.seed,
             self.db,
             self.settings,
             self.options,
@@ -314,7 +345,6 @@ class Worker:
             progress,
             self._artifact_store,
         )
-        return self._evaluate_trial(context)
 
     def _artifact_store(self) -> Any:
         if self._store is None:

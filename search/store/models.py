@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -179,6 +179,12 @@ class Search(Base):
         kwargs.setdefault("id", uuid.uuid4().hex)
         kwargs.setdefault("study_name", f"cbam-nas-{kwargs['id']}")
         super().__init__(**kwargs)
+
+    def past_deadline(self, wall_clock_s: float | None) -> bool:
+        """Whether the search has run longer than its wall-clock budget (None: no budget)."""
+        if wall_clock_s is None or self.started_at is None:
+            return False
+        return utcnow() - self.started_at > timedelta(seconds=wall_clock_s)
 
 
 # The figures of an OverheadReport that a trial-result row keeps (as columns of the same name).

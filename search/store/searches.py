@@ -12,18 +12,17 @@ wall-clock budget has passed), nothing runs and no retry is pending (:func:`mayb
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, or_, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import delete, exists, func, select, update
 
 from search.errors import Conflict, NotFound
 from search.spec import SearchSpec
 from search.store.artifacts import remove_artifacts
+from search.store.attempts import pending_retries
+from search.store.confirmation import confirmation_finished
 from search.store.models import ResultState, Search, SearchState, TrialResult, utcnow
 from search.study.studies import create_study, load_study
 
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cbam_nas.searches")
 
-LOST_REASON = "worker lost"
-"""How a swept attempt's ``failure_reason`` starts: it counts against the retries."""
 ACTIVE_STATES = (SearchState.queued, SearchState.running)
 FINISHED_STATES = (SearchState.completed, SearchState.cancelled, SearchState.failed)
 
@@ -159,59 +156,9 @@ def delete_search(db: Database, search_id: str, store: Any | None = None) -> Non
 # -- completion and failure ----------------------------------------------------------------
 
 
-def _counts_against_retries(row: Any) -> ColumnElement[bool]:
-    return or_(
-        row.state == ResultState.failed,
-        and_(row.state == ResultState.requeued, row.failure_reason.like(f"{LOST_REASON}%")),
-    )
-
-
-def pending_retries(search_id: str, max_retries: int) -> Any:
-    """The select of the search's attempts that should run again: requeued or failed, without a
-    next attempt yet, with retries left."""
-    return _pending_retries().params(search_id=search_id, max_retries=max_retries)
-
-
-@functools.cache
-def _pending_retries() -> Any:
-    # Built once: aliasing a table proxies each of its columns, milliseconds per build, and
-    # every claim and completion check asks this.
-    row, later, counted = (aliased(TrialResult) for _ in range(3))
-    has_next = exists().where(
-        later.search_id == row.search_id,
-        later.number == row.number,
-        later.attempt == row.attempt + 1,
-    )
-    failures = (
-        select(func.count())
-        .where(
-            counted.search_id == row.search_id,
-            counted.number == row.number,
-            _counts_against_retries(counted),
-        )
-        .scalar_subquery()
-    )
-    return (
-        select(row)
-        .where(
-            row.search_id == bindparam("search_id"),
-            row.state.in_([ResultState.requeued, ResultState.failed]),
-            ~has_next,
-            failures <= bindparam("max_retries"),
-        )
-        .order_by(row.number)
-    )
-
-
-def deadline_passed(search: Search, spec: SearchSpec) -> bool:
-    limit = spec.budget.wall_clock_s
-    if limit is None or search.started_at is None:
-        return False
-    return utcnow() - search.started_at > timedelta(seconds=limit)
-
-
 def maybe_complete(db: Database, search_id: str) -> bool:
-    """Mark the search completed if nothing is left to run; True if this call did."""
+    """Mark the search completed if nothing is left to run (its exploration and, once that is
+    finished, its confirmation race: search.store.confirmation); True if this call did."""
     return db.retrying(lambda: _maybe_complete(db, search_id), what="completing a search")
 
 
@@ -225,9 +172,21 @@ def _maybe_complete(db: Database, search_id: str) -> bool:
             TrialResult.search_id == search_id, TrialResult.state == ResultState.running
         )
         conditions = [Search.id == search_id, Search.state == SearchState.running, ~running]
-        if not deadline_passed(search, spec):
-            pending = pending_retries(search_id, spec.budget.max_retries).exists()
-            conditions += [Search.claimed >= Search.budget_trials, ~pending]
+        if search.past_deadline(spec.budget.wall_clock_s):
+            # Runs scheduled but not started are dropped: the budget has run out.
+            session.execute(
+                delete(TrialResult).where(
+                    TrialResult.search_id == search_id, TrialResult.state == ResultState.pending
+                )
+            )
+        else:
+            retry = pending_retries(search_id, spec.budget.max_retries).exists()
+            scheduled = exists().where(
+                TrialResult.search_id == search_id, TrialResult.state == ResultState.pending
+            )
+            conditions += [Search.claimed >= Search.budget_trials, ~retry, ~scheduled]
+            if not confirmation_finished(session, search, spec):
+                return False
         now = utcnow()
         result = session.execute(
             update(Search)
