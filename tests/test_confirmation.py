@@ -1,15 +1,28 @@
 """Confirmation by racing (search/study/confirmation.py): the arms, the shared seeds, when arms
-stop, and that the race spends far less than every arm on every seed when arms differ."""
+stop, and that the race spends far less than every arm on every seed when arms differ; then in
+the database with workers: rounds scheduled and claimed, shared seeds, retries, real training."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
+import torch
+from sqlalchemy import select, update
+from support import quick_spec
 
+from search.results.queries import progress
 from search.space import REFERENCE_NAMES, Architecture, reference_architectures
 from search.spec import SearchSpec
+from search.store.confirmation import schedule_round
+from search.store.engine import Database
+from search.store.models import Phase, ResultState, Search, SearchState, TrialResult, utcnow
+from search.store.searches import create_search, maybe_complete, search_study
 from search.study.confirmation import FAILED, arms, confirm_seed, race
+from workers.options import WorkerOptions
+from workers.queue import claim_trial, sweep_lost
+from workers.worker import Worker
 
 BACKBONE = "cifar_resnet20"
 
@@ -141,3 +154,127 @@ def test_tied_arms_run_to_max_seeds_and_the_worse_ones_stop() -> None:
     runs, state = _run_race([0.90, 0.90, 0.70, 0.70], max_seeds=8, seed=1)
     assert state.active == [0, 1] and set(state.stopped) == {2, 3}
     assert runs <= 2 * 8 + 2 * 4
+
+
+# -- in the database, with workers -----------------------------------------------------------
+
+
+def _confirm_rows(db: Database, search_id: str) -> list[TrialResult]:
+    with db.session() as session:
+        return list(
+            session.scalars(
+                select(TrialResult)
+                .where(TrialResult.search_id == search_id, TrialResult.phase == Phase.confirm)
+                .order_by(TrialResult.number, TrialResult.attempt)
+            )
+        )
+
+
+def test_dry_run_workers_explore_then_race_to_completion(any_db: Database) -> None:
+    spec = quick_spec(
+        trials=8, sampler="random", confirm={"top_k": 3, "min_seeds": 2, "max_seeds": 4}
+    )
+    search = create_search(any_db, spec)
+    options = WorkerOptions(search_id=search.id, dry_run=True, poll_interval_s=0.05)
+    assert Worker(options).run() == 0
+    with any_db.session() as session:
+        assert session.get(Search, search.id).state == SearchState.completed
+    rows = _confirm_rows(any_db, search.id)
+    assert rows and all(r.state == ResultState.completed for r in rows)
+    assert all(r.fidelity_epochs == spec.confirm_epochs for r in rows)
+    by_round: dict[int, list[TrialResult]] = {}
+    with any_db.session() as session:
+        explored = session.scalars(
+            select(TrialResult).where(TrialResult.search_id == search.id)
+        ).all()
+        chosen = arms(spec, [r.to_dict() for r in explored if r.phase == Phase.explore])
+    for row in rows:
+        round_, arm = divmod(row.number - spec.budget.trials, len(chosen))
+        assert row.arch_id == chosen[arm].arch_id
+        by_round.setdefault(round_, []).append(row)
+    # Every arm of a round trains on that round's seed, the same for all of them.
+    for round_, members in by_round.items():
+        assert {r.seed for r in members} == {confirm_seed(spec, round_)}
+    # The first rounds run every arm; arms only ever drop out.
+    assert len(by_round[0]) == len(by_round[1]) == len(chosen)
+    sizes = [len(by_round[r]) for r in sorted(by_round)]
+    assert sizes == sorted(sizes, reverse=True) and len(by_round) <= 4
+    assert {r.reference.value for r in by_round[0] if r.reference} == set(REFERENCE_NAMES)
+    with any_db.session() as session:
+        shown = progress(any_db, session.get(Search, search.id))
+    assert shown.confirmation["completed"] == len(rows) and shown.done == 8
+
+
+def test_a_lost_confirmation_run_runs_again_on_its_seed(sqlite_db: Database) -> None:
+    spec = quick_spec(trials=3, sampler="random", confirm={"min_seeds": 2, "max_seeds": 2})
+    search = create_search(sqlite_db, spec)
+    explorer = WorkerOptions(search_id=search.id, dry_run=True, max_trials=3)
+    assert Worker(explorer).run() == 0
+    claim = claim_trial(sqlite_db, "w", "cpu", search.id)
+    assert (
+        claim is not None and claim.phase == Phase.confirm and claim.seed == confirm_seed(spec, 0)
+    )
+    with sqlite_db.session() as session:
+        session.execute(
+            update(TrialResult)
+            .where(TrialResult.id == claim.row_id)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+    assert sweep_lost(sqlite_db, 30) == [claim.row_id]
+    again = claim_trial(sqlite_db, "w", "cpu", search.id)
+    assert again is not None and (again.number, again.attempt) == (claim.number, 1)
+    assert (again.phase, again.seed, again.architecture) == (
+        Phase.confirm,
+        claim.seed,
+        claim.architecture,
+    )
+
+
+def test_a_confirmation_run_trains_on_its_seed_for_the_confirmation_schedule(
+    sqlite_db: Database,
+) -> None:
+    """Real training: the references only, two seeds, one epoch more than the exploration."""
+    spec = quick_spec(
+        trials=3,
+        epochs=1,
+        samples=96,
+        confirm={"min_seeds": 2, "max_seeds": 2, "epochs": 2},
+    )
+    search = create_search(sqlite_db, spec)
+    threads = torch.get_num_threads()
+    try:
+        options = WorkerOptions(search_id=search.id, latency_repeats=1, threads=1)
+        assert Worker(options).run() == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = _confirm_rows(sqlite_db, search.id)
+    assert len(rows) == 6  # three references on two seeds
+    assert all(r.state == ResultState.completed and r.epochs_run == 2 for r in rows)
+    assert all(r.val_images == 24 and r.artifacts for r in rows)  # a quarter of 96 images
+    by_arch: dict[str, list[TrialResult]] = {}
+    for row in rows:
+        by_arch.setdefault(row.arch_id, []).append(row)
+    for runs in by_arch.values():
+        assert [r.seed for r in runs] == [confirm_seed(spec, 0), confirm_seed(spec, 1)]
+    # The study knows the exploration only.
+    assert len(search_study(sqlite_db, search).trials) == 3
+
+
+def test_the_wall_clock_budget_drops_scheduled_runs(sqlite_db: Database) -> None:
+    spec = quick_spec(
+        trials=3,
+        sampler="random",
+        budget={"trials": 3, "wall_clock_s": 3600},
+        confirm={"enabled": True},
+    )
+    search = create_search(sqlite_db, spec)
+    assert Worker(WorkerOptions(search_id=search.id, dry_run=True, max_trials=3)).run() == 0
+    assert schedule_round(sqlite_db, search.id) == 3
+    with sqlite_db.session() as session:
+        session.execute(
+            update(Search)
+            .where(Search.id == search.id)
+            .values(started_at=utcnow() - timedelta(hours=2))
+        )
+    assert maybe_complete(sqlite_db, search.id)
+    assert _confirm_rows(sqlite_db, search.id) == []
