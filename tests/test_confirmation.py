@@ -9,17 +9,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from support import quick_spec
 
 from search.results.queries import progress
+from search.settings import Settings
 from search.space import REFERENCE_NAMES, Architecture, reference_architectures
 from search.spec import SearchSpec
+from search.stats import VERDICTS
 from search.store.confirmation import schedule_round
 from search.store.engine import Database
 from search.store.models import Phase, ResultState, Search, SearchState, TrialResult, utcnow
 from search.store.searches import create_search, maybe_complete, search_study
 from search.study.confirmation import FAILED, arms, confirm_seed, race
+from service.app import create_app
+from service.auth import create_token
 from workers.options import WorkerOptions
 from workers.queue import claim_trial, sweep_lost
 from workers.worker import Worker
@@ -278,3 +283,35 @@ def test_the_wall_clock_budget_drops_scheduled_runs(sqlite_db: Database) -> None
         )
     assert maybe_complete(sqlite_db, search.id)
     assert _confirm_rows(sqlite_db, search.id) == []
+
+
+def test_the_api_answers_from_the_confirmation(any_db: Database, settings: Settings) -> None:
+    """A dry-run search, confirmed: the leaderboard aggregates seeds with intervals and
+    verdicts, names its top group and recommendation, and /best returns it with the evidence."""
+    spec = quick_spec(trials=6, sampler="random", confirm={"min_seeds": 3, "max_seeds": 3})
+    search = create_search(any_db, spec)
+    assert Worker(WorkerOptions(search_id=search.id, dry_run=True)).run() == 0
+    token = create_token(any_db, "tester")
+    app = create_app(settings, db=any_db)
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        base = f"/api/v1/searches/{search.id}"
+        board = client.get(f"{base}/leaderboard", params={"limit": 100}).json()
+        best = client.get(f"{base}/best").json()
+        progress = client.get(base).json()["progress"]
+    assert board["confirmed"] and board["recommended"] in board["top_group"]
+    entries = board["entries"]
+    assert len(entries) == len({e["arch_id"] for e in entries})
+    assert set(board["references"]) == set(REFERENCE_NAMES)
+    for entry in entries:
+        assert entry["phase"] == "confirm" and entry["fidelity_epochs"] == spec.confirm_epochs
+        assert entry["n_seeds"] >= 1 and entry["verdict_vs_none"] in VERDICTS
+        if entry["n_seeds"] >= 2:
+            low, high = entry["val_accuracy_ci95"]
+            assert low <= entry["val_accuracy_mean"] <= high
+    none = next(e for e in entries if e["reference"] == "none")
+    assert none["n_seeds"] == 3 and none["verdict_vs_none"] == "untested"
+    recommended = next(e for e in entries if e["arch_id"] == board["recommended"])
+    assert best["arch_id"] == board["recommended"] and best["number"] == recommended["number"]
+    assert best["evidence"]["n_seeds"] == recommended["n_seeds"]
+    assert best["evidence"]["top_group"] == board["top_group"]
+    assert progress["confirmation"]["completed"] >= 3 * 3

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from search.pareto import dominates, pareto_flags
-from search.results.leaderboard import deltas, leaderboard
+from search.results.leaderboard import confirmed_board, deltas, exploration_board, leaderboard
 from search.store.models import ResultState, TrialResult
 
 
@@ -123,3 +123,86 @@ def test_overhead_deltas_against_each_reference() -> None:
     assert best["params_delta_vs_none"] == pytest.approx(5.0)
     assert best["params_delta_vs_se"] == pytest.approx(100.0 * (105 - 110) / 110)
     assert best["latency_delta_vs_cbam"] == pytest.approx(0.0)
+
+
+# -- statistics over seeds -------------------------------------------------------------------
+
+SEEDS = (1, 2, 3, 4, 5)
+# Per-seed accuracies: seed 3 is a hard seed for everyone (what pairing cancels).
+CONFIRMED = {
+    ("none", 270_000): [0.900, 0.905, 0.880, 0.902, 0.899],
+    ("se", 271_000): [0.910, 0.915, 0.890, 0.911, 0.912],
+    ("cbam", 273_000): [0.905, 0.912, 0.884, 0.905, 0.907],
+    ("A", 272_000): [0.930, 0.934, 0.910, 0.931, 0.932],  # three points over no attention
+    ("B", 271_500): [0.929, 0.935, 0.908, 0.932, 0.930],  # tied with A, and cheaper
+}
+
+
+def _confirm_rows() -> list[dict[str, Any]]:
+    rows = []
+    for index, ((name, params), scores) in enumerate(CONFIRMED.items()):
+        for seed, accuracy in zip(SEEDS, scores, strict=True):
+            rows.append(
+                {
+                    "id": 100 * index + seed,
+                    "number": 100 * index + seed,
+                    "arch_id": name,
+                    "reference": name if name in ("none", "se", "cbam") else None,
+                    "seed": seed,
+                    "val_accuracy": accuracy,
+                    "params": params,
+                    "macs": params,
+                    "latency_ms": 1.0,
+                    "val_images": 1000,
+                }
+            )
+    return rows
+
+
+def test_confirmed_board_aggregates_seeds_with_paired_verdicts() -> None:
+    board = confirmed_board(_confirm_rows(), "params")
+    assert board.confirmed
+    entries = {e["arch_id"]: e for e in board.entries}
+    assert [e["arch_id"] for e in board.entries][:2] == ["A", "B"]
+    a = entries["A"]
+    assert a["n_seeds"] == 5 and a["val_accuracy_mean"] == pytest.approx(0.9274)
+    low, high = a["val_accuracy_ci95"]
+    assert low < a["val_accuracy_mean"] < high
+    # Paired on shared seeds: A minus no attention, in points, seed by seed.
+    differences = [
+        100 * (x - y)
+        for x, y in zip(CONFIRMED[("A", 272_000)], CONFIRMED[("none", 270_000)], strict=True)
+    ]
+    assert a["delta_vs_none"] == pytest.approx(sum(differences) / 5)
+    assert a["verdict_vs_none"] == "better" and a["verdict_vs_cbam"] == "better"
+    assert a["delta_vs_none_ci95"][0] > 0
+    assert entries["B"]["verdict_vs_none"] == "better"
+    assert entries["none"]["verdict_vs_none"] == "untested"
+    assert entries["none"]["delta_vs_none"] == 0.0
+    # A and B are tied: both in the top group; B is cheaper, so it is the answer.
+    assert set(board.top_group) == {"A", "B"}
+    assert board.recommended == "B"
+    assert set(board.references) == {"none", "se", "cbam"}
+
+
+def test_confirmed_board_recommends_by_the_asked_overhead() -> None:
+    rows = _confirm_rows()
+    for row in rows:
+        if row["arch_id"] == "A":
+            row["latency_ms"] = 0.5  # A is the faster of the two
+    assert confirmed_board(rows, "latency").recommended == "A"
+
+
+def test_exploration_board_gives_one_run_its_noise_floor() -> None:
+    entries = [
+        {**_row(0, 0.94, 100), "arch_id": "x", "val_images": 300},
+        {**_row(1, 0.93, 101), "arch_id": "y", "val_images": None},
+    ]
+    board = exploration_board(entries, {}, "params")
+    assert not board.confirmed and board.recommended == "x" and board.top_group == ["x"]
+    first, second = board.entries
+    assert first["n_seeds"] == 1 and first["val_accuracy_ci95"] == pytest.approx(
+        [0.9072, 0.9617], abs=1e-4
+    )
+    assert second["val_accuracy_ci95"] is None  # no split size known: no interval
+    assert first["verdict_vs_none"] == "untested"

@@ -10,10 +10,20 @@ no-attention baseline do; the Pareto front uses the absolute figures.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from search.pareto import ACCURACY, OVERHEAD_COLUMNS, pareto_flags
 from search.space import REFERENCE_NAMES
+from search.stats import (
+    ALPHA,
+    Difference,
+    holm,
+    mean_interval,
+    paired_difference,
+    verdict,
+    wilson_interval,
+)
 
 RANKED_STATES = ("completed",)
 
@@ -99,3 +109,122 @@ def leaderboard(
     ):
         entry.update(rank=rank, pareto=pareto, **deltas(entry, references, overheads))
     return entries
+
+
+# -- statistics over seeds -------------------------------------------------------------------
+
+
+@dataclass
+class Board:
+    """A leaderboard's entries with their statistics, best first, and the answer they give.
+
+    ``confirmed``: built from the confirmation's runs (one entry per architecture over its
+    seeds); else from the exploration's (one entry per trial, one seed each, untested).
+    ``top_group``: the architecture ids not significantly worse than the best;
+    ``recommended``: the cheapest of them by the board's overhead (ties: the more accurate)."""
+
+    entries: list[Entry]
+    references: dict[str, Entry]
+    top_group: list[str]
+    recommended: str | None
+    confirmed: bool
+
+
+def _stat_fields(entry: Entry, values: Sequence[float], val_images: int | None) -> None:
+    """n, mean and its interval: Student's t over seeds, or one run's Wilson interval."""
+    interval = mean_interval(values)
+    bounds = interval.bounds
+    if interval.n == 1 and val_images:
+        bounds = wilson_interval(values[0], val_images).bounds
+    entry.update(n_seeds=interval.n, val_accuracy_mean=interval.estimate, val_accuracy_ci95=bounds)
+
+
+def _untested(entry: Entry) -> None:
+    for name in REFERENCE_NAMES:
+        entry[f"delta_vs_{name}_ci95"] = None
+        entry[f"verdict_vs_{name}"] = "untested"
+
+
+def exploration_board(entries: list[Entry], references: dict[str, Entry], overhead: str) -> Board:
+    """The exploration's ranked entries (rows, best first) with one-seed statistics; the best
+    is the answer until a confirmation says more."""
+    for entry in entries:
+        _stat_fields(entry, [entry[ACCURACY]], entry.get("val_images"))
+        _untested(entry)
+    best = entries[0]["arch_id"] if entries else None
+    return Board(entries, references, [best] if best else [], best, confirmed=False)
+
+
+def confirmed_board(rows: Sequence[Entry], overhead: str, alpha: float = ALPHA) -> Board:
+    """One entry per architecture of the confirmation's completed runs (``rows``, with
+    ``arch_id``, ``seed``, ``reference``, ``val_accuracy`` and the overheads), aggregated over
+    its seeds; each compared with each reference on their shared seeds (paired t, in points),
+    every comparison of the board Holm-corrected together."""
+    scores: dict[str, dict[int, float]] = {}
+    best_row: dict[str, Entry] = {}
+    for row in rows:
+        arch = row["arch_id"]
+        scores.setdefault(arch, {}).setdefault(row["seed"], row[ACCURACY])
+        if arch not in best_row or row[ACCURACY] > best_row[arch][ACCURACY]:
+            best_row[arch] = row
+    entries = []
+    for arch, by_seed in scores.items():
+        entry = dict(best_row[arch])
+        _stat_fields(entry, list(by_seed.values()), entry.get("val_images"))
+        entries.append(entry)
+    references = {
+        name: e for e in entries if (name := _reference(e)) is not None and name in REFERENCE_NAMES
+    }
+    pairs: list[tuple[Entry, str, Difference]] = []
+    for entry in entries:
+        for name in REFERENCE_NAMES:
+            ref = references.get(name)
+            if ref is None or ref is entry:
+                entry[f"delta_vs_{name}"] = 0.0 if ref is entry else None
+                entry[f"delta_vs_{name}_ci95"] = None
+                entry[f"verdict_vs_{name}"] = "untested"
+                continue
+            pairs.append((entry, name, _paired(scores[entry["arch_id"]], scores[ref["arch_id"]])))
+    for (entry, name, diff), p in zip(pairs, holm([d.p_value for _, _, d in pairs]), strict=True):
+        entry[f"delta_vs_{name}"] = 100 * diff.estimate
+        bounds = diff.bounds
+        entry[f"delta_vs_{name}_ci95"] = None if bounds is None else [100 * b for b in bounds]
+        entry[f"verdict_vs_{name}"] = verdict(diff, p, alpha)
+    column = OVERHEAD_COLUMNS[overhead][0]
+    entries.sort(key=lambda e: (-e["val_accuracy_mean"], _cost(e, column), e["arch_id"]))
+    flags = pareto_flags([{**e, ACCURACY: e["val_accuracy_mean"]} for e in entries], [overhead])
+    for rank, (entry, pareto) in enumerate(zip(entries, flags, strict=True), start=1):
+        entry.update(rank=rank, pareto=pareto)
+    top = _top_group(entries, scores, alpha)
+    recommended = min(top, key=lambda e: (_cost(e, column), -e["val_accuracy_mean"]))
+    return Board(entries, references, [e["arch_id"] for e in top], recommended["arch_id"], True)
+
+
+def _reference(entry: Mapping[str, Any]) -> str | None:
+    name = entry.get("reference")
+    return getattr(name, "value", name)
+
+
+def _cost(entry: Mapping[str, Any], column: str) -> float:
+    value = entry.get(column)
+    return float("inf") if value is None else float(value)
+
+
+def _paired(first: Mapping[int, float], second: Mapping[int, float]) -> Difference:
+    shared = sorted(set(first) & set(second))
+    return paired_difference([first[s] for s in shared], [second[s] for s in shared])
+
+
+def _top_group(
+    entries: list[Entry], scores: Mapping[str, Mapping[int, float]], alpha: float
+) -> list[Entry]:
+    """The best entry (first) and those not significantly worse than it (Holm across them)."""
+    best, others = entries[0], entries[1:]
+    diffs = [_paired(scores[e["arch_id"]], scores[best["arch_id"]]) for e in others]
+    adjusted = holm([d.p_value for d in diffs])
+    tied = [
+        e
+        for e, d, p in zip(others, diffs, adjusted, strict=True)
+        if verdict(d, p, alpha) != "worse"
+    ]
+    return [best, *tied]

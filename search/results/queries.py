@@ -18,7 +18,13 @@ from sqlalchemy.orm import aliased
 from search.errors import InvalidValue, NotFound
 from search.pareto import OVERHEAD_COLUMNS, pareto_flags
 from search.results.cache import cached, completed
-from search.results.leaderboard import deltas, rank_key, reference_entries
+from search.results.leaderboard import (
+    confirmed_board,
+    deltas,
+    exploration_board,
+    rank_key,
+    reference_entries,
+)
 from search.store.models import (
     OVERHEAD_FIELDS,
     Phase,
@@ -271,26 +277,31 @@ def _check_overhead(overhead: str) -> str:
 
 @dataclass(frozen=True)
 class Ranking:
-    """A search's completed rows, best first, as narrow entries with their rank and flag."""
+    """A search's leaderboard before paging: narrow entries best first, each with its rank,
+    Pareto flag and statistics (search.results.leaderboard.Board)."""
 
     entries: list[dict[str, Any]]
     references: dict[str, dict[str, Any]]
+    top_group: list[str]
+    recommended: str | None
+    confirmed: bool
 
 
 def ranking(db: Database, search_id: str, overhead: str = "params") -> Ranking:
-    """Rank every completed row and flag the Pareto front of accuracy against ``overhead``.
+    """Rank the search's completed rows and flag the Pareto front of accuracy against
+    ``overhead``: the confirmation's runs aggregated per architecture once there are any, else
+    the exploration's trials.
 
     Cached per search version (:mod:`search.results.cache`): a leaderboard of an unchanged search
-    costs one small query, and a new completed trial one narrow scan of the covering index
-    ``ix_trial_results_ranking``."""
+    costs one small query, and a new completed trial one narrow scan of its completed rows."""
     _check_overhead(overhead)
     return cached(db, search_id, ("ranking", overhead), lambda: _rank(db, search_id, overhead))
 
 
 def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
     table = TrialResult.__table__
-    # Core, not ORM rows, and the enum column read as its plain string: this runs over every
-    # completed trial of the search.
+    # Core, not ORM rows, and the enum columns read as their plain strings: this runs over
+    # every completed trial of the search.
     query = select(
         table.c.id,
         table.c.number,
@@ -299,18 +310,37 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
         table.c.macs,
         table.c.latency_ms,
         type_coerce(table.c.reference, String).label("reference"),
+        type_coerce(table.c.phase, String).label("phase"),
+        table.c.arch_id,
+        table.c.seed,
+        table.c.val_images,
     ).where(*completed(search_id))
     with db.engine.connect() as connection:
         result = connection.execute(query)
         keys = list(result.keys())
-        entries = [dict(zip(keys, values, strict=True)) for values in result.all()]
-    entries.sort(key=rank_key)
-    for rank, (entry, pareto) in enumerate(
-        zip(entries, pareto_flags(entries, [overhead]), strict=True), start=1
-    ):
-        entry["rank"], entry["pareto"], entry["state"] = rank, pareto, "completed"
-    references = {name: dict(e) for name, e in reference_entries(entries).items()}
-    return Ranking(entries, references)
+        rows = [dict(zip(keys, values, strict=True)) for values in result.all()]
+    confirmed = [row for row in rows if row["phase"] == Phase.confirm.value]
+    if confirmed:
+        board = confirmed_board(confirmed, overhead)
+    else:
+        rows.sort(key=rank_key)
+        for rank, (entry, pareto) in enumerate(
+            zip(rows, pareto_flags(rows, [overhead]), strict=True), start=1
+        ):
+            entry["rank"], entry["pareto"], entry["state"] = rank, pareto, "completed"
+        references = {name: dict(e) for name, e in reference_entries(rows).items()}
+        board = exploration_board(rows, references, overhead)
+    return Ranking(
+        board.entries,
+        {name: dict(e) for name, e in board.references.items()},
+        board.top_group,
+        board.recommended,
+        board.confirmed,
+    )
+
+
+# The statistics of a leaderboard entry that are not columns of its row.
+_BOARD_FIELDS = ("rank", "pareto", "n_seeds", "val_accuracy_mean", "val_accuracy_ci95")
 
 
 def leaderboard_page(
@@ -341,8 +371,13 @@ def leaderboard_page(
     full = _rows_by_id(db, [e["id"] for e in page])
     rows = []
     for entry in page:
-        row = {**_listed(full[entry["id"]]), "rank": entry["rank"], "pareto": entry["pareto"]}
+        row = _listed(full[entry["id"]])
         row.update(deltas(row, ranked.references, [overhead]))
+        row.update(
+            (key, value)
+            for key, value in entry.items()
+            if key in _BOARD_FIELDS or key.startswith(("delta_vs_", "verdict_vs_"))
+        )
         rows.append(row)
     return {
         "search_id": search_id,
@@ -352,6 +387,9 @@ def leaderboard_page(
         "limit": limit,
         "references": ranked.references,
         "entries": rows,
+        "confirmed": ranked.confirmed,
+        "top_group": ranked.top_group,
+        "recommended": ranked.recommended,
     }
 
 
@@ -361,6 +399,18 @@ def _rows_by_id(db: Database, ids: list[int]) -> dict[int, TrialResult]:
     with db.session() as session:
         rows = session.scalars(select(TrialResult).where(TrialResult.id.in_(ids)))
         return {row.id: row for row in rows}
+
+
+def recommendation(
+    db: Database, search_id: str, overhead: str = "params"
+) -> tuple[TrialResult, dict[str, Any], Ranking]:
+    """The leaderboard's answer: the recommended architecture's best run, its entry (the
+    evidence: seeds, interval, verdicts) and the ranking it comes from."""
+    ranked = ranking(db, search_id, overhead)
+    entry = next((e for e in ranked.entries if e["arch_id"] == ranked.recommended), None)
+    if entry is None:
+        raise NotFound(f"a completed trial in search {search_id}")
+    return _rows_by_id(db, [entry["id"]])[entry["id"]], entry, ranked
 
 
 def best_trial(

@@ -77,6 +77,18 @@ class LeaderboardOut(BaseModel):
         description="The best completed run of each reference (none, se, cbam) the search has."
     )
     entries: list[dict[str, Any]] = Field(
-        description="Trials best first, with rank, pareto and delta_vs_<reference> (accuracy "
-        "points) and <overhead>_delta_vs_<reference> (percent)."
+        description="Best first: the confirmation's architectures over their seeds once the "
+        "search has any (else the exploration's trials), each with rank, pareto, n_seeds, "
+        "val_accuracy_mean, val_accuracy_ci95 ([low, high]: t over seeds, or one run's Wilson "
+        "interval on the validation split), and per reference delta_vs_<reference> (accuracy "
+        "points) with delta_vs_<reference>_ci95 and verdict_vs_<reference> (better, worse, "
+        "tied or untested; paired on shared seeds, Holm-corrected across the board), and "
+        "<overhead>_delta_vs_<reference> (percent)."
+    )
+    confirmed: bool = Field(description="Whether the entries come from the confirmation.")
+    top_group: list[str] = Field(
+        description="Architecture ids not significantly worse than the best."
+    )
+    recommended: str | None = Field(
+        description="The cheapest architecture of the top group by this overhead: the answer."
     )

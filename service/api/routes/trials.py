@@ -13,6 +13,7 @@ from search.results.queries import (
     SORT_COLUMNS,
     best_trial,
     leaderboard_page,
+    recommendation,
     trial,
     trials_page,
 )
@@ -113,5 +114,19 @@ def best(
         Query(description="Only trials at most this many percent over the no-attention model."),
     ] = None,
 ) -> dict[str, Any]:
-    """The best completed trial: highest accuracy, or highest within an overhead budget."""
-    return _trial_out(best_trial(db, search_id, overhead=overhead.value, max_pct=max_pct))
+    """The search's answer: the recommended architecture's best run (the cheapest by
+    ``overhead`` of those not significantly worse than the best, once confirmed; the most
+    accurate trial before), with ``evidence``: its seeds, mean and interval, verdicts against
+    the references, the top group. With ``max_pct``: the most accurate trial within that
+    overhead budget."""
+    if max_pct is not None:
+        return _trial_out(best_trial(db, search_id, overhead=overhead.value, max_pct=max_pct))
+    row, entry, ranked = recommendation(db, search_id, overhead.value)
+    evidence = {
+        key: value
+        for key, value in entry.items()
+        if key in ("n_seeds", "val_accuracy_mean", "val_accuracy_ci95", "rank")
+        or key.startswith(("delta_vs_", "verdict_vs_"))
+    }
+    evidence.update(confirmed=ranked.confirmed, top_group=ranked.top_group)
+    return {**_trial_out(row), "evidence": evidence}
