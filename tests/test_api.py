@@ -376,6 +376,8 @@ def test_create_search_is_201_with_progress(client: TestClient, db: Database) ->
             "failed": 0,
             "requeued": 0,
         },
+        "val_images": None,
+        "noise_floor_pp": None,
     }
     assert created["started_at"] is None and created["finished_at"] is None
     assert created["error"] is None

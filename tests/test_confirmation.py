@@ -263,6 +263,10 @@ def test_a_confirmation_run_trains_on_its_seed_for_the_confirmation_schedule(
         assert [r.seed for r in runs] == [confirm_seed(spec, 0), confirm_seed(spec, 1)]
     # The study knows the exploration only.
     assert len(search_study(sqlite_db, search).trials) == 3
+    with sqlite_db.session() as session:
+        shown = progress(sqlite_db, session.get(Search, search.id))
+    assert shown.val_images == 24 and shown.noise_floor_pp is not None
+    assert shown.noise_floor_pp > 10  # 24 images: one run says little
 
 
 def test_the_wall_clock_budget_drops_scheduled_runs(sqlite_db: Database) -> None:
@@ -297,7 +301,8 @@ def test_the_api_answers_from_the_confirmation(any_db: Database, settings: Setti
         base = f"/api/v1/searches/{search.id}"
         board = client.get(f"{base}/leaderboard", params={"limit": 100}).json()
         best = client.get(f"{base}/best").json()
-        progress = client.get(base).json()["progress"]
+        answer = client.get(base).json()
+    progress = answer["progress"]
     assert board["confirmed"] and board["recommended"] in board["top_group"]
     entries = board["entries"]
     assert len(entries) == len({e["arch_id"] for e in entries})
@@ -315,3 +320,5 @@ def test_the_api_answers_from_the_confirmation(any_db: Database, settings: Setti
     assert best["evidence"]["n_seeds"] == recommended["n_seeds"]
     assert best["evidence"]["top_group"] == board["top_group"]
     assert progress["confirmation"]["completed"] >= 3 * 3
+    agreement = answer["rank_agreement"]
+    assert agreement["n"] == len(entries) and -1 <= agreement["rho"] <= 1

@@ -8,6 +8,7 @@ milliseconds at 10,000 trials) and then loads only the page it returns in full.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from search.results.leaderboard import (
     rank_key,
     reference_entries,
 )
+from search.stats import rank_agreement as spearman_interval
+from search.stats import wilson_interval
 from search.store.models import (
     OVERHEAD_FIELDS,
     Phase,
@@ -101,7 +104,10 @@ def list_searches(
 class Progress:
     """Where a search stands. The counts are of the exploration's trial attempts, ``done`` of
     its budget slots finished; ``confirmation`` counts the confirmation runs by state
-    (``pending``: scheduled, not yet claimed).
+    (``pending``: scheduled, not yet claimed). ``val_images`` is the validation split the
+    accuracies are measured on, and ``noise_floor_pp`` half the width of one run's 95 % Wilson
+    interval at the best accuracy, in points: no single-seed difference smaller than about
+    that means anything.
 
     ``eta_s`` extrapolates the mean time per finished slot since the search started; None
     before the first slot finishes or once the search is over.
@@ -118,6 +124,8 @@ class Progress:
     eta_s: float | None
     best: dict[str, Any] | None
     confirmation: dict[str, int]
+    val_images: int | None
+    noise_floor_pp: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -164,6 +172,13 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
                 .group_by(TrialResult.search_id)
             ).all()
         )
+        split = dict(
+            session.execute(
+                select(TrialResult.search_id, func.max(TrialResult.val_images))
+                .where(TrialResult.search_id.in_(ids))
+                .group_by(TrialResult.search_id)
+            ).all()
+        )
         best = {
             row.search_id: row
             for row in session.scalars(
@@ -186,8 +201,48 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
             eta_s=_eta(search, finished),
             best=None if top is None else _summary(top),
             confirmation=confirmed,
+            val_images=split.get(search.id),
+            noise_floor_pp=_noise_floor(top, split.get(search.id)),
         )
     return out
+
+
+def _noise_floor(best: TrialResult | None, val_images: int | None) -> float | None:
+    if best is None or best.val_accuracy is None or not val_images:
+        return None
+    interval = wilson_interval(best.val_accuracy, val_images)
+    return None if interval.bounds is None else 50 * (interval.bounds[1] - interval.bounds[0])
+
+
+def rank_agreement(db: Database, search_id: str) -> dict[str, Any] | None:
+    """Does the exploration predict the confirmation? Spearman's rho (with its interval)
+    between the confirmed architectures' exploration accuracies and their confirmed means;
+    None before any confirmation run completes."""
+
+    def compute() -> dict[str, Any] | None:
+        with db.session() as session:
+            rows = session.execute(
+                select(TrialResult.arch_id, TrialResult.phase, TrialResult.val_accuracy).where(
+                    *completed(search_id)
+                )
+            ).all()
+        explored: dict[str, float] = {}
+        confirmed: dict[str, list[float]] = {}
+        for arch_id, phase, accuracy in rows:
+            if phase == Phase.confirm:
+                confirmed.setdefault(arch_id, []).append(accuracy)
+            else:
+                explored[arch_id] = max(accuracy, explored.get(arch_id, accuracy))
+        both = sorted(set(explored) & set(confirmed))
+        if not confirmed:
+            return None
+        rho = spearman_interval(
+            [explored[a] for a in both], [sum(confirmed[a]) / len(confirmed[a]) for a in both]
+        )
+        estimate = None if math.isnan(rho.estimate) else rho.estimate
+        return {"rho": estimate, "ci95": rho.bounds, "n": rho.n}
+
+    return cached(db, search_id, "rank_agreement", compute)
 
 
 def _eta(search: Search, done: int) -> float | None:

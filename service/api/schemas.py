@@ -28,6 +28,10 @@ class ProgressOut(BaseModel):
     confirmation: dict[str, int] = Field(
         description="Confirmation runs by state: pending, running, completed, failed, requeued."
     )
+    val_images: int | None = Field(description="The validation split's size, in images.")
+    noise_floor_pp: float | None = Field(
+        description="Half of one run's 95 % Wilson interval at the best accuracy, in points."
+    )
 
 
 class SearchOut(BaseModel):
@@ -42,9 +46,20 @@ class SearchOut(BaseModel):
     finished_at: datetime | None
     error: str | None
     progress: ProgressOut | None = None
+    rank_agreement: dict[str, Any] | None = Field(
+        default=None,
+        description="Spearman's rho (with ci95 and n) between the confirmed architectures' "
+        "exploration accuracies and their confirmed means: whether the cheap phase could be "
+        "trusted. Only on a single search's answer, once confirmation runs have completed.",
+    )
 
     @classmethod
-    def of(cls, search: Search, progress: Progress | None = None) -> SearchOut:
+    def of(
+        cls,
+        search: Search,
+        progress: Progress | None = None,
+        rank_agreement: dict[str, Any] | None = None,
+    ) -> SearchOut:
         return cls(
             id=search.id,
             name=search.name,
@@ -57,6 +72,7 @@ class SearchOut(BaseModel):
             finished_at=search.finished_at,
             error=search.error,
             progress=None if progress is None else ProgressOut(**progress.to_dict()),
+            rank_agreement=rank_agreement,
         )
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
-from search.results.queries import get_search, list_searches, progress, progress_of
+from search.results.queries import get_search, list_searches, progress, progress_of, rank_agreement
 from search.spec import SearchSpec
 from search.store.models import ApiToken, SearchState
 from search.store.searches import (
@@ -119,10 +119,11 @@ def list_all(
 
 @router.get("/{search_id}", dependencies=[Reader])
 def show(db: DB, search_id: str) -> SearchOut:
-    """A search: state, progress (completed, running, pruned, failed of the budget), ETA and
-    the best trial so far."""
+    """A search: state, progress (the exploration's trials by state of the budget, the
+    confirmation's runs, the validation split and its noise floor), ETA, the best trial so
+    far, and once confirmed, how well the exploration ranked the confirmed architectures."""
     search = get_search(db, search_id)
-    return SearchOut.of(search, progress(db, search))
+    return SearchOut.of(search, progress(db, search), rank_agreement(db, search_id))
 
 
 @router.post("/{search_id}/cancel", dependencies=[Writer])
