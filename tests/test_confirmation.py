@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
+from rich.console import Console
 from sqlalchemy import select, update
 from support import quick_spec
 
@@ -25,6 +26,7 @@ from search.store.searches import create_search, maybe_complete, search_study
 from search.study.confirmation import FAILED, arms, confirm_seed, race
 from service.app import create_app
 from service.auth import create_token
+from service.cli.render import board_table, status_table
 from workers.options import WorkerOptions
 from workers.queue import claim_trial, sweep_lost
 from workers.worker import Worker
@@ -322,3 +324,11 @@ def test_the_api_answers_from_the_confirmation(any_db: Database, settings: Setti
     assert progress["confirmation"]["completed"] >= 3 * 3
     agreement = answer["rank_agreement"]
     assert agreement["n"] == len(entries) and -1 <= agreement["rho"] <= 1
+    # The CLI's leaderboard and status show the same.
+    console = Console(width=250, record=True)
+    console.print(board_table(board))
+    console.print(status_table(answer))
+    text = console.export_text()
+    assert "confirmed architectures (over their seeds)" in text and "recommended" in text
+    assert "rank agreement" in text and "confirmation" in text
+    assert any(mark in text for mark in ("↑", "↓", "≈"))

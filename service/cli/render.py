@@ -173,7 +173,24 @@ def status_table(search: dict[str, Any]) -> Table:
     budget = progress.get("budget", search.get("budget_trials"))
     table.add_row("trials", f"{progress.get('done', 0)} of {budget} done (budget {budget})")
     table.add_row("by state", trials_by_state(progress))
+    confirmation = progress.get("confirmation") or {}
+    if (spec.get("confirm") or {}).get("enabled", True):
+        runs = ", ".join(f"{n} {state}" for state, n in confirmation.items() if n) or "none yet"
+        table.add_row("confirmation", f"runs: {runs}")
     table.add_row("best so far", _best_line(progress.get("best")))
+    if progress.get("val_images"):
+        floor = progress.get("noise_floor_pp")
+        noise = "" if floor is None else f"; one run's noise floor ±{floor:.2f} points"
+        table.add_row("validation", f"{progress['val_images']} images{noise}")
+    agreement = search.get("rank_agreement")
+    if agreement and agreement.get("rho") is not None:
+        bounds = agreement.get("ci95")
+        ci = "" if not bounds else f" (95% CI {bounds[0]:+.2f} to {bounds[1]:+.2f})"
+        table.add_row(
+            "rank agreement",
+            f"Spearman {agreement['rho']:+.2f}{ci} over {agreement['n']} architectures: "
+            "exploration against confirmation",
+        )
     table.add_row("ETA", duration(progress.get("eta_s")))
     table.add_row("created", when(search.get("created_at")))
     table.add_row("started", when(search.get("started_at")))
@@ -191,37 +208,68 @@ def _absolute(overhead: str, entry: dict[str, Any]) -> str:
     return "-" if value is None else si(value)
 
 
+_VERDICT_MARKS = {"better": "↑", "worse": "↓", "tied": "≈"}
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "-" if not bounds else f"{acc(bounds[0])}-{acc(bounds[1])}"
+
+
+def _delta(entry: dict[str, Any], reference: str) -> str:
+    mark = _VERDICT_MARKS.get(entry.get(f"verdict_vs_{reference}") or "", "")
+    return points(entry.get(f"delta_vs_{reference}")) + mark
+
+
 def board_table(board: dict[str, Any], title: str = "") -> Table:
-    """The API's leaderboard page as a table: its entries carry rank, pareto and the deltas
-    against the references already (computed over the whole search, not just this page)."""
+    """The API's leaderboard page as a table: its entries carry rank, pareto, their statistics
+    and the deltas and verdicts against the references already (computed over the whole
+    search, not just this page)."""
     overhead = board["overhead"]
     entries = board["entries"]
+    confirmed = board.get("confirmed", False)
     shown = f"{board['offset'] + 1}-{board['offset'] + len(entries)}" if entries else "none"
+    what = "confirmed architectures (over their seeds)" if confirmed else "ranked trials"
+    verdicts = (
+        "; ↑ better, ↓ worse, ≈ tied (paired t on shared seeds, Holm-corrected)"
+        if confirmed
+        else "; one seed each: the 95% CI is one run's noise floor, nothing is tested"
+    )
     table = Table(
         title=title or None,
         caption=(
-            f"{shown} of {board['total']} ranked trials; Δ in accuracy points; "
-            f"Pareto: accuracy against {overhead}"
+            f"{shown} of {board['total']} {what}; Δ in accuracy points{verdicts}; "
+            f"Pareto: accuracy against {overhead}; answer: the recommended architecture "
+            "(the cheapest of the top group, those not significantly worse than the best)"
         ),
     )
-    columns = ["#", "trial", "architecture", "val acc", "Δ none", "Δ SE", "Δ CBAM", "params"]
+    columns = ["#", "trial", "architecture", "val acc", "95% CI", "seeds"]
+    columns += ["Δ none", "Δ SE", "Δ CBAM", "params"]
     if overhead != "params":
         columns.append(overhead)
-    columns += [f"{overhead} %", "epochs", "Pareto"]
+    columns += [f"{overhead} %", "epochs", "Pareto", "answer"]
     for column in columns:
         table.add_column(column, justify="left" if column == "architecture" else "right")
+    top = set(board.get("top_group") or [])
     for entry in entries:
         label = escape(entry["label"]) + (
             f" [dim]({entry['reference']})[/dim]" if entry.get("reference") else ""
         )
+        mean = entry.get("val_accuracy_mean", entry["val_accuracy"])
+        answer = ""
+        if entry.get("arch_id") == board.get("recommended"):
+            answer = "recommended"
+        elif entry.get("arch_id") in top:
+            answer = "top group"
         cells = [
             str(entry["rank"]),
             str(entry["number"]),
             label,
-            acc(entry["val_accuracy"]),
-            points(entry.get("delta_vs_none")),
-            points(entry.get("delta_vs_se")),
-            points(entry.get("delta_vs_cbam")),
+            acc(mean),
+            _interval(entry.get("val_accuracy_ci95")),
+            str(entry.get("n_seeds", 1)),
+            _delta(entry, "none"),
+            _delta(entry, "se"),
+            _delta(entry, "cbam"),
             _absolute("params", entry),
         ]
         if overhead != "params":
@@ -230,6 +278,7 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
             pct(entry.get(f"{overhead}_pct")),
             str(entry.get("epochs_run", "-")),
             "*" if entry["pareto"] else "",
+            answer,
         ]
         table.add_row(*cells)
     return table
