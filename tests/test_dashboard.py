@@ -10,7 +10,7 @@ import httpx
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, expect
 from safetensors.torch import load as load_safetensors
-from support import SERVED_TRIALS, Served
+from support import SERVED_SPEC, SERVED_TRIALS, Served
 
 from service.dashboard.routes import plotly_js
 
@@ -250,3 +250,123 @@ def test_plotly_js_is_served_from_the_package_gzipped(server: Served) -> None:
     plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers and plain.content == original
     assert "max-age" in plain.headers["cache-control"]
+
+
+# -- a confirmed search ------------------------------------------------------------------------
+
+# Per seed: two candidates tied at the top, the references behind.
+CONFIRMED_SCORES = {
+    "none": [0.900, 0.905, 0.880],
+    "se": [0.910, 0.915, 0.890],
+    "cbam": [0.905, 0.912, 0.884],
+    "small": [0.930, 0.934, 0.910],
+    "wide": [0.931, 0.933, 0.911],
+}
+
+
+@pytest.fixture(scope="module")
+def confirmed(served_search: Served) -> str:
+    """A finished, confirmed search written straight into the served database (completed from
+    the start, so that the server's worker never takes it)."""
+    from search.space import Architecture, reference_architectures
+    from search.spec import SearchSpec
+    from search.store.engine import open_database
+    from search.store.models import (
+        Phase,
+        Reference,
+        ResultState,
+        Search,
+        SearchState,
+        TrialResult,
+        utcnow,
+    )
+    from search.study.studies import create_study
+
+    spec = SearchSpec.from_dict({**SERVED_SPEC, "name": "confirmed", "budget": {"trials": 5}})
+    archs = {
+        **reference_architectures(spec.backbone),
+        "small": Architecture(spec.backbone, stages=(3,), kernel_size=3),
+        "wide": Architecture(spec.backbone, kernel_size=3),
+    }
+    params = {"none": 269_722, "se": 271_000, "cbam": 272_995, "small": 270_500, "wide": 272_600}
+    with open_database(f"sqlite:///{served_search.state / 'cbam-nas.db'}") as db:
+        now = utcnow()
+        search = Search(
+            name="confirmed",
+            spec=spec.to_dict(),
+            state=SearchState.completed,
+            budget_trials=5,
+            claimed=5,
+            started_at=now,
+            finished_at=now,
+        )
+        create_study(db.optuna_storage(), spec, search.study_name)
+        rows = []
+        for number, (name, arch) in enumerate(archs.items()):
+            reference = Reference(name) if name in ("none", "se", "cbam") else None
+            common = {
+                "search_id": search.id,
+                "architecture": arch.to_dict(),
+                "arch_id": arch.id,
+                "label": arch.describe(),
+                "reference": reference,
+                "state": ResultState.completed,
+                "params": params[name],
+                "params_pct": 100 * (params[name] / params["none"] - 1),
+                "val_images": 1000,
+                "finished_at": now,
+            }
+            explored = CONFIRMED_SCORES[name][0] - 0.01 * (name == "wide")
+            rows.append(
+                TrialResult(number=number, val_accuracy=explored, seed=0, epochs_run=2, **common)
+            )
+            for round_, accuracy in enumerate(CONFIRMED_SCORES[name]):
+                rows.append(
+                    TrialResult(
+                        number=5 + 5 * round_ + number,
+                        val_accuracy=accuracy,
+                        phase=Phase.confirm,
+                        seed=1 + round_,
+                        fidelity_epochs=4,
+                        epochs_run=4,
+                        **common,
+                    )
+                )
+        with db.session() as session:
+            session.add(search)
+            session.flush()
+            session.add_all(rows)
+        return search.id
+
+
+def test_a_confirmed_leaderboard_shows_intervals_verdicts_and_the_answer(
+    signed_in: Page, server: Served, confirmed: str, errors: list[str]
+) -> None:
+    page = signed_in
+    page.goto(f"{server.url}/searches/{confirmed}")
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(5)
+    expect(page.locator("#leaderboard-note")).to_contain_text("Confirmed")
+    # The two tied candidates are the top group; the cheaper one is the answer.
+    expect(page.locator("#leaderboard tbody tr.recommended")).to_have_count(1)
+    expect(page.locator("#leaderboard tbody tr.recommended")).to_contain_text("@s3")
+    expect(page.locator("#leaderboard tbody tr.top-group")).to_have_count(1)
+    expect(page.locator("#leaderboard tbody tr.recommended td.seeds")).to_have_text("3")
+    expect(
+        page.locator("#leaderboard tbody tr.recommended td.verdict.better").first
+    ).to_be_visible()
+    ci = page.locator("#leaderboard tbody tr.recommended td.ci").inner_text()
+    low, high = (float(x) for x in ci.split("–"))
+    assert low < high
+    expect(page.locator("#reliability")).to_contain_text("Spearman")
+    # The scatter draws each confirmed architecture with its interval as an error bar.
+    page.wait_for_function(
+        """() => ((document.querySelector('#pareto').data || [])
+            .find((t) => t.meta === 'confirmed') || {x: []}).x.length === 5"""
+    )
+    bars = page.evaluate(
+        """() => document.querySelector('#pareto').data
+            .find((t) => t.meta === 'confirmed').error_y.array"""
+    )
+    assert len(bars) == 5 and all(bar > 0 for bar in bars)
+    _shot(page, "search-confirmed")
+    assert errors == []

@@ -33,6 +33,7 @@ const fmt = {
   pct: (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(2)),
   signed: (x, digits = 2) =>
     x === null || x === undefined ? "–" : (x > 0 ? "+" : "") + x.toFixed(digits),
+  interval: (b) => (b ? `${(100 * b[0]).toFixed(2)}–${(100 * b[1]).toFixed(2)}` : "–"),
   si(x) {
     if (x === null || x === undefined) return "–";
     for (const [f, p] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
@@ -199,6 +200,17 @@ function progressBar(progress) {
     if (n > 0) bar.append(el("span", { class: key, style: `width:${width(n)}` }));
   }
   return bar;
+}
+
+const VERDICT_MARKS = { better: "↑", worse: "↓", tied: "≈" };
+
+// A delta against a reference with its verdict's mark and, as a tooltip, its interval.
+function verdictCell(entry, reference) {
+  const verdict = entry[`verdict_vs_${reference}`] || "untested";
+  const ci = entry[`delta_vs_${reference}_ci95`];
+  const title = ci ? `${verdict}; 95% CI ${fmt.signed(ci[0])} to ${fmt.signed(ci[1])} points` : verdict;
+  return el("td", { class: `verdict ${verdict}`, title },
+    fmt.signed(entry[`delta_vs_${reference}`]) + (VERDICT_MARKS[verdict] || ""));
 }
 
 function progressText(p) {
@@ -394,6 +406,19 @@ function searchPage() {
       el("span", {}, "ETA: ", fmt.duration(p.eta_s)),
       el("span", { class: "muted" }, `${search.spec.backbone} on ${search.spec.dataset.name}`),
     );
+    const c = p.confirmation || {};
+    const runs = Object.entries(c).filter(([, n]) => n).map(([state, n]) => `${n} ${state}`);
+    const agreement = search.rank_agreement;
+    $("#reliability").replaceChildren(
+      el("span", {}, "confirmation: ", runs.length ? runs.join(", ") : "none yet"),
+      el("span", {}, "validation: ", p.val_images ? `${p.val_images} images, one run ±${p.noise_floor_pp.toFixed(2)} points` : "–"),
+      el("span", {}, "rank agreement (exploration vs confirmation): ",
+        agreement && agreement.rho !== null
+          ? `Spearman ${fmt.signed(agreement.rho)}` +
+            (agreement.ci95 ? ` (95% CI ${fmt.signed(agreement.ci95[0])} to ${fmt.signed(agreement.ci95[1])})` : "") +
+            ` over ${agreement.n}`
+          : "–"),
+    );
     if (wasActive && !active()) refreshAnalysis();  // once more with the final trials
   }
 
@@ -404,25 +429,38 @@ function searchPage() {
       params: { overhead: view.overhead, limit: view.limit, offset: view.offset, sort, order: view.order },
     });
     const o = view.overhead;
+    const top = new Set(board.top_group);
+    const answer = (e) =>
+      e.arch_id === board.recommended ? "recommended" : top.has(e.arch_id) ? "top group" : "";
     const rows = board.entries.map((e) =>
       el(
         "tr",
-        { class: e.reference ? "reference" : "", "data-number": e.number },
+        {
+          class: [e.reference ? "reference" : "", answer(e).replace(" ", "-")].join(" ").trim(),
+          "data-number": e.number,
+        },
         el("td", {}, e.rank),
         el("td", { class: "number" }, el("a", { href: `/searches/${id}/trials/${e.number}` }, e.number)),
         el("td", {}, e.label, e.reference ? el("span", { class: "muted" }, ` (${e.reference})`) : ""),
-        el("td", { class: "acc" }, fmt.pct(e.val_accuracy)),
-        el("td", {}, fmt.signed(e.delta_vs_none)),
-        el("td", {}, fmt.signed(e.delta_vs_se)),
-        el("td", {}, fmt.signed(e.delta_vs_cbam)),
+        el("td", { class: "acc" }, fmt.pct(e.val_accuracy_mean ?? e.val_accuracy)),
+        el("td", { class: "ci" }, fmt.interval(e.val_accuracy_ci95)),
+        el("td", { class: "seeds" }, e.n_seeds ?? 1),
+        ...["none", "se", "cbam"].map((ref) => verdictCell(e, ref)),
         el("td", { class: "overhead" }, format(e[absolute])),
         el("td", {}, e[pctKey] === null ? "–" : fmt.signed(e[pctKey]) + "%"),
         el("td", {}, e[`${o}_delta_vs_se`] === null ? "–" : fmt.signed(e[`${o}_delta_vs_se`]) + "%"),
         el("td", {}, e.epochs_run),
         el("td", {}, e.pareto ? "★" : ""),
+        el("td", { class: "answer" }, answer(e)),
       ),
     );
     $("#leaderboard tbody").replaceChildren(...rows);
+    $("#leaderboard-note").textContent = board.confirmed
+      ? "Confirmed: each architecture over its seeds, mean and 95% CI; Δ against each reference " +
+        "paired on shared seeds (↑ better, ↓ worse, ≈ tied at α = 0.05, Holm-corrected). " +
+        "The top group cannot be told apart from the best; the recommendation is its cheapest member."
+      : "Exploration only: one seed per trial. The 95% CI is one run's noise floor on the " +
+        "validation split; no difference here is tested. The confirmation's runs decide.";
     $("#overhead-header").textContent = OVERHEADS[view.overhead][2];
     for (const th of document.querySelectorAll("#leaderboard th[data-sort]")) {
       th.classList.toggle("sorted-asc", th.dataset.sort === view.sort && view.order === "asc");
@@ -556,6 +594,23 @@ async function scatterPlot(id, overhead) {
         { symbol: style.symbol, color: style.color, size: 13, line: { width: 1, color: "#fff" } }),
     ),
   ];
+  const board = await api(`/searches/${id}/leaderboard`, { params: { overhead, limit: 200 } });
+  if (board && board.confirmed) {
+    const [absolute] = OVERHEADS[overhead];
+    const confirmed = board.entries.filter((e) => e.val_accuracy_ci95);
+    traces.push({
+      name: "confirmed (mean, 95% CI)", type: "scatter", mode: "markers", meta: "confirmed",
+      x: confirmed.map((e) => e[absolute]), y: confirmed.map((e) => 100 * e.val_accuracy_mean),
+      error_y: {
+        type: "data", symmetric: false, color: "#1f4e79",
+        array: confirmed.map((e) => 100 * (e.val_accuracy_ci95[1] - e.val_accuracy_mean)),
+        arrayminus: confirmed.map((e) => 100 * (e.val_accuracy_mean - e.val_accuracy_ci95[0])),
+      },
+      text: confirmed.map((e) => `${e.label}: ${fmt.pct(e.val_accuracy_mean)}% over ${e.n_seeds} seeds`),
+      hovertemplate: "%{text}<extra></extra>",
+      marker: { symbol: "circle-open", size: 12, color: "#1f4e79", line: { width: 2 } },
+    });
+  }
   const div = $("#pareto");
   await Plotly.react(div, traces, {
     margin: { t: 30 },
