@@ -17,13 +17,13 @@ from sqlalchemy import Select, String, func, select, type_coerce
 from sqlalchemy.orm import aliased
 
 from search.errors import InvalidValue, NotFound
-from search.pareto import OVERHEAD_COLUMNS, pareto_flags
+from search.pareto import OVERHEAD_COLUMNS
 from search.results.cache import cached, completed
 from search.results.leaderboard import (
     confirmed_board,
     deltas,
     exploration_board,
-    rank_key,
+    leaderboard,
     reference_entries,
 )
 from search.stats import rank_agreement as spearman_interval
@@ -378,13 +378,10 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
     if confirmed:
         board = confirmed_board(confirmed, overhead)
     else:
-        rows.sort(key=rank_key)
-        for rank, (entry, pareto) in enumerate(
-            zip(rows, pareto_flags(rows, [overhead]), strict=True), start=1
-        ):
-            entry["rank"], entry["pareto"], entry["state"] = rank, pareto, "completed"
+        for row in rows:
+            row["state"] = "completed"  # what the query selected
         references = {name: dict(e) for name, e in reference_entries(rows).items()}
-        board = exploration_board(rows, references, overhead)
+        board = exploration_board(leaderboard(rows, [overhead]), references, overhead)
     return Ranking(
         board.entries,
         {name: dict(e) for name, e in board.references.items()},

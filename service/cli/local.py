@@ -17,7 +17,7 @@ from rich.console import Console
 
 from search.errors import InvalidValue
 from service.cli.params import bad_parameter, open_database
-from service.cli.render import leaderboard_table, stdout_console
+from service.cli.render import board_table, stdout_console
 
 if TYPE_CHECKING:
     from search.store.engine import Database
@@ -284,9 +284,10 @@ def run_search(
     from sqlalchemy import select
 
     from search.overhead import check_device
+    from search.results.queries import leaderboard_page
     from search.settings import get_settings
     from search.spec import SearchSpec
-    from search.store.models import Search, SearchState, TrialResult
+    from search.store.models import ResultState, Search, SearchState, TrialResult
     from search.store.searches import create_search
 
     _setup_logging(sys.stderr.isatty())
@@ -336,7 +337,9 @@ def run_search(
         row = session.get(Search, search.id)
         rows = session.scalars(select(TrialResult).where(TrialResult.search_id == search.id)).all()
         state, error = row.state, row.error
-    console.print(leaderboard_table(rows, spec.objectives.overheads, title=f"search {search.id}"))
+    if any(trial_row.state == ResultState.completed for trial_row in rows):
+        board = leaderboard_page(db, search.id, overhead=spec.objectives.overheads[0], limit=1000)
+        console.print(board_table(board, title=f"search {search.id}"))
     counts: dict[str, int] = {}
     for trial_row in rows:
         counts[trial_row.state.value] = counts.get(trial_row.state.value, 0) + 1

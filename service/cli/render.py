@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -112,37 +111,6 @@ def overhead_table(report: OverheadReport) -> Table:
             fmt(value),
             fmt(baseline),
             "-" if percent is None else f"{percent:+.2f}%",
-        )
-    return table
-
-
-def leaderboard_table(rows: Sequence[Any], overheads: Sequence[str], title: str = "") -> Table:
-    """The leaderboard of a search's rows as a rich table."""
-    from search.pareto import OVERHEAD_COLUMNS
-    from search.results.leaderboard import leaderboard
-
-    table = Table(title=title or None)
-    for column in ("#", "architecture", "val acc", "Δ none", "Δ SE", "Δ CBAM", "params"):
-        table.add_column(column, justify="left" if column == "architecture" else "right")
-    for overhead in overheads:
-        table.add_column(f"{overhead} %", justify="right")
-    table.add_column("epochs", justify="right")
-    table.add_column("Pareto", justify="center")
-    for entry in leaderboard(rows, overheads):
-        label = entry["label"] + (
-            f" [dim]({entry['reference']})[/dim]" if entry["reference"] else ""
-        )
-        table.add_row(
-            str(entry["rank"]),
-            label,
-            f"{100 * entry['val_accuracy']:.2f}",
-            points(entry["delta_vs_none"]),
-            points(entry["delta_vs_se"]),
-            points(entry["delta_vs_cbam"]),
-            si(entry["params"] or 0),
-            *(pct(entry[OVERHEAD_COLUMNS[o][1]]) for o in overheads),
-            str(entry["epochs_run"]),
-            "*" if entry["pareto"] else "",
         )
     return table
 
