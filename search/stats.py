@@ -125,15 +125,15 @@ def rank_agreement(
     first: Sequence[float], second: Sequence[float], confidence: float = CONFIDENCE
 ) -> Interval:
     """Spearman's rho between two scorings of the same items, with a Fisher-z interval using
-    Bonett and Wright's variance (1 + rho^2 / 2) / (n - 3); no interval below four items, and
-    no rho below two or where a scoring is constant."""
+    Bonett and Wright's variance (1 + rho^2 / 2) / (n - 3); no interval below four items or at
+    a perfect agreement, and no rho below two items or where a scoring is constant."""
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     n = len(a)
     if n < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return Interval(n, math.nan, None, None)
     rho = float(stats.spearmanr(a, b).statistic)
-    if n < 4 or abs(rho) >= 1:
-        return Interval(n, rho, None, None) if n < 4 else Interval(n, rho, rho, rho)
+    if n < 4 or abs(rho) >= 1:  # no interval: too few items, or Fisher's z is infinite
+        return Interval(n, rho, None, None)
     z = math.atanh(rho)
     se = math.sqrt((1 + rho * rho / 2) / (n - 3))
     q = float(stats.norm.ppf(0.5 + confidence / 2))
