@@ -14,7 +14,7 @@ from rich.console import Console
 from sqlalchemy import select, update
 from support import quick_spec
 
-from search.results.queries import progress
+from search.results.queries import leaderboard_page, progress, reference_convergence
 from search.settings import Settings
 from search.space import REFERENCE_NAMES, Architecture, reference_architectures
 from search.spec import SearchSpec
@@ -269,6 +269,13 @@ def test_a_confirmation_run_trains_on_its_seed_for_the_confirmation_schedule(
         shown = progress(sqlite_db, session.get(Search, search.id))
     assert shown.val_images == 24 and shown.noise_floor_pp is not None
     assert shown.noise_floor_pp > 10  # 24 images: one run says little
+    # Each reference's confirmed run says whether it had finished learning (two epochs: too
+    # short a curve to tell).
+    checks = reference_convergence(sqlite_db, search.id)
+    assert set(checks) == set(REFERENCE_NAMES)
+    assert all(check["converged"] is None for check in checks.values())
+    board = leaderboard_page(sqlite_db, search.id)
+    assert all("converged" in entry and "convergence" in entry for entry in board["entries"])
 
 
 def test_the_wall_clock_budget_drops_scheduled_runs(sqlite_db: Database) -> None:

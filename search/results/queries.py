@@ -19,6 +19,7 @@ from sqlalchemy.orm import aliased
 from search.errors import InvalidValue, NotFound
 from search.pareto import OVERHEAD_COLUMNS
 from search.results.cache import cached, completed
+from search.results.convergence import convergence
 from search.results.leaderboard import (
     confirmed_board,
     deltas,
@@ -245,6 +246,19 @@ def rank_agreement(db: Database, search_id: str) -> dict[str, Any] | None:
     return cached(db, search_id, "rank_agreement", compute)
 
 
+def reference_convergence(db: Database, search_id: str) -> dict[str, dict[str, Any]]:
+    """Whether each reference's run on the leaderboard (its best confirmed run once confirmed)
+    had finished learning (search.results.convergence): where the references had not, no
+    comparison at this schedule says what a full training would."""
+    ranked = ranking(db, search_id)
+    ids = {name: entry["id"] for name, entry in ranked.references.items()}
+    rows = _rows_by_id(db, list(ids.values()))
+    return {
+        name: {"number": rows[i].number, **convergence(rows[i].learning_curve, rows[i].val_images)}
+        for name, i in ids.items()
+    }
+
+
 def _eta(search: Search, done: int) -> float | None:
     if search.state not in (SearchState.queued, SearchState.running):
         return None
@@ -424,6 +438,8 @@ def leaderboard_page(
     rows = []
     for entry in page:
         row = _listed(full[entry["id"]])
+        row["convergence"] = convergence(full[entry["id"]].learning_curve, row["val_images"])
+        row["converged"] = row["convergence"]["converged"]
         row.update(deltas(row, ranked.references, [overhead]))
         row.update(
             (key, value)

@@ -53,12 +53,21 @@ class SearchOut(BaseModel):
         "trusted. Only on a single search's answer, once confirmation runs have completed.",
     )
 
+    references_convergence: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="Per reference (its leaderboard run): converged (its validation accuracy "
+        "rose by less than one run's noise over its last quarter of epochs), last_gain_pp, "
+        "window, noise_pp and by_epoch (where it had not: when a fitted exponential approach "
+        "says it would have). Only on a single search's answer.",
+    )
+
     @classmethod
     def of(
         cls,
         search: Search,
         progress: Progress | None = None,
         rank_agreement: dict[str, Any] | None = None,
+        references_convergence: dict[str, dict[str, Any]] | None = None,
     ) -> SearchOut:
         return cls(
             id=search.id,
@@ -73,6 +82,7 @@ class SearchOut(BaseModel):
             error=search.error,
             progress=None if progress is None else ProgressOut(**progress.to_dict()),
             rank_agreement=rank_agreement,
+            references_convergence=references_convergence,
         )
 
 

@@ -150,6 +150,20 @@ def status_table(search: dict[str, Any]) -> Table:
         floor = progress.get("noise_floor_pp")
         noise = "" if floor is None else f"; one run's noise floor ±{floor:.2f} points"
         table.add_row("validation", f"{progress['val_images']} images{noise}")
+    unfinished = [
+        f"{name} (+{check['last_gain_pp']:.2f} points over its last {check['window']} epochs"
+        + (f"; by about epoch {check['by_epoch']}" if check.get("by_epoch") else "")
+        + ")"
+        for name, check in (search.get("references_convergence") or {}).items()
+        if check.get("converged") is False
+    ]
+    if unfinished:
+        table.add_row(
+            "convergence",
+            "[yellow]the references had not finished learning: "
+            + escape(", ".join(unfinished))
+            + "; a longer schedule may change the comparison[/yellow]",
+        )
     agreement = search.get("rank_agreement")
     if agreement and agreement.get("rho") is not None:
         bounds = agreement.get("ci95")

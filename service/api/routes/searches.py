@@ -10,7 +10,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
-from search.results.queries import get_search, list_searches, progress, progress_of, rank_agreement
+from search.results.queries import (
+    get_search,
+    list_searches,
+    progress,
+    progress_of,
+    rank_agreement,
+    reference_convergence,
+)
 from search.spec import SearchSpec
 from search.store.models import ApiToken, SearchState
 from search.store.searches import (
@@ -123,7 +130,9 @@ def show(db: DB, search_id: str) -> SearchOut:
     confirmation's runs, the validation split and its noise floor), ETA, the best trial so
     far, and once confirmed, how well the exploration ranked the confirmed architectures."""
     search = get_search(db, search_id)
-    return SearchOut.of(search, progress(db, search), rank_agreement(db, search_id))
+    answered = progress(db, search)
+    converged = reference_convergence(db, search_id) if answered.best is not None else None
+    return SearchOut.of(search, answered, rank_agreement(db, search_id), converged)
 
 
 @router.post("/{search_id}/cancel", dependencies=[Writer])

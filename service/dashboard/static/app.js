@@ -409,6 +409,15 @@ function searchPage() {
     const c = p.confirmation || {};
     const runs = Object.entries(c).filter(([, n]) => n).map(([state, n]) => `${n} ${state}`);
     const agreement = search.rank_agreement;
+    const unfinished = Object.entries(search.references_convergence || {})
+      .filter(([, c]) => c.converged === false)
+      .map(([name, c]) => `${name} (+${c.last_gain_pp.toFixed(2)} points over its last ${c.window} epochs` +
+        (c.by_epoch ? `; by about epoch ${c.by_epoch}` : "") + ")");
+    $("#convergence-warning").hidden = !unfinished.length;
+    $("#convergence-warning").textContent = unfinished.length
+      ? `The references had not finished learning: ${unfinished.join(", ")}. ` +
+        "A longer schedule (confirm.epochs) may change the comparison."
+      : "";
     $("#reliability").replaceChildren(
       el("span", {}, "confirmation: ", runs.length ? runs.join(", ") : "none yet"),
       el("span", {}, "validation: ", p.val_images ? `${p.val_images} images, one run ±${p.noise_floor_pp.toFixed(2)} points` : "–"),
