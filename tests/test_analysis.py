@@ -12,6 +12,7 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution
+from scipy import stats as scipy_stats
 from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -120,10 +121,18 @@ def _expected(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
     def std(values: list[float]) -> float | None:
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def ci(values: list[float]) -> Any:
+        if len(values) < 2:
+            return None
+        half = scipy_stats.t.ppf(0.975, len(values) - 1) * std(values) / len(values) ** 0.5
+        mean = statistics.mean(values)
+        return pytest.approx([mean - half, mean + half])
+
     return {
         "n": len(accuracies),
         "accuracy_mean": pytest.approx(statistics.mean(accuracies)),
         "accuracy_std": None if len(accuracies) < 2 else pytest.approx(std(accuracies)),
+        "accuracy_ci95": ci(accuracies),
         "accuracy_max": max(accuracies),
         "overhead_pct_mean": pytest.approx(statistics.mean(pcts)),
         "overhead_pct_std": None if len(pcts) < 2 else pytest.approx(std(pcts)),
@@ -527,6 +536,12 @@ def test_importance_finds_the_knob_that_matters(db: Database) -> None:
     assert set(importances) == {"reduction", "pool_types", "kernel_size", "stages", "blocks"}
     assert sum(importances.values()) == pytest.approx(1.0)
     assert next(iter(importances)) == "kernel_size" and importances["kernel_size"] > 0.5
+    # The bootstrap spread of each: kernel_size's low end is above every other knob's.
+    spread = answer["spread"]
+    assert set(spread) == set(importances)
+    assert all(low <= high for low, high in spread.values())
+    assert spread["kernel_size"][0] > 0.3
+    assert spread["kernel_size"][0] == max(low for low, _ in spread.values())
     # Once per change: the same answer until another trial completes.
     assert importance.importance(db, search.id) is answer
     _insert(db, [_row(search, 500, _cbam(), 0.8)])
@@ -572,7 +587,7 @@ def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
     _fill_study(db, few, 2, lambda arch, rng: 0.5)
     answer = importance.importance(db, few.id)
     assert answer["importances"] == {} and answer["trials"] == 2
-    assert "at least 3" in answer["reason"]
+    assert "at least 8" in answer["reason"]
 
     fixed_space = {
         "arrangements": ["channel"],
@@ -602,7 +617,7 @@ def test_importance_needs_trials_and_varying_knobs(db: Database) -> None:
     )
     answer = importance.importance(db, same.id)
     assert answer["importances"] == {} and answer["trials"] == 3
-    assert answer["reason"] == "every trial has the same knob values"
+    assert answer["reason"].startswith("1 distinct architecture(s)")
 
 
 # -- endpoints --------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from search.knobs import ARRANGEMENTS, BLOCK_CHOICES, POOL_TYPES, SPATIAL_POOLS
 from search.results.cache import cached
 from search.results.rows import Row, architectures, check_overhead, load_rows
 from search.space import REFERENCE_NAMES, Architecture, encode_choice
-from search.store.models import TrialResult
+from search.stats import mean_interval
+from search.store.models import Phase, TrialResult
 
 if TYPE_CHECKING:
     from search.store.engine import Database
@@ -77,6 +78,7 @@ def _stats(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
         "n": len(accuracies),
         "accuracy_mean": accuracy_mean,
         "accuracy_std": accuracy_std,
+        "accuracy_ci95": mean_interval(accuracies).bounds if accuracies else None,
         "accuracy_max": max(accuracies) if accuracies else None,
         "overhead_pct_mean": pct_mean,
         "overhead_pct_std": pct_std,
@@ -87,8 +89,10 @@ def ablation(db: Database, search_id: str, overhead: str = "params") -> dict[str
     """The paper's ablation tables from this search's completed trials.
 
     One table per knob (``arrangement``, ``pool_types``, ``kernel_size``, ``spatial_pool``,
-    ``reduction``, ``placement``), one row per value with ``n``, the mean, sample standard
-    deviation and maximum of the validation accuracy (a fraction) and the mean and standard
+    ``reduction``, ``placement``), one row per value with ``n``, the mean (with Student's t
+    interval over the group's trials: it mixes the group's architectures with their noise),
+    sample standard deviation and maximum of the validation accuracy (a fraction) and the mean
+    and standard
     deviation of the overhead in percent over no attention (``overhead``'s ``*_pct`` column;
     rows without it count in ``n`` but not in those). Only CBAM trials are grouped, and only
     those whose arrangement has the knob (no kernel size for channel-only); ``left_out`` counts
@@ -97,7 +101,8 @@ def ablation(db: Database, search_id: str, overhead: str = "params") -> dict[str
     all of them (every block, then the first, then the last). Values are as ``Architecture``
     holds them, pool types joined with ``+``, placement as ``all``, ``s1+2``, ``s3/last``...
     ``baselines`` gives the same figures for each reference (no attention, SE, the paper's
-    CBAM) the search has completed."""
+    CBAM) the search has completed. The exploration's trials only: one schedule and one seed,
+    where the confirmation's runs would count an architecture once per seed."""
     _, pct_column = check_overhead(overhead)
 
     def compute() -> dict[str, Any]:
@@ -108,7 +113,9 @@ def ablation(db: Database, search_id: str, overhead: str = "params") -> dict[str
             getattr(TrialResult, pct_column).label("pct"),
             TrialResult.reference,
             TrialResult.id,
+            TrialResult.phase,
         )
+        rows = [row for row in rows if row["phase"] == Phase.explore]
         archs = architectures(db, search_id, [row["id"] for row in rows])
         cbam: list[tuple[Architecture, Row]] = []
         for row in rows:

@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 import optuna.importance  # at import (about 1 s, scikit-learn): not at the first request
 from optuna.trial import FrozenTrial, TrialState
@@ -18,14 +19,17 @@ from search.study.optuna_fast import CompletedTrial, completed_trials, param_imp
 if TYPE_CHECKING:
     from search.store.engine import Database
 
-# Fewer completed trials (with knob values) than this: no importances.
-MIN_IMPORTANCE_TRIALS = 3
+# Fewer distinct architectures (completed trials with knob values) than this: no importances.
+MIN_IMPORTANCE_TRIALS = 8
+# Resamples of the trials for each importance's spread.
+BOOTSTRAP_RESAMPLES = 20
 IMPORTANCE_EVALUATOR = "PedAnovaImportanceEvaluator"
 
 
 def _no_importance(trials: int, reason: str) -> dict[str, Any]:
     return {
         "importances": {},
+        "spread": {},
         "trials": trials,
         "evaluator": IMPORTANCE_EVALUATOR,
         "target": "val_accuracy",
@@ -71,6 +75,33 @@ def study_trials(db: Database, search: Search) -> list[FrozenTrial]:
     return [t for number in numbers if (t := known.get(number)) is not None]
 
 
+def _importances(trials: list[FrozenTrial], varying: list[str]) -> dict[str, float]:
+    with warnings.catch_warnings():
+        # PED-ANOVA warns about sparse regimes of conditional knobs in small studies.
+        warnings.simplefilter("ignore")
+        return param_importances(trials, optuna.importance.PedAnovaImportanceEvaluator(), varying)
+
+
+def _spread(trials: list[FrozenTrial], varying: list[str]) -> dict[str, list[float]]:
+    """Knob -> [5th, 95th percentile] of its importance over bootstrap resamples of the trials
+    (a resample whose knobs no longer vary counts those knobs at 0)."""
+    rng = np.random.default_rng(0)
+    draws: dict[str, list[float]] = {name: [] for name in varying}
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        sample = [trials[i] for i in rng.integers(0, len(trials), len(trials))]
+        present = {
+            name
+            for name in varying
+            if len({repr(t.params[name]) for t in sample if name in t.params}) > 1
+        }
+        values = _importances(sample, sorted(present)) if present else {}
+        for name in varying:
+            draws[name].append(float(values.get(name, 0.0)))
+    return {
+        name: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] for name, v in draws.items()
+    }
+
+
 def importance(db: Database, search_id: str) -> dict[str, Any]:
     """Knob importances for validation accuracy, from the Optuna study, normalised to sum 1,
     most important first.
@@ -84,9 +115,12 @@ def importance(db: Database, search_id: str) -> dict[str, Any]:
     either mode); trials without knob values (the no-attention and SE references, outside the
     space) are left out.
 
-    Computed once per change (keyed by the search and its number of completed trial rows).
-    With fewer than :data:`MIN_IMPORTANCE_TRIALS` trials, or when no knob takes two values,
-    ``importances`` is empty and ``reason`` says why."""
+    ``spread``: each importance's 5th and 95th percentile over :data:`BOOTSTRAP_RESAMPLES`
+    resamples of the trials (with replacement, a fixed seed): how much of the ranking the
+    trials at hand decide. Computed once per change (keyed by the search and its number of
+    completed trial rows). With fewer than :data:`MIN_IMPORTANCE_TRIALS` distinct
+    architectures, or when no knob takes two values, ``importances`` is empty and ``reason``
+    says why."""
 
     def compute() -> dict[str, Any]:
         with db.session() as session:
@@ -94,10 +128,11 @@ def importance(db: Database, search_id: str) -> dict[str, Any]:
         if search is None:
             raise NotFound(f"search {search_id}")
         trials = study_trials(db, search)
-        if len(trials) < MIN_IMPORTANCE_TRIALS:
+        distinct = len({tuple(sorted((k, repr(v)) for k, v in t.params.items())) for t in trials})
+        if distinct < MIN_IMPORTANCE_TRIALS:
             return _no_importance(
                 len(trials),
-                f"{len(trials)} completed trial(s) with knob values; importances need "
+                f"{distinct} distinct architecture(s) with knob values; importances need "
                 f"at least {MIN_IMPORTANCE_TRIALS}",
             )
         seen: dict[str, set[str]] = {}
@@ -107,15 +142,11 @@ def importance(db: Database, search_id: str) -> dict[str, Any]:
         varying = sorted(name for name, values in seen.items() if len(values) > 1)
         if not varying:
             return _no_importance(len(trials), "every trial has the same knob values")
-        with warnings.catch_warnings():
-            # PED-ANOVA warns about sparse regimes of conditional knobs in small studies.
-            warnings.simplefilter("ignore")
-            values = param_importances(
-                trials, optuna.importance.PedAnovaImportanceEvaluator(), varying
-            )
+        values = _importances(trials, varying)
         ranked = sorted(values.items(), key=lambda item: (-item[1], item[0]))
         return {
             "importances": {name: float(value) for name, value in ranked},
+            "spread": _spread(trials, varying),
             "trials": len(trials),
             "evaluator": IMPORTANCE_EVALUATOR,
             "target": "val_accuracy",

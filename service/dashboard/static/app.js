@@ -692,11 +692,18 @@ async function importancePlot(id) {
   if (data === null) return;
   const entries = Object.entries(data.importances).sort((a, b) => a[1] - b[1]);
   $("#importance-note").textContent = entries.length
-    ? `${data.evaluator} over ${data.trials} completed trials, for validation accuracy`
+    ? `${data.evaluator} over ${data.trials} completed trials, for validation accuracy; ` +
+      "bars: the 5th to 95th percentile over bootstrap resamples of the trials"
     : data.reason || "no importances yet";
+  const spread = data.spread || {};
   Plotly.react("importance", entries.length ? [{
     type: "bar", orientation: "h", x: entries.map((e) => e[1]), y: entries.map((e) => e[0]),
     marker: { color: "#2f6fdb" }, hovertemplate: "%{y}: %{x:.3f}<extra></extra>",
+    error_x: {
+      type: "data", symmetric: false, color: "#1f2d4d",
+      array: entries.map(([k, v]) => (spread[k] ? Math.max(0, spread[k][1] - v) : 0)),
+      arrayminus: entries.map(([k, v]) => (spread[k] ? Math.max(0, v - spread[k][0]) : 0)),
+    },
   }] : [], { margin: { t: 10, l: 110 }, xaxis: { title: { text: "importance" } } }, PLOT_CONFIG);
 }
 
@@ -708,10 +715,11 @@ async function ablationTables(id, overhead) {
   const table = (title, rows) =>
     el("table", { class: "grid ablation-table" },
       el("caption", {}, title),
-      el("thead", {}, el("tr", {}, ["value", "n", "val acc (%)", "best (%)", `${overhead} overhead (%)`].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["value", "n", "val acc (%)", "95% CI", "best (%)", `${overhead} overhead (%)`].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows.map((r) => el("tr", {},
         el("td", {}, String(r.value)), el("td", {}, r.n),
         el("td", {}, meanStd(r.accuracy_mean, r.accuracy_std, 100)),
+        el("td", { class: "ci" }, fmt.interval(r.accuracy_ci95)),
         el("td", {}, r.accuracy_max === null ? "–" : (100 * r.accuracy_max).toFixed(2)),
         el("td", {}, meanStd(r.overhead_pct_mean, r.overhead_pct_std))))));
   const tables = data.tables.filter((t) => t.rows.length).map((t) => table(t.title, t.rows));
