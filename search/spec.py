@@ -319,6 +319,12 @@ class ConfirmSpec(_Section):
         if self.trials is not None:
             _int(self.trials, at("trials"), 1)
 
+    @property
+    def looks(self) -> tuple[int, int]:
+        """The race tests its arms after every round from ``min_seeds`` to ``max_seeds``: its
+        p-values are corrected for those looks (``stats.sequential_p``)."""
+        return self.min_seeds, self.max_seeds
+
 
 # -- SearchSpec ----------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from scipy import stats as scipy_stats
 
 from search.spec import SearchSpec
 
@@ -35,6 +36,11 @@ SERVED_SPEC: dict[str, Any] = {
     "confirm": {"enabled": False},
 }
 """The search of the ``served_search`` fixture (conftest.py)."""
+
+
+def within_binomial_bounds(false_positives: int, draws: int, rate: float) -> bool:
+    """Not above ``rate`` beyond what chance allows (one-sided binomial test at 0.1 %)."""
+    return scipy_stats.binomtest(false_positives, draws, rate, alternative="greater").pvalue > 1e-3
 
 
 def free_port(start: int | None = None) -> int:

@@ -8,12 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from rich.console import Console
 from sqlalchemy import select, update
-from support import quick_spec
+from support import quick_spec, within_binomial_bounds
 
+from search.results.leaderboard import confirmed_board
 from search.results.queries import leaderboard_page, progress, reference_convergence
 from search.settings import Settings
 from search.space import REFERENCE_NAMES, Architecture, reference_architectures
@@ -108,7 +110,7 @@ def test_a_clearly_worse_arm_stops_after_min_seeds_and_tied_arms_go_on() -> None
     scores = {
         0: [0.90, 0.91, 0.89, 0.90, 0.91, 0.90],
         1: [0.90, 0.90, 0.90, 0.91, 0.90, 0.91],  # tied with arm 0
-        2: [0.70, 0.71, 0.69, 0.70, 0.70, 0.71],  # twenty points worse on every seed
+        2: [0.70, 0.72, 0.68, 0.71, 0.69, 0.70],  # about twenty points worse on every seed
     }
     state = race(spec, 3, _results(scores, 2), runs_so_far=6)
     assert state.active == [0, 1, 2] and state.round == 2  # two seeds: not judged yet
@@ -149,18 +151,61 @@ def _run_race(means: list[float], max_seeds: int, seed: int) -> tuple[int, objec
 
 
 def test_racing_spends_at_most_half_the_naive_plan_when_arms_differ() -> None:
-    """Six arms, the best two points ahead of the next, the rest far behind."""
-    means = [0.92, 0.90, 0.80, 0.78, 0.75, 0.70]
-    for seed in range(5):
+    """Six arms, the best four points (four times one run's noise) ahead of the next, the
+    rest far behind: on average over 20 races at most half of every arm on every seed. (Two
+    points ahead, the second arm needs most of the seeds: the correction for the race's looks,
+    which keeps identical arms tied, costs seeds there.)"""
+    means = [0.92, 0.88, 0.80, 0.78, 0.75, 0.70]
+    spent = []
+    for seed in range(20):
         runs, state = _run_race(means, max_seeds=10, seed=seed)
-        assert runs <= 0.5 * len(means) * 10, runs
-        assert state.active == [0]  # the best arm is never stopped; here it is alone at the end
+        spent.append(runs / (len(means) * 10))
+        assert 0 in state.active  # the best arm is never stopped
+    assert np.mean(spent) <= 0.5, spent
 
 
 def test_tied_arms_run_to_max_seeds_and_the_worse_ones_stop() -> None:
     runs, state = _run_race([0.90, 0.90, 0.70, 0.70], max_seeds=8, seed=1)
     assert state.active == [0, 1] and set(state.stopped) == {2, 3}
     assert runs <= 2 * 8 + 2 * 4
+
+
+def _aa_race(spec: SearchSpec, scores: np.ndarray) -> bool:
+    """Race two arms with these (arm, seed) scores to the end; whether the confirmed board
+    then tells them apart (one of them outside the top group)."""
+    results: dict[tuple[int, int], float | str | None] = {}
+    while not (state := race(spec, 2, results, len(results))).finished:
+        for arm in state.active:
+            results[(arm, state.round)] = float(scores[arm, state.round])
+    rows = [
+        {"arch_id": f"arm{arm}", "seed": round_, "val_accuracy": accuracy, "params": 1}
+        for (arm, round_), accuracy in results.items()
+    ]
+    board = confirmed_board(rows, "params", spec.confirm.alpha, spec.confirm.looks)
+    return len(board.top_group) < 2
+
+
+@pytest.mark.parametrize("val_images", [None, 300])
+def test_aa_a_race_tells_identical_arms_apart_at_most_alpha_of_the_time(
+    val_images: int | None,
+) -> None:
+    """The whole procedure, not one test: a race looks after every round from min_seeds and
+    stops an arm at the first significant look; the board then judges on the seeds the arms
+    ended with. Without the correction for those looks this came out at 13 %. Scores: a
+    shared effect per seed plus each run's own noise, continuous, or as accuracies on a
+    300-image split (steps of one image, where equal differences on every seed are common)."""
+    rng = np.random.default_rng(11)
+    spec = _spec(min_seeds=2, max_seeds=5)
+    draws, found = 600, 0
+    for _ in range(draws):
+        seed_effect = 0.9 + rng.normal(0.0, 0.02, size=5)
+        if val_images is None:
+            scores = seed_effect + rng.normal(0.0, 0.01, size=(2, 5))
+        else:
+            scores = rng.binomial(val_images, np.clip(seed_effect, 0, 1), (2, 5)) / val_images
+        found += _aa_race(spec, scores)
+    assert within_binomial_bounds(found, draws, spec.confirm.alpha), found / draws
+    assert found > 0  # it can tell arms apart at all
 
 
 # -- in the database, with workers -----------------------------------------------------------

@@ -282,7 +282,15 @@ def confirmed(served_search: Served) -> str:
     )
     from search.study.studies import create_study
 
-    spec = SearchSpec.from_dict({**SERVED_SPEC, "name": "confirmed", "budget": {"trials": 5}})
+    # Three seeds each, as a race of exactly three rounds would leave them (one look).
+    spec = SearchSpec.from_dict(
+        {
+            **SERVED_SPEC,
+            "name": "confirmed",
+            "budget": {"trials": 5},
+            "confirm": {"min_seeds": 3, "max_seeds": 3},
+        }
+    )
     archs = {
         **reference_architectures(spec.backbone),
         "small": Architecture(spec.backbone, stages=(3,), kernel_size=3),

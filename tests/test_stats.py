@@ -8,14 +8,17 @@ import math
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from support import within_binomial_bounds
 
 from search.stats import (
     ALPHA,
     Difference,
     holm,
+    look_share,
     mean_interval,
     paired_difference,
     rank_agreement,
+    sequential_p,
     verdict,
     wilson_interval,
 )
@@ -52,8 +55,11 @@ def test_paired_difference_is_the_paired_t_test() -> None:
     ci = reference.confidence_interval(0.95)
     assert diff.bounds == pytest.approx([ci.low, ci.high])
     assert paired_difference([0.9], [0.8]).p_value is None
-    same = paired_difference([0.9, 0.8], [0.8, 0.7])  # every seed 0.1 apart
-    assert same.bounds == pytest.approx([0.1, 0.1]) and same.p_value == 0.0
+    same = paired_difference([0.9, 0.8], [0.8, 0.7])  # every seed 0.1 apart: the sign test
+    assert same.estimate == pytest.approx(0.1) and same.bounds is None
+    assert same.p_value == pytest.approx(scipy_stats.binomtest(2, 2).pvalue) == 0.5
+    six = paired_difference([0.9] * 6, [0.8] * 6)
+    assert six.p_value == pytest.approx(2 * 0.5**6) and verdict(six, six.p_value) == "better"
     with pytest.raises(ValueError, match="differ in length"):
         paired_difference([0.9, 0.8], [0.8])
 
@@ -63,6 +69,17 @@ def test_holm_step_down() -> None:
     assert holm([0.2, None, 0.01]) == [pytest.approx(0.2), None, pytest.approx(0.02)]
     assert holm([]) == []
     assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_a_race_spends_half_its_alpha_on_the_last_look() -> None:
+    shares = [look_share(n, 2, 5) for n in range(2, 6)]
+    assert shares == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2]) and sum(shares) == 1
+    assert look_share(3, 3, 3) == 1.0 and look_share(1, 2, 5) == pytest.approx(1 / 6)
+    assert sequential_p(0.01, 2, 2, 5) == pytest.approx(0.06)
+    assert sequential_p(0.01, 5, 2, 5) == pytest.approx(0.02)
+    assert sequential_p(0.4, 2, 2, 5) == 1.0 and sequential_p(None, 2, 2, 5) is None
+    with pytest.raises(ValueError, match="looks"):
+        look_share(2, 3, 2)
 
 
 def test_verdicts() -> None:
@@ -94,18 +111,13 @@ def _seed_scores(rng: np.random.Generator, draws: int, seeds: int, arms: int) ->
     return 0.9 + seed_effect + run_noise
 
 
-def _within_binomial_bounds(false_positives: int, draws: int, rate: float) -> bool:
-    """Not above ``rate`` beyond what chance allows (one-sided, at 0.1 %)."""
-    return scipy_stats.binomtest(false_positives, draws, rate, alternative="greater").pvalue > 1e-3
-
-
 @pytest.mark.parametrize("seeds", [2, 3, 8])
 def test_aa_identical_arms_are_declared_different_at_most_alpha_of_the_time(seeds: int) -> None:
     rng = np.random.default_rng(seeds)
     draws = 2000
     scores = _seed_scores(rng, draws, seeds, 2)
     found = sum(verdict(d := paired_difference(a, b), d.p_value) != "tied" for a, b in scores)
-    assert _within_binomial_bounds(found, draws, ALPHA), found / draws
+    assert within_binomial_bounds(found, draws, ALPHA), found / draws
     assert found / draws > ALPHA / 3  # the test is not vacuously conservative either
 
 
@@ -120,7 +132,7 @@ def test_aa_holm_bounds_a_pages_family_of_comparisons() -> None:
         diffs = [paired_difference(arms[0], reference) for reference in arms[1:]]
         adjusted = holm([d.p_value for d in diffs])
         pages_wrong += any(verdict(d, p) != "tied" for d, p in zip(diffs, adjusted, strict=True))
-    assert _within_binomial_bounds(pages_wrong, draws, ALPHA), pages_wrong / draws
+    assert within_binomial_bounds(pages_wrong, draws, ALPHA), pages_wrong / draws
 
 
 def test_a_real_difference_is_found() -> None:

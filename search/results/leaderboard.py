@@ -21,6 +21,7 @@ from search.stats import (
     holm,
     mean_interval,
     paired_difference,
+    sequential_p,
     verdict,
     wilson_interval,
 )
@@ -155,11 +156,19 @@ def exploration_board(entries: list[Entry], references: dict[str, Entry], overhe
     return Board(entries, references, [best] if best else [], best, confirmed=False)
 
 
-def confirmed_board(rows: Sequence[Entry], overhead: str, alpha: float = ALPHA) -> Board:
+def confirmed_board(
+    rows: Sequence[Entry],
+    overhead: str,
+    alpha: float = ALPHA,
+    looks: tuple[int, int] | None = None,
+) -> Board:
     """One entry per architecture of the confirmation's completed runs (``rows``, with
     ``arch_id``, ``seed``, ``reference``, ``val_accuracy`` and the overheads), aggregated over
     its seeds; each compared with each reference on their shared seeds (paired t, in points),
-    every comparison of the board Holm-corrected together."""
+    every comparison of the board Holm-corrected together. ``looks``: the race's first and last
+    look (``confirm.looks``): the seeds each arm ended with were chosen by tests after every
+    round, so each p-value is first corrected for them (``stats.sequential_p``); None: a fixed
+    number of seeds, no correction."""
     scores: dict[str, dict[int, float]] = {}
     best_row: dict[str, Entry] = {}
     for row in rows:
@@ -185,7 +194,8 @@ def confirmed_board(rows: Sequence[Entry], overhead: str, alpha: float = ALPHA) 
                 entry[f"verdict_vs_{name}"] = "untested"
                 continue
             pairs.append((entry, name, _paired(scores[entry["arch_id"]], scores[ref["arch_id"]])))
-    for (entry, name, diff), p in zip(pairs, holm([d.p_value for _, _, d in pairs]), strict=True):
+    adjusted = holm([_sequential(d, looks) for _, _, d in pairs])
+    for (entry, name, diff), p in zip(pairs, adjusted, strict=True):
         entry[f"delta_vs_{name}"] = 100 * diff.estimate
         bounds = diff.bounds
         entry[f"delta_vs_{name}_ci95"] = None if bounds is None else [100 * b for b in bounds]
@@ -195,7 +205,7 @@ def confirmed_board(rows: Sequence[Entry], overhead: str, alpha: float = ALPHA) 
     flags = pareto_flags([{**e, ACCURACY: e["val_accuracy_mean"]} for e in entries], [overhead])
     for rank, (entry, pareto) in enumerate(zip(entries, flags, strict=True), start=1):
         entry.update(rank=rank, pareto=pareto)
-    top = _top_group(entries, scores, alpha)
+    top = _top_group(entries, scores, alpha, looks)
     recommended = min(top, key=lambda e: (_cost(e, column), -e["val_accuracy_mean"]))
     return Board(entries, references, [e["arch_id"] for e in top], recommended["arch_id"], True)
 
@@ -210,18 +220,25 @@ def _cost(entry: Mapping[str, Any], column: str) -> float:
     return float("inf") if value is None else float(value)
 
 
+def _sequential(diff: Difference, looks: tuple[int, int] | None) -> float | None:
+    return diff.p_value if looks is None else sequential_p(diff.p_value, diff.n, *looks)
+
+
 def _paired(first: Mapping[int, float], second: Mapping[int, float]) -> Difference:
     shared = sorted(set(first) & set(second))
     return paired_difference([first[s] for s in shared], [second[s] for s in shared])
 
 
 def _top_group(
-    entries: list[Entry], scores: Mapping[str, Mapping[int, float]], alpha: float
+    entries: list[Entry],
+    scores: Mapping[str, Mapping[int, float]],
+    alpha: float,
+    looks: tuple[int, int] | None,
 ) -> list[Entry]:
     """The best entry (first) and those not significantly worse than it (Holm across them)."""
     best, others = entries[0], entries[1:]
     diffs = [_paired(scores[e["arch_id"]], scores[best["arch_id"]]) for e in others]
-    adjusted = holm([d.p_value for d in diffs])
+    adjusted = holm([_sequential(d, looks) for d in diffs])
     tied = [
         e
         for e, d, p in zip(others, diffs, adjusted, strict=True)

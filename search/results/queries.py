@@ -27,6 +27,7 @@ from search.results.leaderboard import (
     leaderboard,
     reference_entries,
 )
+from search.spec import SearchSpec
 from search.stats import rank_agreement as spearman_interval
 from search.stats import wilson_interval
 from search.store.models import (
@@ -390,7 +391,8 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
         rows = [dict(zip(keys, values, strict=True)) for values in result.all()]
     confirmed = [row for row in rows if row["phase"] == Phase.confirm.value]
     if confirmed:
-        board = confirmed_board(confirmed, overhead)
+        confirm = SearchSpec.from_dict(get_search(db, search_id).spec).confirm
+        board = confirmed_board(confirmed, overhead, confirm.alpha, confirm.looks)
     else:
         for row in rows:
             row["state"] = "completed"  # what the query selected

@@ -8,10 +8,12 @@ constrained mode, where every completed trial is within the overhead budget), be
 Round ``r`` runs every arm still in the race on seed :func:`confirm_seed` ``(spec, r)``, the
 same seed for all of them: a paired design, whose per-seed differences cancel what a seed does to
 every arm. Once ``confirm.min_seeds`` rounds are complete, each arm is compared with the best
-(highest mean) on the seeds both ran (paired t), the p-values Holm-corrected together; an arm
-significantly worse stops. Arms still tied run on until ``confirm.max_seeds`` seeds, or until
-one is left, or until the next round would pass ``confirm.trials`` runs. An arm whose run failed
-(out of retries) stops too: its mean would be missing a seed the others have.
+(highest mean) on the seeds both ran (paired t), the p-values corrected for the race's looks
+(one per round from ``min_seeds`` to ``max_seeds``, :func:`search.stats.look_share`: stopping at
+the first significant look would otherwise inflate false verdicts), then Holm-corrected
+together; an arm significantly worse stops. Arms still tied run on until ``confirm.max_seeds``
+seeds, or until one is left, or until the next round would pass ``confirm.trials`` runs. An arm
+whose run failed (out of retries) stops too: its mean would be missing a seed the others have.
 
 Everything here is a pure function of the rows: the race is replayed from the recorded results
 (:func:`race`), so any worker can tell what comes next and no state is kept besides the rows.
@@ -25,8 +27,8 @@ from typing import Any
 
 from search.pareto import pareto_flags
 from search.space import REFERENCE_NAMES, Architecture, reference_architectures
-from search.spec import SearchSpec
-from search.stats import holm, paired_difference
+from search.spec import ConfirmSpec, SearchSpec
+from search.stats import holm, paired_difference, sequential_p
 
 FAILED = "failed"
 """A run that ended without an accuracy (as a result in :func:`race`)."""
@@ -110,7 +112,7 @@ def race(
                 state.active.remove(arm)
                 state.stopped[arm] = round_
         if round_ + 1 >= confirm.min_seeds:
-            for arm in _significantly_worse(state.active, results, round_ + 1, confirm.alpha):
+            for arm in _significantly_worse(state.active, results, round_ + 1, confirm):
                 state.active.remove(arm)
                 state.stopped[arm] = round_
         if len(state.active) <= 1:
@@ -125,18 +127,19 @@ def _significantly_worse(
     active: Sequence[int],
     results: Mapping[tuple[int, int], float | str | None],
     rounds: int,
-    alpha: float,
+    confirm: ConfirmSpec,
 ) -> list[int]:
-    """The active arms significantly worse than the best of them over ``rounds`` seeds."""
+    """The active arms significantly worse than the best of them over ``rounds`` seeds (Holm
+    across the arms, after the correction for the race's looks)."""
     scores = {arm: [float(results[(arm, r)]) for r in range(rounds)] for arm in active}
     if len(scores) < 2:
         return []
     best = max(active, key=lambda arm: (sum(scores[arm]), -arm))
     others = [arm for arm in active if arm != best]
     diffs = [paired_difference(scores[arm], scores[best]) for arm in others]
-    adjusted = holm([d.p_value for d in diffs])
+    adjusted = holm([sequential_p(d.p_value, rounds, *confirm.looks) for d in diffs])
     return [
         arm
         for arm, d, p in zip(others, diffs, adjusted, strict=True)
-        if p is not None and p < alpha and d.estimate < 0
+        if p is not None and p < confirm.alpha and d.estimate < 0
     ]
