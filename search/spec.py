@@ -215,6 +215,15 @@ class EarlyStoppingSpec(_Section):
         _int(self.reduction_factor, self._at("reduction_factor"), 2)
         _int(self.min_trials_at_rung, self._at("min_trials_at_rung"), 1)
 
+    def rungs(self, epochs: int) -> list[int]:
+        """The successive-halving rungs of a training of ``epochs`` epochs: ``min_epochs *
+        reduction_factor**k``, before the last epoch."""
+        out, epoch = [], self.min_epochs
+        while epoch < epochs:
+            out.append(epoch)
+            epoch *= self.reduction_factor
+        return out
+
 
 @dataclass(frozen=True)
 class ObjectivesSpec(_Section):

@@ -12,21 +12,23 @@ import optuna
 import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution
+from rich.console import Console
 from scipy import stats as scipy_stats
 from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from search.pareto import pareto_flags
-from search.results import ablation, cache, curves, importance, knob_views, scatter
+from search.results import ablation, agreement, cache, curves, importance, knob_views, scatter
 from search.settings import Settings
 from search.space import Architecture, reference_architectures
 from search.spec import SearchSpec
 from search.store.engine import Database
-from search.store.models import Reference, ResultState, Search, TrialResult, utcnow
+from search.store.models import Phase, Reference, ResultState, Search, TrialResult, utcnow
 from search.store.searches import create_search, search_study
 from search.study import optuna_fast
 from service.app import create_app
 from service.auth import create_token
+from service.cli.render import status_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 BACKBONE = "cifar_resnet20"
@@ -468,6 +470,49 @@ def test_learning_curves_of_the_best_trials(db: Database) -> None:
     assert best[0]["curve"]["train_loss"] == [None]
     assert best[0]["label"] == arch.describe() and best[0]["val_accuracy"] == 0.9
     assert len(curves.learning_curves(db, search.id, top=10)) == 4
+
+
+def test_rung_agreement_ranks_each_rung_against_the_end(db: Database, settings: Settings) -> None:
+    """Rungs at epochs 1 and 3 of 9: epoch 1 still ranks noise, epoch 3 ranks as the end does.
+    Pruned trials (no final accuracy) and the confirmation's runs take no part."""
+    search = _search(db, training={"epochs": 9})
+    rng = random.Random(4)
+    finals = [0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90]
+    first = [0.10 + 0.05 * rng.random() for _ in finals]
+    rows = [
+        _row(
+            search,
+            n,
+            _cbam(reduction=2**n),
+            final,
+            curve=_curve([e1, final - 0.1, final - 0.05] + [final] * 6),
+        )
+        for n, (e1, final) in enumerate(zip(first, finals, strict=True))
+    ]
+    rows.append(
+        _row(search, 7, _cbam(kernel_size=3), None, state=ResultState.pruned, curve=_curve([0.99]))
+    )
+    confirmation = _row(search, 8, _cbam(), 0.1, curve=_curve([0.99, 0.0, 0.0] + [0.1] * 6))
+    rows.append({**confirmation, "phase": Phase.confirm, "seed": 1})
+    _insert(db, rows)
+    at_1, at_3 = agreement.rung_agreement(db, search.id)
+    expected = scipy_stats.spearmanr(first, finals).statistic
+    assert at_1["epoch"] == 1 and at_1["n"] == 7
+    assert at_1["rho"] == pytest.approx(expected)
+    low, high = at_1["ci95"]
+    assert low < expected < high
+    assert at_3 == {"epoch": 3, "rho": pytest.approx(1.0), "ci95": None, "n": 7}
+
+    client = TestClient(create_app(settings, db=db))
+    client.headers["Authorization"] = f"Bearer {create_token(db, 't')}"
+    answer = client.get(f"/api/v1/searches/{search.id}").json()
+    assert [r["epoch"] for r in answer["rung_agreement"]] == [1, 3]
+    console = Console(width=250, record=True)
+    console.print(status_table(answer))
+    text = console.export_text()
+    assert "epoch 1: Spearman" in text and "epoch 3: Spearman +1.00 over 7" in text
+    no_rungs = _search(db, training={"epochs": 1})
+    assert agreement.rung_agreement(db, no_rungs.id) == []
 
 
 # -- importance -------------------------------------------------------------------------------

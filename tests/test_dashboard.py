@@ -366,6 +366,7 @@ def test_a_confirmed_leaderboard_shows_intervals_verdicts_and_the_answer(
     low, high = (float(x) for x in ci.split("–"))
     assert low < high
     expect(page.locator("#reliability")).to_contain_text("Spearman")
+    expect(page.locator("#rung-agreement")).to_contain_text("early-stopping rungs vs final")
     # The scatter draws each confirmed architecture with its interval as an error bar.
     page.wait_for_function(
         """() => ((document.querySelector('#pareto').data || [])

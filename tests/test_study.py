@@ -283,7 +283,7 @@ def test_promoted_keeps_the_top_fraction() -> None:
 def _halving_stops(
     accuracy: float, others: list[float], val_images: int, chance: float = 0.1
 ) -> bool:
-    policy = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=3, epochs=9)
+    policy = SuccessiveHalving(reduction_factor=3, min_trials_at_rung=3, rungs=[1, 3])
     context = EpochContext(None, 1, accuracy, lambda: others, val_images, chance)  # type: ignore[arg-type]
     return policy.should_stop(context)
 
@@ -311,9 +311,9 @@ def test_policies_from_the_spec() -> None:
     assert isinstance(early_stopping_policy(_spec(early_stopping={"policy": "none"})), NoStopping)
     halving = early_stopping_policy(_spec())
     assert isinstance(halving, SuccessiveHalving)
-    assert halving.rungs() == [1, 3]  # 9 epochs, reduction factor 3: no rung at the last epoch
+    assert halving.rungs == [1, 3]  # 9 epochs, reduction factor 3: no rung at the last epoch
     spec = _spec(training={"epochs": 20}, early_stopping={"min_epochs": 2, "reduction_factor": 2})
-    assert early_stopping_policy(spec).rungs() == [2, 4, 8, 16]
+    assert early_stopping_policy(spec).rungs == [2, 4, 8, 16]  # type: ignore[attr-defined]
     constrained = _spec(objectives=CONSTRAINED, early_stopping={"policy": "hyperband"})
     assert isinstance(early_stopping_policy(constrained), OptunaPruning)
 
@@ -346,7 +346,7 @@ def test_successive_halving_compares_at_the_same_epoch(db: Database) -> None:
         )
     with db.session() as session:
         me = session.query(TrialResult).filter_by(search_id=search.id, number=4).one().id
-    policy = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=3, epochs=9)
+    policy = SuccessiveHalving(reduction_factor=3, min_trials_at_rung=3, rungs=[1, 3])
 
     def stop(epoch: int, accuracy: float, policy: SuccessiveHalving = policy) -> bool:
         others = lambda: rung_accuracies(db, search.id, epoch, me)  # noqa: E731
@@ -360,5 +360,5 @@ def test_successive_halving_compares_at_the_same_epoch(db: Database) -> None:
     assert not stop(2, 0.0)  # not a rung
     # Epoch 3: only one other trial got there: too few to judge.
     assert not stop(3, 0.0)
-    lenient = SuccessiveHalving(min_epochs=1, reduction_factor=3, min_trials_at_rung=1, epochs=9)
+    lenient = SuccessiveHalving(reduction_factor=3, min_trials_at_rung=1, rungs=[1, 3])
     assert stop(3, 0.6, lenient) and not stop(3, 0.7, lenient)

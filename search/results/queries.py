@@ -8,7 +8,6 @@ milliseconds at 10,000 trials) and then loads only the page it returns in full.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,6 @@ from search.results.leaderboard import (
     reference_entries,
 )
 from search.spec import SearchSpec
-from search.stats import rank_agreement as spearman_interval
 from search.stats import wilson_interval
 from search.store.models import (
     OVERHEAD_FIELDS,
@@ -214,37 +212,6 @@ def _noise_floor(best: TrialResult | None, val_images: int | None) -> float | No
         return None
     interval = wilson_interval(best.val_accuracy, val_images)
     return None if interval.bounds is None else 50 * (interval.bounds[1] - interval.bounds[0])
-
-
-def rank_agreement(db: Database, search_id: str) -> dict[str, Any] | None:
-    """Does the exploration predict the confirmation? Spearman's rho (with its interval)
-    between the confirmed architectures' exploration accuracies and their confirmed means;
-    None before any confirmation run completes."""
-
-    def compute() -> dict[str, Any] | None:
-        with db.session() as session:
-            rows = session.execute(
-                select(TrialResult.arch_id, TrialResult.phase, TrialResult.val_accuracy).where(
-                    *completed(search_id)
-                )
-            ).all()
-        explored: dict[str, float] = {}
-        confirmed: dict[str, list[float]] = {}
-        for arch_id, phase, accuracy in rows:
-            if phase == Phase.confirm:
-                confirmed.setdefault(arch_id, []).append(accuracy)
-            else:
-                explored[arch_id] = max(accuracy, explored.get(arch_id, accuracy))
-        both = sorted(set(explored) & set(confirmed))
-        if not confirmed:
-            return None
-        rho = spearman_interval(
-            [explored[a] for a in both], [sum(confirmed[a]) / len(confirmed[a]) for a in both]
-        )
-        estimate = None if math.isnan(rho.estimate) else rho.estimate
-        return {"rho": estimate, "ci95": rho.bounds, "n": rho.n}
-
-    return cached(db, search_id, "rank_agreement", compute)
 
 
 def reference_convergence(db: Database, search_id: str) -> dict[str, dict[str, Any]]:

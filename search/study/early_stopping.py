@@ -53,27 +53,20 @@ class NoStopping:
 
 @dataclass
 class SuccessiveHalving:
-    """Rungs at ``min_epochs * reduction_factor**k`` epochs (before the last epoch). At a rung the
+    """``rungs``: the epochs it judges at (``EarlyStoppingSpec.rungs``). At a rung the
     cut is the lowest of the top ``1/reduction_factor`` of the accuracies that the search's
     trials recorded at that same epoch (the trial's own included), judged once
     ``min_trials_at_rung`` other trials have reached the rung. A trial below the cut stops only
     when it is below it beyond noise and the cut is clear of chance (see the module's
     docstring); ties go on."""
 
-    min_epochs: int
     reduction_factor: int
     min_trials_at_rung: int
-    epochs: int
 
-    def rungs(self) -> list[int]:
-        out, epoch = [], self.min_epochs
-        while epoch < self.epochs:
-            out.append(epoch)
-            epoch *= self.reduction_factor
-        return out
+    rungs: list[int]
 
     def should_stop(self, context: EpochContext) -> bool:
-        if context.epoch not in self.rungs():
+        if context.epoch not in self.rungs:
             return False
         others = context.others()
         if len(others) < self.min_trials_at_rung:
@@ -117,10 +110,9 @@ def early_stopping_policy(spec: SearchSpec) -> EarlyStoppingPolicy:
     stopping = spec.early_stopping
     if stopping.policy == "halving":
         return SuccessiveHalving(
-            stopping.min_epochs,
             stopping.reduction_factor,
             stopping.min_trials_at_rung,
-            spec.training.epochs,
+            stopping.rungs(spec.training.epochs),
         )
     if stopping.policy in ("median", "hyperband"):
         return OptunaPruning()

@@ -61,6 +61,14 @@ class SearchOut(BaseModel):
         "says it would have). Only on a single search's answer.",
     )
 
+    rung_agreement: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Per rung of the successive-halving schedule (epoch): Spearman's rho (with "
+        "ci95 and n) between the exploration's completed trials' validation accuracies at that "
+        "epoch and their final ones: whether stopping trials there was informed. Only on a "
+        "single search's answer.",
+    )
+
     @classmethod
     def of(
         cls,
@@ -68,6 +76,7 @@ class SearchOut(BaseModel):
         progress: Progress | None = None,
         rank_agreement: dict[str, Any] | None = None,
         references_convergence: dict[str, dict[str, Any]] | None = None,
+        rung_agreement: list[dict[str, Any]] | None = None,
     ) -> SearchOut:
         return cls(
             id=search.id,
@@ -83,6 +92,7 @@ class SearchOut(BaseModel):
             progress=None if progress is None else ProgressOut(**progress.to_dict()),
             rank_agreement=rank_agreement,
             references_convergence=references_convergence,
+            rung_agreement=rung_agreement,
         )
 
 

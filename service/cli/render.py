@@ -166,12 +166,21 @@ def status_table(search: dict[str, Any]) -> Table:
         )
     agreement = search.get("rank_agreement")
     if agreement and agreement.get("rho") is not None:
-        bounds = agreement.get("ci95")
-        ci = "" if not bounds else f" (95% CI {bounds[0]:+.2f} to {bounds[1]:+.2f})"
         table.add_row(
             "rank agreement",
-            f"Spearman {agreement['rho']:+.2f}{ci} over {agreement['n']} architectures: "
+            f"Spearman {agreement['rho']:+.2f}{_ci(agreement.get('ci95'))} over "
+            f"{agreement['n']} architectures: "
             "exploration against confirmation",
+        )
+    rungs = [r for r in search.get("rung_agreement") or [] if r.get("rho") is not None]
+    if rungs:
+        table.add_row(
+            "rungs",
+            "; ".join(
+                f"epoch {r['epoch']}: Spearman {r['rho']:+.2f}{_ci(r.get('ci95'))} over {r['n']}"
+                for r in rungs
+            )
+            + " (each rung's accuracies against the final ones of the trials that ran on)",
         )
     table.add_row("ETA", duration(progress.get("eta_s")))
     table.add_row("created", when(search.get("created_at")))
@@ -180,6 +189,10 @@ def status_table(search: dict[str, Any]) -> Table:
     if search.get("error"):
         table.add_row("error", f"[red]{escape(search['error'])}[/red]")
     return table
+
+
+def _ci(bounds: list[float] | None) -> str:
+    return "" if not bounds else f" (95% CI {bounds[0]:+.2f} to {bounds[1]:+.2f})"
 
 
 def _absolute(overhead: str, entry: dict[str, Any]) -> str:

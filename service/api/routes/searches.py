@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from search.errors import Conflict
+from search.results.agreement import rank_agreement, rung_agreement
 from search.results.queries import (
     get_search,
     list_searches,
     progress,
     progress_of,
-    rank_agreement,
     reference_convergence,
 )
 from search.spec import SearchSpec
@@ -128,11 +128,18 @@ def list_all(
 def show(db: DB, search_id: str) -> SearchOut:
     """A search: state, progress (the exploration's trials by state of the budget, the
     confirmation's runs, the validation split and its noise floor), ETA, the best trial so
-    far, and once confirmed, how well the exploration ranked the confirmed architectures."""
+    far, how well the early-stopping rungs ranked the trials that ran to the end, and once
+    confirmed, how well the exploration ranked the confirmed architectures."""
     search = get_search(db, search_id)
     answered = progress(db, search)
     converged = reference_convergence(db, search_id) if answered.best is not None else None
-    return SearchOut.of(search, answered, rank_agreement(db, search_id), converged)
+    return SearchOut.of(
+        search,
+        answered,
+        rank_agreement(db, search_id),
+        converged,
+        rung_agreement(db, search_id),
+    )
 
 
 @router.post("/{search_id}/cancel", dependencies=[Writer])

@@ -418,15 +418,16 @@ function searchPage() {
       ? `The references had not finished learning: ${unfinished.join(", ")}. ` +
         "A longer schedule (confirm.epochs) may change the comparison."
       : "";
+    const spearman = (r) => `Spearman ${fmt.signed(r.rho)}` +
+      (r.ci95 ? ` (95% CI ${fmt.signed(r.ci95[0])} to ${fmt.signed(r.ci95[1])})` : "") + ` over ${r.n}`;
+    const rungs = (search.rung_agreement || []).filter((r) => r.rho !== null);
     $("#reliability").replaceChildren(
       el("span", {}, "confirmation: ", runs.length ? runs.join(", ") : "none yet"),
       el("span", {}, "validation: ", p.val_images ? `${p.val_images} images, one run ±${p.noise_floor_pp.toFixed(2)} points` : "–"),
       el("span", {}, "rank agreement (exploration vs confirmation): ",
-        agreement && agreement.rho !== null
-          ? `Spearman ${fmt.signed(agreement.rho)}` +
-            (agreement.ci95 ? ` (95% CI ${fmt.signed(agreement.ci95[0])} to ${fmt.signed(agreement.ci95[1])})` : "") +
-            ` over ${agreement.n}`
-          : "–"),
+        agreement && agreement.rho !== null ? spearman(agreement) : "–"),
+      el("span", { id: "rung-agreement" }, "early-stopping rungs vs final: ",
+        rungs.length ? rungs.map((r) => `epoch ${r.epoch}: ${spearman(r)}`).join("; ") : "–"),
     );
     if (wasActive && !active()) refreshAnalysis();  // once more with the final trials
   }
