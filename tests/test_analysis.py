@@ -513,6 +513,8 @@ def test_rung_agreement_ranks_each_rung_against_the_end(db: Database, settings: 
     assert "epoch 1: Spearman" in text and "epoch 3: Spearman +1.00 over 7" in text
     no_rungs = _search(db, training={"epochs": 1})
     assert agreement.rung_agreement(db, no_rungs.id) == []
+    not_started = _search(db, training={"epochs": 9})
+    assert agreement.rung_agreement(db, not_started.id) is None
 
 
 # -- importance -------------------------------------------------------------------------------

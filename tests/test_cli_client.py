@@ -321,22 +321,22 @@ def test_leaderboard_ranks_with_pareto_flags(server: str, finished_search: str) 
     code, out, err = _cli("leaderboard", finished_search)
     assert code == 0, err
     rows = _board_rows(out)
-    # rank, trial, architecture, val acc, 95% CI, seeds, Δ none, Δ SE, Δ CBAM, params,
-    # params %, epochs, Pareto, answer
+    # rank, trial, architecture, val acc, 95% CI, seeds, test acc, Δ none, Δ SE, Δ CBAM,
+    # params, params %, epochs, Pareto, answer
     assert [(r[0], r[1]) for r in rows] == [("1", "2"), ("2", "3"), ("3", "1"), ("4", "0")]
     assert [r[-2] for r in rows] == ["*", "*", "", "*"]
     assert [r[-1] for r in rows] == ["recommended", "", "", ""]  # unconfirmed: the best
     assert rows[0][2] == "label-2 (cbam)" and rows[1][2] == "label-3"
-    assert rows[0][3] == "85.00" and rows[0][5] == "1"
-    assert rows[0][6:9] == ["+5.00", "+3.00", "+0.00"]
-    assert rows[1][10] == "+0.29%"
+    assert rows[0][3] == "85.00" and rows[0][5] == "1" and rows[0][6] == "-"  # no test set
+    assert rows[0][7:10] == ["+5.00", "+3.00", "+0.00"]
+    assert rows[1][11] == "+0.29%"
     assert "4 ranked trials" in _flat(out)
 
     code, out, _ = _cli("leaderboard", finished_search, "--limit", "2", "--offset", "1")
     assert code == 0
     rows = _board_rows(out)
     assert [r[1] for r in rows] == ["3", "1"]
-    assert rows[1][6:9] == ["+2.00", "+0.00", "-3.00"]  # deltas use the whole search's refs
+    assert rows[1][7:10] == ["+2.00", "+0.00", "-3.00"]  # deltas use the whole search's refs
 
     code, out, _ = _cli("leaderboard", finished_search, "--pareto-only")
     assert [r[1] for r in _board_rows(out)] == ["2", "3", "0"]

@@ -66,14 +66,15 @@ def rank_agreement(db: Database, search_id: str) -> dict[str, Any] | None:
     return cached(db, search_id, "rank_agreement", compute)
 
 
-def rung_agreement(db: Database, search_id: str) -> list[dict[str, Any]]:
+def rung_agreement(db: Database, search_id: str) -> list[dict[str, Any]] | None:
     """Per rung of the spec's successive-halving schedule (reported whatever the policy: with
     none it says whether stopping early would have been informed), Spearman's rho (``rho``,
     ``ci95``, ``n``) between the validation accuracies of the exploration's completed trials at
     that ``epoch`` and their final ones. Pruned trials cannot take part: they have no final
-    accuracy. A low rho says the rung ranked noise: stop later (``min_epochs``) or not at all."""
+    accuracy. A low rho says the rung ranked noise: stop later (``min_epochs``) or not at all.
+    None before any exploration trial completes; empty when the schedule has no rung."""
 
-    def compute() -> list[dict[str, Any]]:
+    def compute() -> list[dict[str, Any]] | None:
         spec = SearchSpec.from_dict(get_search(db, search_id).spec)
         rungs = spec.early_stopping.rungs(spec.training.epochs)
         if not rungs:
@@ -84,6 +85,8 @@ def rung_agreement(db: Database, search_id: str) -> list[dict[str, Any]]:
                     *completed(search_id), TrialResult.phase == Phase.explore
                 )
             ).all()
+        if not rows:
+            return None
         return [{"epoch": epoch, **_figure(_at_rung(rows, epoch))} for epoch in rungs]
 
     return cached(db, search_id, "rung_agreement", compute)

@@ -120,7 +120,8 @@ class Board:
     """A leaderboard's entries with their statistics, best first, and the answer they give.
 
     ``confirmed``: built from the confirmation's runs (one entry per architecture over its
-    seeds); else from the exploration's (one entry per trial, one seed each, untested).
+    seeds, each with ``front``: not significantly dominated); else from the exploration's (one
+    entry per trial, one seed each, untested, ``front`` None).
     ``top_group``: the architecture ids not significantly worse than the best;
     ``recommended``: the cheapest of them by the board's overhead (ties: the more accurate)."""
 
@@ -131,13 +132,20 @@ class Board:
     confirmed: bool
 
 
-def _stat_fields(entry: Entry, values: Sequence[float], val_images: int | None) -> None:
-    """n, mean and its interval: Student's t over seeds, or one run's Wilson interval."""
+def _stat_fields(
+    entry: Entry, values: Sequence[float], val_images: int | None, tests: Sequence[float] = ()
+) -> None:
+    """n, mean and its interval: Student's t over seeds, or one run's Wilson interval; and the
+    held-out test accuracy's mean over the seeds that have one, with its t interval."""
     interval = mean_interval(values)
     bounds = interval.bounds
     if interval.n == 1 and val_images:
         bounds = wilson_interval(values[0], val_images).bounds
     entry.update(n_seeds=interval.n, val_accuracy_mean=interval.estimate, val_accuracy_ci95=bounds)
+    test = mean_interval(tests)
+    entry.update(
+        test_accuracy_mean=test.estimate if tests else None, test_accuracy_ci95=test.bounds
+    )
 
 
 def _untested(entry: Entry) -> None:
@@ -150,8 +158,10 @@ def exploration_board(entries: list[Entry], references: dict[str, Entry], overhe
     """The exploration's ranked entries (rows, best first) with one-seed statistics; the best
     is the answer until a confirmation says more."""
     for entry in entries:
-        _stat_fields(entry, [entry[ACCURACY]], entry.get("val_images"))
+        test = entry.get("test_accuracy")
+        _stat_fields(entry, [entry[ACCURACY]], entry.get("val_images"), _present([test]))
         _untested(entry)
+        entry["front"] = None
     best = entries[0]["arch_id"] if entries else None
     return Board(entries, references, [best] if best else [], best, confirmed=False)
 
@@ -170,16 +180,19 @@ def confirmed_board(
     round, so each p-value is first corrected for them (``stats.sequential_p``); None: a fixed
     number of seeds, no correction."""
     scores: dict[str, dict[int, float]] = {}
+    tests: dict[str, dict[int, float | None]] = {}
     best_row: dict[str, Entry] = {}
     for row in rows:
         arch = row["arch_id"]
         scores.setdefault(arch, {}).setdefault(row["seed"], row[ACCURACY])
+        tests.setdefault(arch, {}).setdefault(row["seed"], row.get("test_accuracy"))
         if arch not in best_row or row[ACCURACY] > best_row[arch][ACCURACY]:
             best_row[arch] = row
     entries = []
     for arch, by_seed in scores.items():
         entry = dict(best_row[arch])
-        _stat_fields(entry, list(by_seed.values()), entry.get("val_images"))
+        test = _present(tests[arch].values())
+        _stat_fields(entry, list(by_seed.values()), entry.get("val_images"), test)
         entries.append(entry)
     references = {
         name: e for e in entries if (name := _reference(e)) is not None and name in REFERENCE_NAMES
@@ -205,9 +218,14 @@ def confirmed_board(
     flags = pareto_flags([{**e, ACCURACY: e["val_accuracy_mean"]} for e in entries], [overhead])
     for rank, (entry, pareto) in enumerate(zip(entries, flags, strict=True), start=1):
         entry.update(rank=rank, pareto=pareto)
+    _significant_front(entries, scores, column, alpha, looks)
     top = _top_group(entries, scores, alpha, looks)
     recommended = min(top, key=lambda e: (_cost(e, column), -e["val_accuracy_mean"]))
     return Board(entries, references, [e["arch_id"] for e in top], recommended["arch_id"], True)
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
 
 
 def _reference(entry: Mapping[str, Any]) -> str | None:
@@ -227,6 +245,34 @@ def _sequential(diff: Difference, looks: tuple[int, int] | None) -> float | None
 def _paired(first: Mapping[int, float], second: Mapping[int, float]) -> Difference:
     shared = sorted(set(first) & set(second))
     return paired_difference([first[s] for s in shared], [second[s] for s in shared])
+
+
+def _significant_front(
+    entries: list[Entry],
+    scores: Mapping[str, Mapping[int, float]],
+    column: str,
+    alpha: float,
+    looks: tuple[int, int] | None,
+) -> None:
+    """``front`` on each entry: not significantly dominated, i.e. no architecture at most as
+    costly is significantly more accurate (paired on shared seeds; Holm across every such pair
+    the board has). Wider than the front of the means, which a seed's luck can reshape."""
+    pairs = [
+        (entry, _paired(scores[other["arch_id"]], scores[entry["arch_id"]]))
+        for entry in entries
+        for other in entries
+        if other is not entry
+        and _cost(other, column) <= _cost(entry, column)
+        and other["val_accuracy_mean"] > entry["val_accuracy_mean"]
+    ]
+    adjusted = holm([_sequential(d, looks) for _, d in pairs])
+    dominated = {
+        id(entry)
+        for (entry, d), p in zip(pairs, adjusted, strict=True)
+        if verdict(d, p, alpha) == "better"
+    }
+    for entry in entries:
+        entry["front"] = id(entry) not in dominated
 
 
 def _top_group(

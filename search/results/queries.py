@@ -343,6 +343,7 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
         table.c.id,
         table.c.number,
         table.c.val_accuracy,
+        table.c.test_accuracy,
         table.c.params,
         table.c.macs,
         table.c.latency_ms,
@@ -375,7 +376,16 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
 
 
 # The statistics of a leaderboard entry that are not columns of its row.
-_BOARD_FIELDS = ("rank", "pareto", "n_seeds", "val_accuracy_mean", "val_accuracy_ci95")
+_BOARD_FIELDS = (
+    "rank",
+    "pareto",
+    "front",
+    "n_seeds",
+    "val_accuracy_mean",
+    "val_accuracy_ci95",
+    "test_accuracy_mean",
+    "test_accuracy_ci95",
+)
 
 
 def leaderboard_page(

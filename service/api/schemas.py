@@ -65,8 +65,9 @@ class SearchOut(BaseModel):
         default=None,
         description="Per rung of the successive-halving schedule (epoch): Spearman's rho (with "
         "ci95 and n) between the exploration's completed trials' validation accuracies at that "
-        "epoch and their final ones: whether stopping trials there was informed. Only on a "
-        "single search's answer.",
+        "epoch and their final ones: whether stopping trials there was informed. Null before "
+        "any exploration trial completes, empty without rungs. Only on a single search's "
+        "answer.",
     )
 
     @classmethod
@@ -114,12 +115,16 @@ class LeaderboardOut(BaseModel):
     )
     entries: list[dict[str, Any]] = Field(
         description="Best first: the confirmation's architectures over their seeds once the "
-        "search has any (else the exploration's trials), each with rank, pareto, n_seeds, "
+        "search has any (else the exploration's trials), each with rank, pareto (on the front "
+        "of the means), front (confirmed only: not significantly dominated, i.e. no "
+        "architecture at most as costly is significantly more accurate), n_seeds, "
         "val_accuracy_mean, val_accuracy_ci95 ([low, high]: t over seeds, or one run's Wilson "
-        "interval on the validation split), and per reference delta_vs_<reference> (accuracy "
-        "points) with delta_vs_<reference>_ci95 and verdict_vs_<reference> (better, worse, "
-        "tied or untested; paired on shared seeds, Holm-corrected across the board), and "
-        "<overhead>_delta_vs_<reference> (percent)."
+        "interval on the validation split), test_accuracy_mean and test_accuracy_ci95 (the "
+        "held-out test set, over the same seeds; reported, never used to rank), and per "
+        "reference delta_vs_<reference> (accuracy points) with delta_vs_<reference>_ci95 "
+        "and verdict_vs_<reference> (better, worse, tied or untested; paired on shared "
+        "seeds, Holm-corrected across the board), and <overhead>_delta_vs_<reference> "
+        "(percent)."
     )
     confirmed: bool = Field(description="Whether the entries come from the confirmation.")
     top_group: list[str] = Field(

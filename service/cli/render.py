@@ -237,7 +237,7 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
             "(the cheapest of the top group, those not significantly worse than the best)"
         ),
     )
-    columns = ["#", "trial", "architecture", "val acc", "95% CI", "seeds"]
+    columns = ["#", "trial", "architecture", "val acc", "95% CI", "seeds", "test acc"]
     columns += ["Δ none", "Δ SE", "Δ CBAM", "params"]
     if overhead != "params":
         columns.append(overhead)
@@ -262,6 +262,7 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
             acc(mean),
             _interval(entry.get("val_accuracy_ci95")),
             str(entry.get("n_seeds", 1)),
+            acc(entry.get("test_accuracy_mean", entry.get("test_accuracy"))),
             _delta(entry, "none"),
             _delta(entry, "se"),
             _delta(entry, "cbam"),

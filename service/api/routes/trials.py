@@ -116,8 +116,9 @@ def best(
 ) -> dict[str, Any]:
     """The search's answer: the recommended architecture's best run (the cheapest by
     ``overhead`` of those not significantly worse than the best, once confirmed; the most
-    accurate trial before), with ``evidence``: its seeds, mean and interval, verdicts against
-    the references, the top group. With ``max_pct``: the most accurate trial within that
+    accurate trial before), with ``evidence``: its seeds, validation mean and interval, its
+    held-out test accuracy over the same seeds (mean and interval), verdicts against the
+    references, the top group. With ``max_pct``: the most accurate trial within that
     overhead budget."""
     if max_pct is not None:
         return _trial_out(best_trial(db, search_id, overhead=overhead.value, max_pct=max_pct))
@@ -125,7 +126,15 @@ def best(
     evidence = {
         key: value
         for key, value in entry.items()
-        if key in ("n_seeds", "val_accuracy_mean", "val_accuracy_ci95", "rank")
+        if key
+        in (
+            "n_seeds",
+            "val_accuracy_mean",
+            "val_accuracy_ci95",
+            "test_accuracy_mean",
+            "test_accuracy_ci95",
+            "rank",
+        )
         or key.startswith(("delta_vs_", "verdict_vs_"))
     }
     evidence.update(confirmed=ranked.confirmed, top_group=ranked.top_group)

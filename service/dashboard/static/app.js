@@ -455,6 +455,8 @@ function searchPage() {
         el("td", { class: "acc" }, fmt.pct(e.val_accuracy_mean ?? e.val_accuracy)),
         el("td", { class: "ci" }, fmt.interval(e.val_accuracy_ci95)),
         el("td", { class: "seeds" }, e.n_seeds ?? 1),
+        el("td", { class: "test", title: fmt.interval(e.test_accuracy_ci95) },
+          fmt.pct(e.test_accuracy_mean ?? e.test_accuracy)),
         ...["none", "se", "cbam"].map((ref) => verdictCell(e, ref)),
         el("td", { class: "overhead" }, format(e[absolute])),
         el("td", {}, e[pctKey] === null ? "–" : fmt.signed(e[pctKey]) + "%"),
@@ -609,16 +611,21 @@ async function scatterPlot(id, overhead) {
     const [absolute] = OVERHEADS[overhead];
     const confirmed = board.entries.filter((e) => e.val_accuracy_ci95);
     traces.push({
-      name: "confirmed (mean, 95% CI)", type: "scatter", mode: "markers", meta: "confirmed",
+      name: "confirmed (mean, 95% CI; filled: not significantly dominated)",
+      type: "scatter", mode: "markers", meta: "confirmed",
       x: confirmed.map((e) => e[absolute]), y: confirmed.map((e) => 100 * e.val_accuracy_mean),
       error_y: {
         type: "data", symmetric: false, color: "#1f4e79",
         array: confirmed.map((e) => 100 * (e.val_accuracy_ci95[1] - e.val_accuracy_mean)),
         arrayminus: confirmed.map((e) => 100 * (e.val_accuracy_mean - e.val_accuracy_ci95[0])),
       },
-      text: confirmed.map((e) => `${e.label}: ${fmt.pct(e.val_accuracy_mean)}% over ${e.n_seeds} seeds`),
+      text: confirmed.map((e) => `${e.label}: ${fmt.pct(e.val_accuracy_mean)}% over ${e.n_seeds} seeds; ` +
+        (e.front ? "not significantly dominated" : "a cheaper or equal architecture is significantly better")),
       hovertemplate: "%{text}<extra></extra>",
-      marker: { symbol: "circle-open", size: 12, color: "#1f4e79", line: { width: 2 } },
+      marker: {
+        symbol: confirmed.map((e) => (e.front ? "circle" : "circle-open")),
+        size: 12, color: "#1f4e79", line: { width: 2 },
+      },
     });
   }
   const div = $("#pareto");
