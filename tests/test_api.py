@@ -677,6 +677,9 @@ def test_leaderboard(client: TestClient, search_id: str) -> None:
     assert [e["number"] for e in entries] == [3, 8, 2, 4, 1, 0, 7]
     assert [e["rank"] for e in entries] == list(range(1, len(COMPLETED) + 1))
     assert all(e["state"] == "completed" for e in entries)
+    # No split size recorded: no noise floor, so no say on whether the page is within it.
+    spread = 100 * (entries[0]["val_accuracy_mean"] - entries[-1]["val_accuracy_mean"])
+    assert board["spread_pp"] == pytest.approx(spread) and board["within_noise"] is None
     # The Pareto flags against a brute-force dominance check.
     front = _brute_force_front(5)
     assert front == {3, 4, 0}

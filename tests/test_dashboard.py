@@ -354,6 +354,8 @@ def test_a_confirmed_leaderboard_shows_intervals_verdicts_and_the_answer(
     page.goto(f"{server.url}/searches/{confirmed}")
     expect(page.locator("#leaderboard tbody tr")).to_have_count(5)
     expect(page.locator("#leaderboard-note")).to_contain_text("Confirmed")
+    # Three points between the best and the worst, one run's noise floor is 1.6 on 1000 images.
+    expect(page.locator("#noise-warning")).to_be_hidden()
     # The two tied candidates are the top group; the cheaper one is the answer.
     expect(page.locator("#leaderboard tbody tr.recommended")).to_have_count(1)
     expect(page.locator("#leaderboard tbody tr.recommended")).to_contain_text("@s3")

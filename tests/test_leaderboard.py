@@ -6,10 +6,13 @@ import random
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from search.pareto import dominates, pareto_flags
 from search.results.leaderboard import confirmed_board, deltas, exploration_board, leaderboard
+from search.results.queries import page_noise
 from search.store.models import ResultState, TrialResult
+from service.cli.render import board_table
 
 
 def _row(number: int, accuracy: float | None, params: int, **extra: Any) -> dict[str, Any]:
@@ -241,3 +244,23 @@ def test_exploration_board_gives_one_run_its_noise_floor() -> None:
     )
     assert second["val_accuracy_ci95"] is None  # no split size known: no interval
     assert first["verdict_vs_none"] == "untested" and first["front"] is None
+
+
+def test_a_page_within_one_runs_noise_floor_says_so() -> None:
+    """Three single runs 0.7 points apart on 300 validation images (one run: about ±2.7
+    points) cannot be ordered; 15 points apart they can; without a split size nobody knows."""
+    close = [{"val_accuracy_mean": a, "val_images": 300} for a in (0.940, 0.937, 0.933)]
+    answer = page_noise(close)
+    assert answer["spread_pp"] == pytest.approx(0.7)
+    assert answer["noise_floor_pp"] == pytest.approx(2.73, abs=0.01)
+    assert answer["within_noise"] is True
+    apart = [*close, {"val_accuracy_mean": 0.79, "val_images": 300}]
+    assert page_noise(apart)["within_noise"] is False
+    unknown = [{**e, "val_images": None} for e in close]
+    assert page_noise(unknown)["within_noise"] is None
+    assert page_noise(close[:1])["within_noise"] is None  # one entry: nothing to order
+    assert page_noise([]) == {"spread_pp": None, "noise_floor_pp": None, "within_noise": None}
+    board = {"overhead": "params", "entries": [], "total": 0, "offset": 0, **answer}
+    console = Console(width=250, record=True)
+    console.print(board_table(board))
+    assert "span 0.70 points, less than one run's noise floor (±2.73)" in console.export_text()

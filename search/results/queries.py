@@ -40,6 +40,8 @@ from search.store.models import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from search.store.engine import Database
 
 # Columns a trial list may be sorted by (every number a trial has), and the default.
@@ -208,10 +210,32 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
 
 
 def _noise_floor(best: TrialResult | None, val_images: int | None) -> float | None:
-    if best is None or best.val_accuracy is None or not val_images:
+    if best is None or best.val_accuracy is None:
         return None
-    interval = wilson_interval(best.val_accuracy, val_images)
+    return noise_floor_pp(best.val_accuracy, val_images)
+
+
+def noise_floor_pp(accuracy: float, val_images: int | None) -> float | None:
+    """Half the width of one run's 95 % Wilson interval at ``accuracy``, in points."""
+    if not val_images:
+        return None
+    interval = wilson_interval(accuracy, val_images)
     return None if interval.bounds is None else 50 * (interval.bounds[1] - interval.bounds[0])
+
+
+def page_noise(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Can the differences on a leaderboard page be told from noise at all? ``spread_pp``: the
+    best mean minus the worst on the page (points); ``noise_floor_pp``: one run's noise floor at
+    the page's best; ``within_noise``: the whole spread is below that floor, so no order on the
+    page means anything without more seeds (None when either is unknown)."""
+    means = [e["val_accuracy_mean"] for e in entries if e.get("val_accuracy_mean") is not None]
+    if not means:
+        return {"spread_pp": None, "noise_floor_pp": None, "within_noise": None}
+    best = max(entries, key=lambda e: e.get("val_accuracy_mean") or -1.0)
+    spread = 100 * (max(means) - min(means))
+    floor = noise_floor_pp(best["val_accuracy_mean"], best.get("val_images"))
+    within = None if floor is None or len(means) < 2 else spread < floor
+    return {"spread_pp": spread, "noise_floor_pp": floor, "within_noise": within}
 
 
 def reference_convergence(db: Database, search_id: str) -> dict[str, dict[str, Any]]:
@@ -437,6 +461,7 @@ def leaderboard_page(
         "confirmed": ranked.confirmed,
         "top_group": ranked.top_group,
         "recommended": ranked.recommended,
+        **page_noise(rows),
     }
 
 

@@ -133,3 +133,16 @@ class LeaderboardOut(BaseModel):
     recommended: str | None = Field(
         description="The cheapest architecture of the top group by this overhead: the answer."
     )
+    spread_pp: float | None = Field(
+        default=None, description="The best mean accuracy on this page minus the worst (points)."
+    )
+    noise_floor_pp: float | None = Field(
+        default=None,
+        description="Half the width of one run's 95% Wilson interval at the page's best "
+        "accuracy on the validation split (points).",
+    )
+    within_noise: bool | None = Field(
+        default=None,
+        description="True when the whole spread of the page is below one run's noise floor: "
+        "no order on it means anything without more seeds.",
+    )

@@ -215,6 +215,16 @@ def _delta(entry: dict[str, Any], reference: str) -> str:
     return points(entry.get(f"delta_vs_{reference}")) + mark
 
 
+def noise_warning(board: dict[str, Any]) -> str:
+    """A sentence when the differences on the page are within one run's noise floor."""
+    if not board.get("within_noise"):
+        return ""
+    return (
+        f". WARNING: the accuracies on this page span {board['spread_pp']:.2f} points, less "
+        f"than one run's noise floor (±{board['noise_floor_pp']:.2f}): their order is noise"
+    )
+
+
 def board_table(board: dict[str, Any], title: str = "") -> Table:
     """The API's leaderboard page as a table: its entries carry rank, pareto, their statistics
     and the deltas and verdicts against the references already (computed over the whole
@@ -234,7 +244,8 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
         caption=(
             f"{shown} of {board['total']} {what}; Δ in accuracy points{verdicts}; "
             f"Pareto: accuracy against {overhead}; answer: the recommended architecture "
-            "(the cheapest of the top group, those not significantly worse than the best)"
+            f"(the cheapest of the top group, those not significantly worse than the best)"
+            f"{noise_warning(board)}"
         ),
     )
     columns = ["#", "trial", "architecture", "val acc", "95% CI", "seeds", "test acc"]

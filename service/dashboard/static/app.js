@@ -473,6 +473,12 @@ function searchPage() {
         "The top group cannot be told apart from the best; the recommendation is its cheapest member."
       : "Exploration only: one seed per trial. The 95% CI is one run's noise floor on the " +
         "validation split; no difference here is tested. The confirmation's runs decide.";
+    $("#noise-warning").hidden = !board.within_noise;
+    $("#noise-warning").textContent = board.within_noise
+      ? `The accuracies on this page span ${board.spread_pp.toFixed(2)} points, less than one ` +
+        `run's noise floor on the validation split (±${board.noise_floor_pp.toFixed(2)}): ` +
+        "their order is noise. More seeds (the confirmation) or a larger split would tell them apart."
+      : "";
     $("#overhead-header").textContent = OVERHEADS[view.overhead][2];
     for (const th of document.querySelectorAll("#leaderboard th[data-sort]")) {
       th.classList.toggle("sorted-asc", th.dataset.sort === view.sort && view.order === "asc");
