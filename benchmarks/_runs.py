@@ -262,7 +262,12 @@ class Replay:
 
     @property
     def winner(self) -> Run:
-        """The exploration's most accurate CBAM variant (what it would put first)."""
+        """The exploration's most accurate trial, references included (what it puts first)."""
+        return max(self.explored, key=lambda r: r.val_accuracy)
+
+    @property
+    def best_variant(self) -> Run:
+        """The exploration's most accurate CBAM variant (the paper's CBAM included)."""
         return max(
             (r for r, a in zip(self.explored, ALL, strict=True) if a.attention == "cbam"),
             key=lambda r: r.val_accuracy,

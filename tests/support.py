@@ -170,3 +170,19 @@ def run_search(served: Served, spec: dict[str, Any], timeout: float = 300) -> st
             interval=1.0,
         )
     return search_id
+
+
+def run_worker_to_the_end(search_id: str) -> None:
+    """The real worker on one thread, in this process, until the search has nothing left to
+    run; torch's thread count is restored after."""
+    import torch
+
+    from workers.options import WorkerOptions
+    from workers.worker import Worker
+
+    threads = torch.get_num_threads()
+    try:
+        options = WorkerOptions(search_id=search_id, latency_repeats=1, threads=1)
+        assert Worker(options).run() == 0
+    finally:
+        torch.set_num_threads(threads)

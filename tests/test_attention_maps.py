@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from support import run_worker_to_the_end
 from torch import Tensor, nn
 
 from search.attention_maps import attention_maps, attention_report, normalise
@@ -436,8 +437,6 @@ def test_a_workers_trial_has_attention_pictures(
     from service.app import create_app
     from service.auth import create_token
     from workers.data import load_dataset
-    from workers.options import WorkerOptions
-    from workers.worker import Worker
 
     dataset = {"name": "synthetic", "options": {"size": 16, "num_samples": 64, "num_test": 8}}
     spec = SearchSpec.from_dict(
@@ -451,12 +450,7 @@ def test_a_workers_trial_has_attention_pictures(
         }
     )
     search = create_search(sqlite_db, spec)
-    threads = torch.get_num_threads()
-    try:
-        options = WorkerOptions(search_id=search.id, latency_repeats=1, threads=1)
-        assert Worker(options).run() == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_worker_to_the_end(search.id)
     with sqlite_db.session() as session:
         row = session.query(TrialResult).filter_by(search_id=search.id).one()
     assert row.state == ResultState.completed

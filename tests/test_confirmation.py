@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from rich.console import Console
 from sqlalchemy import select, update
-from support import quick_spec, within_binomial_bounds
+from support import quick_spec, run_worker_to_the_end, within_binomial_bounds
 
 from search.results.leaderboard import confirmed_board
 from search.results.queries import leaderboard_page, progress, reference_convergence
@@ -293,12 +292,7 @@ def test_a_confirmation_run_trains_on_its_seed_for_the_confirmation_schedule(
         confirm={"min_seeds": 2, "max_seeds": 2, "epochs": 2},
     )
     search = create_search(sqlite_db, spec)
-    threads = torch.get_num_threads()
-    try:
-        options = WorkerOptions(search_id=search.id, latency_repeats=1, threads=1)
-        assert Worker(options).run() == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_worker_to_the_end(search.id)
     rows = _confirm_rows(sqlite_db, search.id)
     assert len(rows) == 6  # three references on two seeds
     assert all(r.state == ResultState.completed and r.epochs_run == 2 for r in rows)
