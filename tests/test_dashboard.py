@@ -337,6 +337,7 @@ def confirmed(served_search: Served) -> str:
                         seed=1 + round_,
                         fidelity_epochs=4,
                         epochs_run=4,
+                        learning_curve=_rising(accuracy) if name == "wide" else [],
                         **common,
                     )
                 )
@@ -345,6 +346,14 @@ def confirmed(served_search: Served) -> str:
             session.flush()
             session.add_all(rows)
         return search.id
+
+
+def _rising(final: float) -> list[dict[str, float]]:
+    """A run still gaining 15 points over its last epochs: far beyond 1000 images' noise."""
+    return [
+        {"epoch": e, "val_accuracy": final - 0.05 * (4 - e), "train_loss": 1.0, "val_loss": 1.0}
+        for e in range(1, 5)
+    ]
 
 
 def test_a_confirmed_leaderboard_shows_intervals_verdicts_and_the_answer(
@@ -356,6 +365,11 @@ def test_a_confirmed_leaderboard_shows_intervals_verdicts_and_the_answer(
     expect(page.locator("#leaderboard-note")).to_contain_text("Confirmed")
     # Three points between the best and the worst, one run's noise floor is 1.6 on 1000 images.
     expect(page.locator("#noise-warning")).to_be_hidden()
+    # Each entry's schedule; the one whose runs were still rising says so.
+    expect(page.locator("#leaderboard tbody td.epochs")).to_have_count(5)
+    expect(page.locator("#leaderboard tbody td.epochs.rising")).to_have_count(1)
+    expect(page.locator("#leaderboard tbody td.epochs.rising")).to_have_text("4 ↗")
+    expect(page.locator("#leaderboard tbody tr.recommended td.epochs")).to_have_text("4")
     # The two tied candidates are the top group; the cheaper one is the answer.
     expect(page.locator("#leaderboard tbody tr.recommended")).to_have_count(1)
     expect(page.locator("#leaderboard tbody tr.recommended")).to_contain_text("@s3")

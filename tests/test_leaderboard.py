@@ -12,7 +12,7 @@ from search.pareto import dominates, pareto_flags
 from search.results.leaderboard import confirmed_board, deltas, exploration_board, leaderboard
 from search.results.queries import page_noise
 from search.store.models import ResultState, TrialResult
-from service.cli.render import board_table
+from service.cli.render import board_table, epochs_cell
 
 
 def _row(number: int, accuracy: float | None, params: int, **extra: Any) -> dict[str, Any]:
@@ -263,4 +263,12 @@ def test_a_page_within_one_runs_noise_floor_says_so() -> None:
     board = {"overhead": "params", "entries": [], "total": 0, "offset": 0, **answer}
     console = Console(width=250, record=True)
     console.print(board_table(board))
-    assert "span 0.70 points, less than one run's noise floor (±2.73)" in console.export_text()
+    text = " ".join(console.export_text().split())  # the caption wraps
+    assert "span 0.70 points, less than one run's noise floor (±2.73)" in text
+
+
+def test_the_cli_marks_an_entry_still_rising() -> None:
+    rising = {"convergence": {"last_gain_pp": 4.25}, "converged": False}
+    assert epochs_cell({"fidelity_epochs": 10, "epochs_run": 10, **rising}) == "10 rising +4.2"
+    assert epochs_cell({"fidelity_epochs": None, "epochs_run": 5, "converged": True}) == "5"
+    assert epochs_cell({"epochs_run": None}) == "-"

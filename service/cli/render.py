@@ -215,6 +215,17 @@ def _delta(entry: dict[str, Any], reference: str) -> str:
     return points(entry.get(f"delta_vs_{reference}")) + mark
 
 
+def epochs_cell(entry: dict[str, Any]) -> str:
+    """The schedule the entry's figures come from, marked where its run was still learning
+    (``converged`` false: it rose beyond noise over its last epochs)."""
+    epochs = entry.get("fidelity_epochs") or entry.get("epochs_run")
+    text = "-" if epochs is None else str(epochs)
+    check = entry.get("convergence") or {}
+    if entry.get("converged") is False and check.get("last_gain_pp") is not None:
+        text += f" rising +{check['last_gain_pp']:.1f}"
+    return text
+
+
 def noise_warning(board: dict[str, Any]) -> str:
     """A sentence when the differences on the page are within one run's noise floor."""
     if not board.get("within_noise"):
@@ -244,8 +255,9 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
         caption=(
             f"{shown} of {board['total']} {what}; Δ in accuracy points{verdicts}; "
             f"Pareto: accuracy against {overhead}; answer: the recommended architecture "
-            f"(the cheapest of the top group, those not significantly worse than the best)"
-            f"{noise_warning(board)}"
+            f"(the cheapest of the top group, those not significantly worse than the best); "
+            "epochs: the schedule, 'rising +x' where the run still gained x points beyond noise "
+            f"over its last epochs{noise_warning(board)}"
         ),
     )
     columns = ["#", "trial", "architecture", "val acc", "95% CI", "seeds", "test acc"]
@@ -283,7 +295,7 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
             cells.append(_absolute(overhead, entry))
         cells += [
             pct(entry.get(f"{overhead}_pct")),
-            str(entry.get("epochs_run", "-")),
+            epochs_cell(entry),
             "*" if entry["pareto"] else "",
             answer,
         ]

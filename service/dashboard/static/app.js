@@ -202,6 +202,19 @@ function progressBar(progress) {
   return bar;
 }
 
+// The schedule an entry's figures come from, marked where its run was still learning.
+function epochsCell(e) {
+  const epochs = e.fidelity_epochs ?? e.epochs_run;
+  const check = e.convergence || {};
+  if (e.converged !== false || check.last_gain_pp == null) {
+    return el("td", { class: "epochs" }, epochs ?? "–");
+  }
+  const title =
+    `still rising: +${check.last_gain_pp.toFixed(1)} points over its last ${check.window} ` +
+    `epochs, beyond one run's noise (±${check.noise_pp.toFixed(1)})`;
+  return el("td", { class: "epochs rising", title }, `${epochs} ↗`);
+}
+
 const VERDICT_MARKS = { better: "↑", worse: "↓", tied: "≈" };
 
 // A delta against a reference with its verdict's mark and, as a tooltip, its interval.
@@ -461,7 +474,7 @@ function searchPage() {
         el("td", { class: "overhead" }, format(e[absolute])),
         el("td", {}, e[pctKey] === null ? "–" : fmt.signed(e[pctKey]) + "%"),
         el("td", {}, e[`${o}_delta_vs_se`] === null ? "–" : fmt.signed(e[`${o}_delta_vs_se`]) + "%"),
-        el("td", {}, e.epochs_run),
+        epochsCell(e),
         el("td", {}, e.pareto ? "★" : ""),
         el("td", { class: "answer" }, answer(e)),
       ),
