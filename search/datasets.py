@@ -11,8 +11,9 @@ on the search's seed, so that searches with different seeds train and report on 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from search.errors import InvalidValue
@@ -172,6 +173,26 @@ def check_option_keys(name: str, options: Mapping[str, Any]) -> DatasetInfo:
         if key not in info.options:
             raise InvalidValue("dataset.options", key, tuple(info.options))
     return info
+
+
+def check_paths(name: str, options: Mapping[str, Any], roots: Sequence[Path]) -> None:
+    """Every path option of ``options`` must resolve (``~`` expanded, symlinks followed) inside
+    one of ``roots``: a caller names paths on the workers' hosts, and may name no other (not
+    ``/etc``, not ``../..``)."""
+    info = dataset_info(name)
+    allowed = [Path(root).expanduser().resolve() for root in roots]
+    for key, value in options.items():
+        option = info.options.get(key)
+        if option is None or option.kind != PATH or value is None:
+            continue
+        resolved = Path(str(value)).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in allowed):
+            inside = " or ".join(str(root) for root in allowed)
+            raise InvalidValue(
+                f"dataset.options.{key}",
+                value,
+                f"a path inside {inside} (the server's data roots, CBAM_NAS_DATA_ROOTS)",
+            )
 
 
 def option_value(

@@ -7,6 +7,7 @@ so that a checkout works with nothing configured. Read it through :func:`get_set
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +39,12 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         default=STATE_DIR / "data", description="Where datasets are downloaded and cached."
+    )
+    data_roots: str = Field(
+        default="",
+        description="The directories a search's dataset paths (dataset.options.root) may lie "
+        "in, separated by the OS path separator (':' on Linux); empty: data_dir only. A path "
+        "elsewhere (symlinks followed) is refused at submit (422, exit code 2) and by workers.",
     )
     cache_dir: Path = Field(
         default=STATE_DIR / "cache",
@@ -92,6 +99,12 @@ class Settings(BaseSettings):
     @property
     def s3_enabled(self) -> bool:
         return bool(self.s3_bucket)
+
+    @property
+    def allowed_data_roots(self) -> tuple[Path, ...]:
+        """``data_roots`` as paths, else ``data_dir`` alone."""
+        named = [Path(p).expanduser() for p in self.data_roots.split(os.pathsep) if p.strip()]
+        return tuple(named) or (self.data_dir,)
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from search.backbones import BACKBONES
-from search.datasets import DATASETS
+from search.datasets import DATASETS, check_paths
 from search.errors import InvalidValue
 from search.space import SearchSpace
 
@@ -409,14 +409,19 @@ class SearchSpec:
         arms = self.confirm.top_k + 3  # the candidates and the three references
         return self.confirm.trials or arms * self.confirm.max_seeds
 
-    def validate(self, max_trials: int | None = None) -> SearchSpec:
-        """Checks against the server: the trial budget at most ``max_trials``. Returns self."""
+    def validate(
+        self, max_trials: int | None = None, data_roots: Sequence[Path] | None = None
+    ) -> SearchSpec:
+        """Checks against the server: the trial budget at most ``max_trials``; the dataset's
+        paths inside ``data_roots`` (``Settings.allowed_data_roots``). Returns self."""
         if max_trials is not None and self.budget.trials > max_trials:
             raise InvalidValue(
                 "budget.trials",
                 self.budget.trials,
                 f"an integer from 1 to {max_trials} (this server's limit)",
             )
+        if data_roots is not None:
+            check_paths(self.dataset.name, self.dataset.options, data_roots)
         return self
 
     @classmethod

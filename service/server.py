@@ -54,7 +54,9 @@ def submit_specs(db: Database, settings: Settings, paths: list[Path]) -> list[Se
     searches = []
     for path in paths:
         text = path.read_text()
-        spec = SearchSpec.from_yaml(path).validate(settings.max_trials_per_search)
+        spec = SearchSpec.from_yaml(path).validate(
+            settings.max_trials_per_search, settings.allowed_data_roots
+        )
         key = "spec-sha256:" + hashlib.sha256(text.encode()).hexdigest()
         searches.append(
             create_search(db, spec, idempotency_key=key, max_trials=settings.max_trials_per_search)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fastapi.routing
@@ -180,6 +181,16 @@ INVALID_SPECS: dict[str, tuple[dict[str, Any], list[Any], list[str]]] = {
         ["overheads", "constraint_overhead", "constraint_max_pct"],
     ),
     "unknown top-level field": ({"kernel": 3}, ["body"], ["backbone", "space", "budget"]),
+    "a dataset path outside the data roots": (
+        {"dataset": {"name": "imagefolder", "options": {"root": "/etc"}}},
+        ["body", "dataset", "options", "root"],
+        ["CBAM_NAS_DATA_ROOTS"],
+    ),
+    "a dataset path climbing out of the data roots": (
+        {"dataset": {"name": "cifar10", "options": {"root": "../../../../../../.."}}},
+        ["body", "dataset", "options", "root"],
+        ["CBAM_NAS_DATA_ROOTS"],
+    ),
 }
 
 
@@ -197,6 +208,27 @@ def test_invalid_spec_is_422_naming_the_field_and_the_allowed_values(
         assert value in detail["allowed"], (value, detail["allowed"])
         assert value in detail["msg"]
     assert snapshot(db) == before
+
+
+def test_a_dataset_path_inside_the_data_roots_is_accepted_and_a_symlink_out_is_not(
+    client: TestClient, db: Database, app_settings: Settings, tmp_path: Path
+) -> None:
+    inside = app_settings.data_dir / "my-images"
+    spec = {**SPEC, "dataset": {"name": "imagefolder", "options": {"root": str(inside)}}}
+    assert create(client, spec)["spec"]["dataset"]["options"]["root"] == str(inside)
+    link = app_settings.data_dir / f"escape-{tmp_path.name}"
+    link.symlink_to(tmp_path)
+    try:
+        before = snapshot(db)
+        spec["dataset"]["options"]["root"] = str(link)
+        response = client.post("/api/v1/searches", json=spec)
+        assert response.status_code == 422, response.text
+        (detail,) = response.json()["detail"]
+        assert detail["loc"] == ["body", "dataset", "options", "root"]
+        assert str(app_settings.data_dir.resolve()) in detail["msg"]
+        assert snapshot(db) == before
+    finally:
+        link.unlink()
 
 
 def test_the_budget_at_the_limit_is_accepted(client: TestClient) -> None:

@@ -99,3 +99,11 @@ def test_ensure_dirs_creates_what_sqlite_and_artifacts_need(settings: Settings) 
 def test_in_memory_sqlite_has_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CBAM_NAS_DATABASE_URL", "sqlite://")
     assert Settings().sqlite_path is None
+
+
+def test_data_roots_default_to_the_data_dir_and_split_on_the_path_separator(
+    bare_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().allowed_data_roots == (Path(".cbam-nas/data"),)
+    monkeypatch.setenv("CBAM_NAS_DATA_ROOTS", os.pathsep.join(["/srv/images", "~/data", ""]))
+    assert Settings().allowed_data_roots == (Path("/srv/images"), Path("~/data").expanduser())

@@ -28,7 +28,7 @@ from support import quick_spec, wait_until
 from typer.testing import CliRunner
 
 from search.build import build_model
-from search.settings import Settings
+from search.settings import Settings, get_settings
 from search.space import Architecture
 from search.store.attempts import LOST_REASON
 from search.store.engine import Database, open_database
@@ -407,6 +407,7 @@ def test_run_prints_a_leaderboard(settings: Settings, tmp_path: Path) -> None:
         ("dataset: {name: imagenet}\n", "dataset.name"),
         ("budget: {trials: 3, retries: 1}\n", "budget"),
         ("training: [1, 2\n", "spec"),
+        ("dataset: {name: imagefolder, options: {root: /etc}}\n", "dataset.options.root"),
     ],
 )
 def test_run_rejects_a_bad_spec(tmp_path: Path, yaml_text: str, field: str) -> None:
@@ -422,7 +423,24 @@ def test_worker_rejects_an_unknown_search(settings: Settings) -> None:
     assert result.exit_code == 2 and "search" in result.output
 
 
-def test_missing_dataset_fails_the_search(sqlite_db: Database, tmp_path: Path) -> None:
+def test_a_dataset_path_outside_this_workers_data_roots_fails_the_search(
+    sqlite_db: Database,
+) -> None:
+    """A search stored before the server confined paths (or by another server) still cannot
+    make this worker read outside its own data roots."""
+    dataset = {"name": "imagefolder", "options": {"root": "/etc"}}
+    search = create_search(sqlite_db, quick_spec(trials=3, dataset=dataset))
+    assert Worker(_options(search.id)).run() == 0
+    failed = _search(sqlite_db, search.id)
+    assert failed.state == SearchState.failed
+    assert "dataset.options.root" in failed.error and "CBAM_NAS_DATA_ROOTS" in failed.error
+
+
+def test_missing_dataset_fails_the_search(
+    sqlite_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CBAM_NAS_DATA_ROOTS", str(tmp_path))
+    get_settings.cache_clear()
     dataset = {"name": "cifar10", "options": {"root": str(tmp_path / "nowhere")}}
     search = create_search(sqlite_db, quick_spec(trials=3, dataset=dataset))
     assert Worker(_options(search.id)).run() == 0

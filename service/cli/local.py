@@ -294,7 +294,9 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = get_settings()
     try:
-        spec = SearchSpec.from_yaml(spec_file).validate(settings.max_trials_per_search)
+        spec = SearchSpec.from_yaml(spec_file).validate(
+            settings.max_trials_per_search, settings.allowed_data_roots
+        )
     except InvalidValue as exc:
         raise bad_parameter(exc, "SPEC") from None
     except (OSError, UnicodeDecodeError) as exc:

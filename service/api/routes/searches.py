@@ -92,7 +92,9 @@ def submit(
     ] = None,
 ) -> SearchOut:
     """Create a search from a SearchSpec; workers start on it at once."""
-    parsed = SearchSpec.from_dict(spec).validate(settings.max_trials_per_search)
+    parsed = SearchSpec.from_dict(spec).validate(
+        settings.max_trials_per_search, settings.allowed_data_roots
+    )
     if idempotency_key is not None:
         existing = find_by_idempotency_key(db, idempotency_key)
         if existing is not None:
