@@ -3,7 +3,8 @@
 ``create_app`` builds one app around one opened database; ``cbam-nas serve`` runs it with
 uvicorn. Domain errors map onto HTTP here and only here: :class:`InvalidValue` -> 422 (with the
 field's path in the body and the allowed values), :class:`NotFound` -> 404, :class:`Conflict`
--> 409; bodies over ``max_request_bytes`` -> 413.
+-> 409; bodies over ``max_request_bytes`` -> 413, JSON nested deeper than
+:data:`MAX_JSON_DEPTH` -> 422.
 """
 
 from __future__ import annotations
@@ -62,8 +63,39 @@ def _conflict(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
 
 
+MAX_JSON_DEPTH = 32
+"""The deepest JSON nesting a request body may have (a SearchSpec nests four levels)."""
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in ``body``, strings skipped, in one pass.
+
+    Written by hand: Python's ``json`` has no depth limit and recurses, so a body of ten
+    thousand brackets (well under the size limit) ends in a RecursionError, a 500, and this
+    must answer before any parser runs. Malformed JSON is left to the parser to refuse."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before the route reads them.
+    """Refuse request bodies over ``limit`` bytes with 413, and JSON bodies nested deeper than
+    :data:`MAX_JSON_DEPTH` with 422, before the route reads them.
 
     A declared Content-Length over the limit is refused at once; a streamed body is counted
     as it arrives (it is buffered: the limit is small) and refused when it passes the limit.
@@ -100,6 +132,17 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        if b"json" in headers.get(b"content-type", b"") and json_depth(body) > MAX_JSON_DEPTH:
+            detail = {
+                "loc": ["body"],
+                "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                "type": "value_error",
+                "field": "body",
+                "allowed": f"JSON nested at most {MAX_JSON_DEPTH} levels deep",
+            }
+            await JSONResponse({"detail": [detail]}, status_code=422)(scope, receive, send)
+            return
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()

@@ -357,6 +357,51 @@ def test_body_over_the_limit_is_413(client: TestClient, db: Database) -> None:
     assert snapshot(db) == before
 
 
+@pytest.mark.parametrize("opening", ["[", '{"a":'])
+def test_json_nested_too_deep_is_422_before_any_parser(
+    client: TestClient, db: Database, opening: str
+) -> None:
+    """Nesting costs two bytes a level: far under the size limit, thousands of levels once
+    made the parser recurse into a RecursionError, a 500."""
+    closing = "]" if opening == "[" else "}"
+    before = snapshot(db)
+    body = opening * 400 + "1" + closing * 400
+    response = client.post(
+        "/api/v1/searches", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body"] and "32 levels" in detail["msg"]
+    # Brackets inside strings are not nesting: a name full of them is just a name.
+    created = create(client, {**SPEC, "name": "[{" * 50 + '\\"'})
+    assert created["name"].startswith("[{[{")
+    assert len(snapshot(db)["searches"]) == len(before["searches"]) + 1
+
+
+BEYOND_ANY_COLUMN = 2**70
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/searches?offset={big}",
+        "/api/v1/searches/{search}/trials?offset={big}",
+        "/api/v1/searches/{search}/trials/{big}",
+        "/api/v1/searches/{search}/trials/0?attempt={big}",
+        "/api/v1/searches/{search}/trials/{big}/files/weights.safetensors",
+        "/api/v1/searches/{search}/trials/{big}/attention",
+        "/api/v1/searches/{search}/leaderboard?offset={big}",
+    ],
+)
+def test_integers_beyond_a_database_column_are_422(
+    client: TestClient, search_id: str, path: str
+) -> None:
+    """A fuzzer's 2**70 once reached the database and overflowed there: a 500."""
+    response = client.get(path.format(big=BEYOND_ANY_COLUMN, search=search_id))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][-1] in ("offset", "number", "attempt")
+
+
 def test_body_at_the_limit_is_accepted_declared_or_streamed(
     client: TestClient, db: Database
 ) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from search.settings import Settings
@@ -40,6 +41,18 @@ DB = Annotated[Database, Depends(database)]
 AppSettings = Annotated[Settings, Depends(settings)]
 Store = Annotated[Any, Depends(artifact_store)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+# Every integer a caller names is bounded by what an INTEGER column holds (PostgreSQL's 32 bits),
+# so that none reaches the database to overflow there (a 500) rather than being refused (a 422).
+INT_MAX = 2**31 - 1
+TrialNumber = Annotated[
+    int, PathParam(ge=0, le=INT_MAX, description="The trial's number within its search.")
+]
+Attempt = Annotated[
+    int | None,
+    Query(ge=0, le=INT_MAX, description="Which attempt of a re-run trial (default: the last)."),
+]
+Offset = Annotated[int, Query(ge=0, le=INT_MAX, description="How many items to skip.")]
 
 
 def _caller(db: Database, credentials: HTTPAuthorizationCredentials | str | None) -> ApiToken:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from search.errors import Conflict, NotFound
 from search.results.queries import trial
 from search.settings import Settings
 from search.store.artifacts import SAMPLES_FILE, read_artifact
 from search.store.models import TrialResult
-from service.api.deps import DB, AppSettings, Reader, Store
+from service.api.deps import DB, AppSettings, Attempt, Reader, Store, TrialNumber
 from service.api.made_files import made_once
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["attention"], dependencies=[Reader])
@@ -43,8 +42,8 @@ def attention(
     settings: AppSettings,
     store: Store,
     search_id: str,
-    number: int,
-    attempt: Annotated[int | None, Query(ge=0)] = None,
+    number: TrialNumber,
+    attempt: Attempt = None,
 ) -> Response:
     """Spatial attention maps (each at its block's resolution), channel gate values, Grad-CAM of
     the last stage, label and prediction for the first validation images of a completed trial.

@@ -20,7 +20,7 @@ from search.results.queries import trial
 from search.settings import Settings
 from search.store.artifacts import MEDIA_TYPES, open_artifact, read_artifact
 from search.store.models import TrialResult
-from service.api.deps import DB, AppSettings, Reader, Store
+from service.api.deps import DB, AppSettings, Attempt, Reader, Store, TrialNumber
 from service.api.made_files import made_once
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["downloads"], dependencies=[Reader])
@@ -43,9 +43,9 @@ def download(
     settings: AppSettings,
     store: Store,
     search_id: str,
-    number: int,
+    number: TrialNumber,
     name: FileName,  # type: ignore[valid-type]
-    attempt: int | None = None,
+    attempt: Attempt = None,
 ) -> Any:
     """``weights.safetensors``, ``architecture.json``, ``metrics.json`` or ``model.onnx`` (made
     from the weights on first request) of a completed trial."""

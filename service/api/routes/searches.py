@@ -26,7 +26,7 @@ from search.store.searches import (
     delete_search,
     find_by_idempotency_key,
 )
-from service.api.deps import DB, AppSettings, Reader, Store, Writer, write_access
+from service.api.deps import DB, AppSettings, Offset, Reader, Store, Writer, write_access
 from service.api.routes.attention import attention_dir
 from service.api.routes.files import export_dir
 from service.api.schemas import Page, SearchOut
@@ -117,7 +117,7 @@ def list_all(
     db: DB,
     state: SearchState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[SearchOut]:
     """Searches, newest first, with their progress."""
     total, rows = list_searches(db, state=state, limit=limit, offset=offset)

@@ -18,7 +18,7 @@ from search.results.queries import (
     trials_page,
 )
 from search.store.models import ResultState
-from service.api.deps import DB, Reader
+from service.api.deps import DB, Attempt, Offset, Reader, TrialNumber
 from service.api.schemas import LeaderboardOut, Page
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["trials"], dependencies=[Reader])
@@ -54,7 +54,7 @@ def list_trials(
     order: Order = Order.asc,
     state: ResultState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[dict[str, Any]]:
     """Trial attempts sorted by any metric (missing values last), without learning curves."""
     total, items = trials_page(
@@ -71,7 +71,7 @@ def list_trials(
 
 @router.get("/trials/{number}")
 def show_trial(
-    db: DB, search_id: str, number: int, attempt: Annotated[int | None, Query(ge=0)] = None
+    db: DB, search_id: str, number: TrialNumber, attempt: Attempt = None
 ) -> dict[str, Any]:
     """One trial (its latest attempt unless ``attempt`` is given): architecture, every metric,
     the learning curve, state, failure reason and the files it can be downloaded as."""
@@ -84,7 +84,7 @@ def leaderboard(
     search_id: str,
     overhead: Overhead = Overhead("params"),  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     pareto_only: bool = False,
     sort: LeaderboardSort = LeaderboardSort("rank"),  # type: ignore[valid-type]
     order: Order = Order.asc,
