@@ -22,7 +22,8 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
 .PHONY: $(STAMP)
 endif
 
-.PHONY: install kernels demo test test-fast pytest lint format check-docker bench clean distclean
+.PHONY: install kernels demo test test-fast pytest lint format check-docker bench gpu-wheels clean \
+	distclean
 
 install: $(STAMP)
 
@@ -70,6 +71,15 @@ bench: $(STAMP)
 		echo "== $$name"; \
 		$(BIN)/python -m "benchmarks.$$name"; \
 	done
+
+# Wheels of the spec's pydantic models for a GPU box that has torch and timm but not pydantic
+# (CPython 3.12, Linux x86-64): carry .whl/ there and pip install --target it onto PYTHONPATH.
+GPU_WHEELS = pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 # Build outputs and caches only; .cbam-nas/ (your database, artifacts and data) is left alone.
 clean:

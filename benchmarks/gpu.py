@@ -14,8 +14,9 @@
    trial (model build, epochs, validation) and of the training steps alone (epochs after the
    first), and ours / timm in images/s (higher is better).
 
-It imports torch, timm and the project's ``search`` model code and ``workers.train`` only (not
-Optuna, SQLAlchemy or FastAPI), so it runs from a checkout on any machine with torch and timm:
+It imports torch, timm, pydantic (the spec's models) and the project's ``search`` model code and
+``workers.train`` only (not Optuna, SQLAlchemy or FastAPI), so it runs from a checkout on any
+machine with those (``make gpu-wheels`` brings pydantic to one without it):
 
     PYTHONPATH=. python benchmarks/gpu.py [--device cuda:0] [--rounds 30] [--parts block,train]
 

@@ -167,11 +167,23 @@ def dataset_info(name: Any, field_path: str = "dataset.name") -> DatasetInfo:
 
 
 def check_option_keys(name: str, options: Mapping[str, Any]) -> DatasetInfo:
-    """The dataset ``name``, after checking that it has every key of ``options``."""
+    """The dataset ``name``, after checking that it has every key of ``options``: an unknown
+    key is an error at ``dataset.options.<key>``."""
     info = dataset_info(name)
     for key in options:
         if key not in info.options:
-            raise InvalidValue("dataset.options", key, tuple(info.options))
+            allowed = tuple(info.options) or f"no option ({name} takes none)"
+            raise InvalidValue(f"dataset.options.{key}", key, allowed)
+    return info
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> DatasetInfo:
+    """The dataset ``name``, after checking ``options`` whole against the catalogue: known keys,
+    values of their types within their bounds, the required ones given. The spec runs this at
+    submit, so a typo is refused before any worker loads data."""
+    info = check_option_keys(name, options)
+    for key in info.options:
+        option_value(info, options, key)
     return info
 
 
@@ -193,6 +205,18 @@ def check_paths(name: str, options: Mapping[str, Any], roots: Sequence[Path]) ->
                 value,
                 f"a path inside {inside} (the server's data roots, CBAM_NAS_DATA_ROOTS)",
             )
+
+
+def check_download(options: Mapping[str, Any], allowed: bool) -> None:
+    """A download asked for (``download: true``) where the server's settings forbid it is an
+    error at ``dataset.options.download``."""
+    if not allowed and options.get("download") is True:
+        raise InvalidValue(
+            "dataset.options.download",
+            True,
+            "false (this server downloads no datasets: CBAM_NAS_ALLOW_DOWNLOADS is false; put "
+            "the files under a data root)",
+        )
 
 
 def option_value(

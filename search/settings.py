@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         "in, separated by the OS path separator (':' on Linux); empty: data_dir only. A path "
         "elsewhere (symlinks followed) is refused at submit (422, exit code 2) and by workers.",
     )
+    allow_downloads: bool = Field(
+        default=True,
+        description="Whether a search may have workers download its dataset "
+        "(dataset.options.download: true). False: such a spec is refused at submit (422, exit "
+        "code 2) and by workers, and the files must already lie under a data root.",
+    )
     cache_dir: Path = Field(
         default=STATE_DIR / "cache",
         description="Files made on demand from artifacts (ONNX exports), safe to delete.",

@@ -24,7 +24,9 @@ import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
 
 from search.backbones import BACKBONES, BackboneInfo, backbone_info
 from search.errors import InvalidValue
@@ -47,6 +49,7 @@ from search.knobs import (
     has_channel_gate,
     has_spatial_gate,
 )
+from search.validation import SpecModel
 
 if TYPE_CHECKING:
     from optuna.trial import BaseTrial
@@ -246,55 +249,60 @@ _ALL_POOL_SETS = tuple(
 )
 
 
+def _values(name: str, raw: Any, check: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+    field = f"space.{name}"
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence) or not raw:
+        raise InvalidValue(field, raw, "a non-empty list")
+    values = [check(value, f"{field}[{i}]") for i, value in enumerate(raw)]
+    return tuple(dict.fromkeys(values))
+
+
 def _stage_subsets(stages: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(
         combo for n in range(1, len(stages) + 1) for combo in itertools.combinations(stages, n)
     )
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """The values each knob may take. ``stages=None`` allows every non-empty subset of the
-    backbone's stages; otherwise it lists the allowed stage sets.
-
-    Values are validated, normalised (pool-type sets in POOL_TYPES order, stage sets sorted) and
+class SearchSpace(SpecModel):
+    """The values each CBAM knob may take; a sampled architecture takes one of each. Values are
+    validated, normalised (pool-type sets in the order avg, max, lp, lse; stage sets sorted) and
     de-duplicated in their given order, so the Optuna choices stay the same from trial to trial.
     """
 
-    arrangements: tuple[str, ...] = ARRANGEMENTS
-    reductions: tuple[int, ...] = (2, 4, 8, 16, 32)
-    pool_types: tuple[tuple[str, ...], ...] = _ALL_POOL_SETS
-    mlp_bias: tuple[bool, ...] = (True, False)
-    kernel_sizes: tuple[int, ...] = KERNEL_SIZES
-    spatial_pools: tuple[str, ...] = SPATIAL_POOLS
-    spatial_bn: tuple[bool, ...] = (True, False)
-    stages: tuple[tuple[int, ...], ...] | None = None
-    blocks: tuple[str, ...] = BLOCK_CHOICES
+    path: ClassVar[str] = "space"
 
-    def __post_init__(self) -> None:
-        for name, knob in _SPACE_KNOBS.items():
-            object.__setattr__(self, name, self._values(name, _KNOB_CHECKS[knob]))
-        if self.stages is not None:
-            object.__setattr__(self, "stages", self._values("stages", _check_stages))
+    arrangements: tuple[Literal[ARRANGEMENTS], ...] = Field(ARRANGEMENTS, min_length=1)  # type: ignore[valid-type]
+    """How the channel and spatial gates are combined (``channel`` / ``spatial``: one gate)."""
+    reductions: tuple[Annotated[int, Field(ge=1)], ...] = Field((2, 4, 8, 16, 32), min_length=1)
+    """The channel gate's MLP reduction ratio r (hidden units = channels / r)."""
+    pool_types: tuple[tuple[Literal[POOL_TYPES], ...], ...] = Field(_ALL_POOL_SETS, min_length=1)  # type: ignore[valid-type]
+    """Sets of the channel gate's pooling (a set may also be written ``"avg+max"``)."""
+    mlp_bias: tuple[bool, ...] = Field((True, False), min_length=1)
+    kernel_sizes: tuple[Literal[KERNEL_SIZES], ...] = Field(KERNEL_SIZES, min_length=1)  # type: ignore[valid-type]
+    """The spatial gate's convolution kernel size."""
+    spatial_pools: tuple[Literal[SPATIAL_POOLS], ...] = Field(SPATIAL_POOLS, min_length=1)  # type: ignore[valid-type]
+    """The spatial gate's channel pooling: max and mean, or a 1x1 convolution."""
+    spatial_bn: tuple[bool, ...] = Field((True, False), min_length=1)
+    stages: tuple[tuple[Annotated[int, Field(ge=1)], ...], ...] | None = Field(None, min_length=1)
+    """The allowed stage sets (stages numbered from 1); null: every non-empty subset of the
+    backbone's stages."""
+    blocks: tuple[Literal[BLOCK_CHOICES], ...] = Field(BLOCK_CHOICES, min_length=1)  # type: ignore[valid-type]
+    """Which blocks of a chosen stage hold CBAM."""
 
-    def _values(self, name: str, check: Callable[[Any, str], Any]) -> tuple[Any, ...]:
-        raw = getattr(self, name)
-        field = f"space.{name}"
-        if isinstance(raw, str | bytes) or not isinstance(raw, Sequence) or not raw:
-            raise InvalidValue(field, raw, "a non-empty list")
-        values = [check(value, f"{field}[{i}]") for i, value in enumerate(raw)]
-        return tuple(dict.fromkeys(values))
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
-        _reject_unknown_keys(data, _SPACE_FIELDS, "space")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        def plain(value: Any) -> Any:
-            return [plain(v) for v in value] if isinstance(value, tuple) else value
-
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+    def _normalise(cls, data: Any) -> Any:
+        """Each list through its knob's one validator (:mod:`search.knobs`), so a value has the
+        same rule and message here as in an architecture or a module."""
+        if not isinstance(data, Mapping):
+            return data
+        checks = {name: _KNOB_CHECKS[knob] for name, knob in _SPACE_KNOBS.items()}
+        if data.get("stages") is not None:
+            checks["stages"] = _check_stages
+        return {
+            name: _values(name, value, checks[name]) if name in checks else value
+            for name, value in data.items()
+        }
 
     def validate_for(self, backbone: str) -> BackboneInfo:
         """Check the backbone and every stage set against it; returns the backbone's info."""
@@ -390,6 +398,3 @@ class SearchSpace:
         return sum(
             product(self._knobs_for(arrangement)[1:]) for arrangement in choices["arrangement"]
         )
-
-
-_SPACE_FIELDS = tuple(f.name for f in fields(SearchSpace))

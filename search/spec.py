@@ -1,33 +1,35 @@
 """The search specification: what to search, on which data, judged how, for how long.
 
-A :class:`SearchSpec` is a tree of frozen dataclasses, one per section (``dataset``, ``space``,
-``objectives``, ``budget``, ``training``, ``early_stopping``) plus a few top-level fields. Every
-section validates itself on construction and raises :class:`~search.errors.InvalidValue` with a
-dotted field path (``training.epochs``, ``objectives.overheads[1]``, ``space.kernel_sizes[0]``)
-and the allowed values; unknown keys are errors at every level. ``to_dict`` gives plain JSON
-values, and ``SearchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec``.
+A :class:`SearchSpec` is a tree of frozen pydantic models, one per section (``dataset``,
+``space``, ``objectives``, ``budget``, ``training``, ``early_stopping``, ``confirm``) plus a few
+top-level fields. Their field types are the published schema (the body of ``POST
+/api/v1/searches`` in ``/openapi.json``) and the validation the API, the CLI and the workers run:
+a bad value raises :class:`~search.errors.InvalidValue` with a dotted field path
+(``training.epochs``, ``objectives.overheads[1]``, ``space.kernel_sizes[0]``) and the allowed
+values; unknown keys are errors at every level (:mod:`search.validation`). ``to_dict`` gives
+plain JSON values, and ``SearchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec``.
 
-Checks that need something from outside the spec (the server's trial limit) are in
-:meth:`SearchSpec.validate`.
+Checks that need something from outside the spec (the server's trial limit, its data roots) are
+in :meth:`SearchSpec.validate`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from search.backbones import BACKBONES
-from search.datasets import DATASETS, check_paths
+from search.datasets import DATASETS, check_download, check_options, check_paths
 from search.errors import InvalidValue
 from search.space import SearchSpace
+from search.validation import JSON_VALUES, SpecModel
 
 OVERHEADS = ("params", "macs", "latency")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -39,164 +41,118 @@ PRUNER_POLICIES = ("median", "hyperband")
 MAX_GRID_SIZE = 10_000
 MAX_SEED = 2**32 - 1
 MAX_NAME_LENGTH = 200
+BACKBONE_NAMES = tuple(sorted(BACKBONES))
+DATASET_NAMES = tuple(DATASETS)
 
-
-# -- Field checks: each returns the normalised value or raises InvalidValue at ``path``. ----------
-
-
-def _choice(value: Any, path: str, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise InvalidValue(path, value, allowed)
-    return value
-
-
-def _int(value: Any, path: str, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value > high):
-        bounds = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-        raise InvalidValue(path, value, bounds)
-    return value
-
-
-def _float(
-    value: Any, path: str, low: float, high: float | None = None, *, low_open: bool = False
-) -> float:
-    """A finite number in [low, high) (or (low, high) when ``low_open``); ints are accepted."""
-    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-    ok = number is not None and math.isfinite(number)
-    if ok:
-        ok = (number > low if low_open else number >= low) and (high is None or number < high)
-    if not ok:
-        above = f"> {low}" if low_open else f">= {low}"
-        allowed = f"a number {above}" + ("" if high is None else f" and < {high}")
-        raise InvalidValue(path, value, allowed)
-    return float(number)
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidValue(path, value, (True, False))
-    return value
-
-
-def _json_object(value: Any, path: str) -> dict[str, Any]:
-    """A JSON object with string keys, copied through JSON so that it round-trips exactly."""
-    allowed = "a JSON object with string keys and JSON values"
-    if not isinstance(value, Mapping):
-        raise InvalidValue(path, value, allowed)
-    for key in value:
-        if not isinstance(key, str):
-            raise InvalidValue(path, key, allowed)
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InvalidValue(path, value, f"{allowed} ({exc})") from None
-
-
-def _check_keys(data: Any, path: str, known: Sequence[str]) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise InvalidValue(path, data, f"a mapping with the fields {', '.join(known)}")
-    for key in data:
-        if key not in known:
-            raise InvalidValue(path, key, known)
-    return data
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists and dicts copied, recursively: the JSON shape of a field."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-_S = TypeVar("_S", bound="_Section")
-
-
-class _Section:
-    """from_dict/to_dict for a flat frozen dataclass whose fields are JSON values."""
-
-    path: ClassVar[str]
-
-    @classmethod
-    def from_dict(cls: type[_S], data: Mapping[str, Any]) -> _S:
-        known = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-        return cls(**_check_keys(data, cls.path, known))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
-
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-
-    def _at(self, name: str) -> str:
-        return f"{self.path}.{name}"
+EXAMPLE: dict[str, Any] = {
+    "name": "cluttered digits, ResNet-20",
+    "backbone": "cifar_resnet20",
+    "dataset": {"name": "cluttered-digits"},
+    "space": {"arrangements": ["channel-spatial", "parallel"], "kernel_sizes": [3, 7]},
+    "objectives": {"overheads": ["params"]},
+    "budget": {"trials": 12},
+    "training": {"epochs": 6},
+}
+"""A small spec, as ``/docs`` shows it."""
 
 
 # -- Sections ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DatasetSpec(_Section):
-    """``name`` is one of the dataset catalogue (:mod:`search.datasets`); ``options`` are read by
-    its loader, checked against the catalogue's types and bounds (root, canvas, download, ...)."""
+def _options_text() -> str:
+    """The options of every dataset, from the catalogue, for the schema's description."""
+    lines = []
+    for info in DATASETS.values():
+        names = ", ".join(info.options) or "none"
+        lines.append(f"{info.name}: {names}")
+    return (
+        "Options of the dataset's loader, checked against the dataset catalogue (GET "
+        "/api/v1/datasets gives each option's type, bounds and default). By dataset: "
+        + "; ".join(lines)
+        + "."
+    )
+
+
+class DatasetSpec(SpecModel):
+    """The data: a dataset of the catalogue, its loader's options, and the validation split."""
 
     path: ClassVar[str] = "dataset"
 
-    name: str = "cluttered-digits"
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
-    val_fraction: float = 0.1
+    name: Literal[DATASET_NAMES] = "cluttered-digits"  # type: ignore[valid-type]
+    """A dataset of the catalogue."""
+    options: dict[str, Any] = Field(default_factory=dict, description=_options_text())
+    val_fraction: float = Field(0.1, gt=0, lt=1, strict=True, allow_inf_nan=False)
+    """The fraction of the training images held out to validate (and rank) the trials."""
 
-    def __post_init__(self) -> None:
-        _choice(self.name, self._at("name"), tuple(DATASETS))
-        self._set("options", _json_object(self.options, self._at("options")))
-        self._set(
-            "val_fraction", _float(self.val_fraction, self._at("val_fraction"), 0, 1, low_open=True)
-        )
+    @field_validator("options", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> dict[str, Any]:
+        """A JSON object with string keys, copied through JSON so that it round-trips exactly."""
+        at = "dataset.options"
+        if not isinstance(value, Mapping):
+            raise InvalidValue(at, value, JSON_VALUES)
+        for key in value:
+            if not isinstance(key, str):
+                raise InvalidValue(at, key, JSON_VALUES)
+        try:
+            return json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidValue(at, value, f"{JSON_VALUES} ({exc})") from None
+
+    @model_validator(mode="after")
+    def _catalogue(self) -> DatasetSpec:
+        check_options(self.name, self.options)
+        return self
+
+    def __hash__(self) -> int:
+        """Specs are hashable; the options (a JSON object) take no part in the hash."""
+        return hash((self.name, self.val_fraction))
 
 
-@dataclass(frozen=True)
-class TrainingSpec(_Section):
+class TrainingSpec(SpecModel):
     """How one trial trains: ``channels_last`` on CPU and CUDA, ``mixed_precision`` on CUDA."""
 
     path: ClassVar[str] = "training"
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    augment: bool = True
-    crop_padding: int = 4
-    flip: bool = True
-    mixed_precision: bool = True
-    channels_last: bool = True
-    compile: bool = False
+    epochs: int = Field(10, ge=1, strict=True)
+    """Epochs of an exploration trial."""
+    batch_size: int = Field(128, ge=1, strict=True)
+    optimizer: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    lr: float = Field(0.1, gt=0, strict=True, allow_inf_nan=False)
+    """The peak learning rate."""
+    momentum: float = Field(0.9, ge=0, lt=1, strict=True, allow_inf_nan=False)
+    nesterov: bool = Field(True, strict=True)
+    """Nesterov momentum (SGD; false when momentum is 0)."""
+    weight_decay: float = Field(5e-4, ge=0, strict=True, allow_inf_nan=False)
+    schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    """The learning-rate schedule over the epochs."""
+    warmup_epochs: int = Field(0, ge=0, strict=True)
+    """Linear warm-up epochs, fewer than ``epochs``."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1, strict=True, allow_inf_nan=False)
+    augment: bool = Field(True, strict=True)
+    """Random crops (``crop_padding``) and flips (``flip``) of the training images."""
+    crop_padding: int = Field(4, ge=0, strict=True)
+    flip: bool = Field(True, strict=True)
+    mixed_precision: bool = Field(True, strict=True)
+    """bfloat16/float16 autocast on CUDA; ignored on the CPU."""
+    channels_last: bool = Field(True, strict=True)
+    compile: bool = Field(False, strict=True)
+    """``torch.compile`` the model (CUDA)."""
 
-    def __post_init__(self) -> None:
-        at = self._at
-        epochs = _int(self.epochs, at("epochs"), 1)
-        _int(self.batch_size, at("batch_size"), 1)
-        _choice(self.optimizer, at("optimizer"), OPTIMIZERS)
-        self._set("lr", _float(self.lr, at("lr"), 0, low_open=True))
-        self._set("momentum", _float(self.momentum, at("momentum"), 0, 1))
-        self._set("weight_decay", _float(self.weight_decay, at("weight_decay"), 0))
-        _choice(self.schedule, at("schedule"), SCHEDULES)
-        _int(self.warmup_epochs, at("warmup_epochs"), 0, epochs - 1)
-        self._set("label_smoothing", _float(self.label_smoothing, at("label_smoothing"), 0, 1))
-        _int(self.crop_padding, at("crop_padding"), 0)
-        for name in ("nesterov", "augment", "flip", "mixed_precision", "channels_last", "compile"):
-            _bool(getattr(self, name), at(name))
+    @model_validator(mode="after")
+    def _across_fields(self) -> TrainingSpec:
+        if self.warmup_epochs > self.epochs - 1:
+            raise InvalidValue(
+                self._at("warmup_epochs"),
+                self.warmup_epochs,
+                f"an integer from 0 to {self.epochs - 1}",
+            )
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
-            raise InvalidValue(at("nesterov"), True, "false when training.momentum is 0")
+            raise InvalidValue(self._at("nesterov"), True, "false when training.momentum is 0")
+        return self
 
 
-@dataclass(frozen=True)
-class EarlyStoppingSpec(_Section):
+class EarlyStoppingSpec(SpecModel):
     """``halving``: successive-halving rungs at ``min_epochs * reduction_factor**k`` epochs, a
     trial continuing when it is in the top ``1/reduction_factor`` of the trials that reached the
     rung, judged once ``min_trials_at_rung`` have. ``median``/``hyperband``: Optuna's pruners
@@ -204,16 +160,12 @@ class EarlyStoppingSpec(_Section):
 
     path: ClassVar[str] = "early_stopping"
 
-    policy: str = "halving"
-    min_epochs: int = 1
-    reduction_factor: int = 3
-    min_trials_at_rung: int = 3
-
-    def __post_init__(self) -> None:
-        _choice(self.policy, self._at("policy"), EARLY_STOPPING)
-        _int(self.min_epochs, self._at("min_epochs"), 1)
-        _int(self.reduction_factor, self._at("reduction_factor"), 2)
-        _int(self.min_trials_at_rung, self._at("min_trials_at_rung"), 1)
+    policy: Literal[EARLY_STOPPING] = "halving"  # type: ignore[valid-type]
+    min_epochs: int = Field(1, ge=1, strict=True)
+    """The first rung, in epochs."""
+    reduction_factor: int = Field(3, ge=2, strict=True)
+    min_trials_at_rung: int = Field(3, ge=1, strict=True)
+    """Trials that must reach a rung before it stops any."""
 
     def rungs(self, epochs: int) -> list[int]:
         """The successive-halving rungs of a training of ``epochs`` epochs: ``min_epochs *
@@ -225,8 +177,7 @@ class EarlyStoppingSpec(_Section):
         return out
 
 
-@dataclass(frozen=True)
-class ObjectivesSpec(_Section):
+class ObjectivesSpec(SpecModel):
     """Validation accuracy is always maximised. Without a constraint the overheads (percent over
     the no-attention baseline) are minimised alongside it; with ``constraint_overhead`` and
     ``constraint_max_pct`` the study has accuracy as its single objective, subject to
@@ -234,30 +185,21 @@ class ObjectivesSpec(_Section):
 
     path: ClassVar[str] = "objectives"
 
-    overheads: tuple[str, ...] = ("params",)
-    constraint_overhead: str | None = None
-    constraint_max_pct: float | None = None
+    overheads: tuple[Literal[OVERHEADS], ...] = Field(("params",), min_length=1)  # type: ignore[valid-type]
+    """The overheads measured, each at most once."""
+    constraint_overhead: Literal[OVERHEADS] | None = None  # type: ignore[valid-type]
+    """The overhead bounded in the constrained mode."""
+    constraint_max_pct: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
+    """Its bound, in percent over the no-attention baseline."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _across_fields(self) -> ObjectivesSpec:
         at = self._at
-        raw = self.overheads
-        if isinstance(raw, str) or not isinstance(raw, Sequence) or not raw:
-            raise InvalidValue(at("overheads"), raw, f"a non-empty list of {', '.join(OVERHEADS)}")
-        overheads = tuple(
-            _choice(o, f"{at('overheads')}[{i}]", OVERHEADS) for i, o in enumerate(raw)
-        )
-        if len(set(overheads)) != len(overheads):
+        if len(set(self.overheads)) != len(self.overheads):
             raise InvalidValue(
-                at("overheads"), list(raw), "each of params, macs, latency at most once"
+                at("overheads"), list(self.overheads), "each of params, macs, latency at most once"
             )
-        self._set("overheads", overheads)
         overhead, max_pct = self.constraint_overhead, self.constraint_max_pct
-        if overhead is not None:
-            _choice(overhead, at("constraint_overhead"), OVERHEADS)
-        if max_pct is not None:
-            self._set(
-                "constraint_max_pct", _float(max_pct, at("constraint_max_pct"), 0, low_open=True)
-            )
         if overhead is not None and max_pct is None:
             raise InvalidValue(
                 at("constraint_max_pct"), None, "a number > 0 when constraint_overhead is set"
@@ -268,34 +210,26 @@ class ObjectivesSpec(_Section):
                 None,
                 f"one of {', '.join(OVERHEADS)} when constraint_max_pct is set",
             )
+        return self
 
     @property
     def constrained(self) -> bool:
         return self.constraint_overhead is not None
 
 
-@dataclass(frozen=True)
-class BudgetSpec(_Section):
+class BudgetSpec(SpecModel):
     """``trials`` counts completed trials; a failed trial is re-run up to ``max_retries`` times."""
 
     path: ClassVar[str] = "budget"
 
-    trials: int = 20
-    wall_clock_s: float | None = None
-    max_retries: int = 2
-
-    def __post_init__(self) -> None:
-        _int(self.trials, self._at("trials"), 1)
-        if self.wall_clock_s is not None:
-            self._set(
-                "wall_clock_s",
-                _float(self.wall_clock_s, self._at("wall_clock_s"), 0, low_open=True),
-            )
-        _int(self.max_retries, self._at("max_retries"), 0)
+    trials: int = Field(20, ge=1, strict=True)
+    """Exploration trials (the server may cap it: GET /api/v1/meta)."""
+    wall_clock_s: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
+    """Stop exploring after this many seconds."""
+    max_retries: int = Field(2, ge=0, strict=True)
 
 
-@dataclass(frozen=True)
-class ConfirmSpec(_Section):
+class ConfirmSpec(SpecModel):
     """Confirmation by racing, after the exploration: the candidates (the Pareto front of the
     explored architectures, or the most accurate feasible ones in the constrained mode; up to
     ``top_k``) and the three references run again on shared seeds, one seed per round for every
@@ -308,25 +242,22 @@ class ConfirmSpec(_Section):
 
     path: ClassVar[str] = "confirm"
 
-    enabled: bool = True
-    top_k: int = 3
-    min_seeds: int = 2
-    max_seeds: int = 5
-    alpha: float = 0.05
-    epochs: int | None = None
-    trials: int | None = None
+    enabled: bool = Field(True, strict=True)
+    top_k: int = Field(3, ge=1, le=50, strict=True)
+    min_seeds: int = Field(2, ge=2, le=100, strict=True)
+    max_seeds: int = Field(5, ge=2, le=100, strict=True)
+    """At least ``min_seeds``."""
+    alpha: float = Field(0.05, gt=0, lt=0.5, strict=True, allow_inf_nan=False)
+    epochs: int | None = Field(None, ge=1, strict=True)
+    trials: int | None = Field(None, ge=1, strict=True)
 
-    def __post_init__(self) -> None:
-        at = self._at
-        _bool(self.enabled, at("enabled"))
-        _int(self.top_k, at("top_k"), 1, 50)
-        _int(self.min_seeds, at("min_seeds"), 2, 100)
-        _int(self.max_seeds, at("max_seeds"), self.min_seeds, 100)
-        self._set("alpha", _float(self.alpha, at("alpha"), 0, 0.5, low_open=True))
-        if self.epochs is not None:
-            _int(self.epochs, at("epochs"), 1)
-        if self.trials is not None:
-            _int(self.trials, at("trials"), 1)
+    @model_validator(mode="after")
+    def _across_fields(self) -> ConfirmSpec:
+        if self.max_seeds < self.min_seeds:
+            raise InvalidValue(
+                self._at("max_seeds"), self.max_seeds, f"an integer from {self.min_seeds} to 100"
+            )
+        return self
 
     @property
     def looks(self) -> tuple[int, int]:
@@ -337,46 +268,37 @@ class ConfirmSpec(_Section):
 
 # -- SearchSpec ----------------------------------------------------------------------------------
 
-_SECTIONS: dict[str, type[_Section]] = {
-    "dataset": DatasetSpec,
-    "objectives": ObjectivesSpec,
-    "budget": BudgetSpec,
-    "training": TrainingSpec,
-    "early_stopping": EarlyStoppingSpec,
-    "confirm": ConfirmSpec,
-}
 
+class SearchSpec(SpecModel):
+    """One search: what to search, on which data, judged how, for how long. Sections may be
+    given as mappings; every field has a default."""
 
-@dataclass(frozen=True)
-class SearchSpec:
-    """One search. Sections may be given as mappings; they are converted (and validated)."""
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
 
-    backbone: str = "cifar_resnet20"
-    dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    space: SearchSpace = field(default_factory=SearchSpace)
-    objectives: ObjectivesSpec = field(default_factory=ObjectivesSpec)
-    budget: BudgetSpec = field(default_factory=BudgetSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    sampler: str = "tpe"
-    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
-    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
-    seed: int = 0
-    name: str = ""
+    backbone: Literal[BACKBONE_NAMES] = "cifar_resnet20"  # type: ignore[valid-type]
+    """The network CBAM is placed into (GET /api/v1/backbones lists each one's stages)."""
+    dataset: DatasetSpec = DatasetSpec()
+    space: SearchSpace = SearchSpace()
+    objectives: ObjectivesSpec = ObjectivesSpec()
+    budget: BudgetSpec = BudgetSpec()
+    training: TrainingSpec = TrainingSpec()
+    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    """Optuna's sampler; ``grid`` for spaces of at most 10,000 architectures."""
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    confirm: ConfirmSpec = ConfirmSpec()
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
+    """The seed of the sampler and of the exploration's trainings."""
+    name: str = Field("", max_length=MAX_NAME_LENGTH, strict=True)
 
-    def __post_init__(self) -> None:
-        for name, section in _SECTIONS.items():
-            value = getattr(self, name)
-            if not isinstance(value, section):
-                object.__setattr__(self, name, section.from_dict(value))
-        if not isinstance(self.space, SearchSpace):
-            object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
-        _choice(self.backbone, "backbone", sorted(BACKBONES))
+    @model_validator(mode="after")
+    def _across_fields(self) -> SearchSpec:
         self.space.validate_for(self.backbone)
-        _choice(self.sampler, "sampler", SAMPLERS)
-        _int(self.seed, "seed", 0, MAX_SEED)
-        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LENGTH:
+        warmup = self.training.warmup_epochs
+        if self.confirm.epochs is not None and self.confirm.epochs <= warmup:
             raise InvalidValue(
-                "name", self.name, f"a string of at most {MAX_NAME_LENGTH} characters"
+                "confirm.epochs",
+                self.confirm.epochs,
+                f"an integer >= {warmup + 1} (more than training.warmup_epochs)",
             )
         if self.sampler == "grid":
             size = self.space.size(self.backbone)
@@ -397,6 +319,7 @@ class SearchSpec:
                 f"{', '.join(allowed)} ({' and '.join(PRUNER_POLICIES)} need the constrained "
                 "mode: objectives.constraint_overhead and objectives.constraint_max_pct)",
             )
+        return self
 
     @property
     def confirm_epochs(self) -> int:
@@ -409,11 +332,15 @@ class SearchSpec:
         arms = self.confirm.top_k + 3  # the candidates and the three references
         return self.confirm.trials or arms * self.confirm.max_seeds
 
-    def validate(
-        self, max_trials: int | None = None, data_roots: Sequence[Path] | None = None
+    def validate(  # type: ignore[override]
+        self,
+        max_trials: int | None = None,
+        data_roots: Sequence[Path] | None = None,
+        allow_downloads: bool = True,
     ) -> SearchSpec:
         """Checks against the server: the trial budget at most ``max_trials``; the dataset's
-        paths inside ``data_roots`` (``Settings.allowed_data_roots``). Returns self."""
+        paths inside ``data_roots`` (``Settings.allowed_data_roots``); no download unless
+        ``allow_downloads``. Returns self."""
         if max_trials is not None and self.budget.trials > max_trials:
             raise InvalidValue(
                 "budget.trials",
@@ -422,19 +349,8 @@ class SearchSpec:
             )
         if data_roots is not None:
             check_paths(self.dataset.name, self.dataset.options, data_roots)
+        check_download(self.dataset.options, allow_downloads)
         return self
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpec:
-        known = tuple(f.name for f in fields(cls))
-        return cls(**_check_keys(data, "spec", known))
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
-        return out
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> SearchSpec:

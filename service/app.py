@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from search.errors import Conflict, InvalidValue, NotFound
 from search.settings import Settings, get_settings
+from search.spec import SearchSpec
 from search.store.artifacts import artifact_store
 from search.store.engine import Database, open_database
 from service.api.routes import analysis, attention, files, meta, ops, searches, trials
@@ -196,6 +197,24 @@ def route_template(scope: Scope) -> str:
     return "/".join(f"{{{names[s]}}}" if s in names else s for s in segments)
 
 
+def publish_spec_schema(app: FastAPI) -> None:
+    """Put the SearchSpec models' JSON schema into the OpenAPI document's components, where the
+    submit operation's body refers to it. The body is declared by hand (parsed only once the
+    caller is known, see ``routes.searches.spec_body``), so FastAPI would not collect it."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        if "SearchSpec" not in schemas:
+            spec = SearchSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(spec.pop("$defs", {}))
+            schemas["SearchSpec"] = spec
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     """The app around ``db`` (default: the settings' database, opened here and closed when the
     app shuts down). The schema must be migrated already (``cbam-nas serve`` does it)."""
@@ -245,4 +264,5 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     app.include_router(dashboard.router)
     app.mount("/static", dashboard.static_files(), name="static")
+    publish_spec_schema(app)
     return app

@@ -55,7 +55,7 @@ def submit_specs(db: Database, settings: Settings, paths: list[Path]) -> list[Se
     for path in paths:
         text = path.read_text()
         spec = SearchSpec.from_yaml(path).validate(
-            settings.max_trials_per_search, settings.allowed_data_roots
+            settings.max_trials_per_search, settings.allowed_data_roots, settings.allow_downloads
         )
         key = "spec-sha256:" + hashlib.sha256(text.encode()).hexdigest()
         searches.append(

@@ -57,6 +57,7 @@ def settings(
     monkeypatch.delenv("CBAM_NAS_API_URL", raising=False)
     monkeypatch.setenv("CBAM_NAS_DATA_DIR", str(shared_data_dir))
     monkeypatch.delenv("CBAM_NAS_DATA_ROOTS", raising=False)
+    monkeypatch.delenv("CBAM_NAS_ALLOW_DOWNLOADS", raising=False)
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()

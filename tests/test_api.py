@@ -154,6 +154,31 @@ INVALID_SPECS: dict[str, tuple[dict[str, Any], list[Any], list[str]]] = {
         list(DATASETS),
     ),
     "empty blocks": ({"space": {"blocks": []}}, ["body", "space", "blocks"], ["non-empty"]),
+    "unknown dataset option": (
+        {"dataset": {"name": "cluttered-digits", "options": {"canvass": 40}}},
+        ["body", "dataset", "options", "canvass"],
+        ["'canvas'", "'digit_size'"],
+    ),
+    "negative dataset size": (
+        {"dataset": {"name": "digits", "options": {"size": -8}}},
+        ["body", "dataset", "options", "size"],
+        [">= 8"],
+    ),
+    "dataset option of the wrong type": (
+        {"dataset": {"name": "synthetic", "options": {"num_classes": "four"}}},
+        ["body", "dataset", "options", "num_classes"],
+        ["an integer"],
+    ),
+    "imagefolder without a root": (
+        {"dataset": {"name": "imagefolder"}},
+        ["body", "dataset", "options", "root"],
+        ["class folders"],
+    ),
+    "confirmation shorter than the warm-up": (
+        {"training": {"epochs": 6, "warmup_epochs": 3}, "confirm": {"epochs": 2}},
+        ["body", "confirm", "epochs"],
+        [">= 4"],
+    ),
     "empty stages": ({"space": {"stages": []}}, ["body", "space", "stages"], ["non-empty"]),
     "unknown block choice": (
         {"space": {"blocks": ["all", "middle"]}},
@@ -208,6 +233,24 @@ def test_invalid_spec_is_422_naming_the_field_and_the_allowed_values(
         assert value in detail["allowed"], (value, detail["allowed"])
         assert value in detail["msg"]
     assert snapshot(db) == before
+
+
+def test_a_download_is_refused_where_the_settings_forbid_it(
+    db: Database, app_settings: Settings
+) -> None:
+    spec = {**SPEC, "dataset": {"name": "cifar10", "options": {"download": True}}}
+    no_downloads = create_app(app_settings.model_copy(update={"allow_downloads": False}), db=db)
+    token = create_token(db, "downloader")
+    with TestClient(no_downloads, headers={"Authorization": f"Bearer {token}"}) as strict:
+        before = snapshot(db)
+        response = strict.post("/api/v1/searches", json=spec)
+        assert response.status_code == 422, response.text
+        (detail,) = response.json()["detail"]
+        assert detail["loc"] == ["body", "dataset", "options", "download"]
+        assert "CBAM_NAS_ALLOW_DOWNLOADS" in detail["allowed"]
+        assert snapshot(db) == before
+        spec["dataset"]["options"]["download"] = False
+        assert strict.post("/api/v1/searches", json=spec).status_code == 201
 
 
 def test_a_dataset_path_inside_the_data_roots_is_accepted_and_a_symlink_out_is_not(

@@ -47,7 +47,7 @@ def test_unknown_name_and_options_are_refused(tmp_path: Path) -> None:
     assert error.value.field == "dataset.name"
     with pytest.raises(InvalidValue) as error:
         load("cluttered-digits", tmp_path, canvass=40)
-    assert error.value.field == "dataset.options" and "canvas" in str(error.value)
+    assert error.value.field == "dataset.options.canvass" and "'canvas'" in str(error.value)
     with pytest.raises(InvalidValue) as error:
         load("cluttered-digits", tmp_path, canvas=16, digit_size=20)
     assert error.value.field == "dataset.options.digit_size"

@@ -26,7 +26,9 @@ from search.spec import (
 def _custom_spec() -> SearchSpec:
     return SearchSpec(
         backbone="resnet18",
-        dataset=DatasetSpec("cifar10", {"root": "/data/cifar", "download": False}, 0.2),
+        dataset=DatasetSpec(
+            name="cifar10", options={"root": "/data/cifar", "download": False}, val_fraction=0.2
+        ),
         space=SearchSpace(
             arrangements=("channel-spatial", "spatial"),
             reductions=(8, 16),
@@ -34,7 +36,9 @@ def _custom_spec() -> SearchSpec:
             kernel_sizes=(3, 7),
             stages=((3, 4), (1, 2, 3, 4)),
         ),
-        objectives=ObjectivesSpec(("macs", "latency"), "params", 5),
+        objectives=ObjectivesSpec(
+            overheads=("macs", "latency"), constraint_overhead="params", constraint_max_pct=5
+        ),
         budget=BudgetSpec(trials=12, wall_clock_s=3600, max_retries=0),
         training=TrainingSpec(epochs=3, lr=1, optimizer="adamw", label_smoothing=0.1),
         sampler="nsga2",
@@ -198,7 +202,7 @@ def test_sections_constructed_directly_use_their_paths() -> None:
     with pytest.raises(InvalidValue, match=r"^training\.batch_size: -1"):
         TrainingSpec(batch_size=-1)
     with pytest.raises(InvalidValue, match=r"^dataset\.name: 'svhn'"):
-        DatasetSpec("svhn")
+        DatasetSpec(name="svhn")
 
 
 def test_the_bundled_examples_are_valid_specs() -> None:

@@ -436,6 +436,20 @@ def test_a_dataset_path_outside_this_workers_data_roots_fails_the_search(
     assert "dataset.options.root" in failed.error and "CBAM_NAS_DATA_ROOTS" in failed.error
 
 
+def test_a_download_this_worker_may_not_make_fails_the_search(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CBAM_NAS_ALLOW_DOWNLOADS", "false")
+    get_settings.cache_clear()
+    dataset = {"name": "cifar10", "options": {"download": True}}
+    search = create_search(sqlite_db, quick_spec(trials=3, dataset=dataset))
+    assert Worker(_options(search.id)).run() == 0
+    failed = _search(sqlite_db, search.id)
+    assert failed.state == SearchState.failed
+    assert "dataset.options.download" in failed.error
+    assert "CBAM_NAS_ALLOW_DOWNLOADS" in failed.error
+
+
 def test_missing_dataset_fails_the_search(
     sqlite_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

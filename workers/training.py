@@ -14,7 +14,7 @@ from typing import Any
 from optuna.trial import TrialState
 from sqlalchemy import select
 
-from search.datasets import check_paths
+from search.datasets import check_download, check_paths
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, measure
 from search.results.queries import rung_accuracies
@@ -78,6 +78,7 @@ def _data(ctx: TrialContext, spec: SearchSpec) -> DatasetTensors | StreamingData
     try:
         # Again here: the search may predate the server's data roots, or this host's differ.
         check_paths(spec.dataset.name, spec.dataset.options, ctx.settings.allowed_data_roots)
+        check_download(spec.dataset.options, ctx.settings.allow_downloads)
         return load_dataset(
             spec.dataset.name,
             spec.dataset.options,

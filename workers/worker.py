@@ -38,7 +38,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -335,7 +334,7 @@ class Worker:
             study,
             architecture,
             reference,
-            replace(spec.training, epochs=epochs),
+            spec.training.model_copy(update={"epochs": epochs}),
             spec.seed if claim.seed is None else claim.seed,
             self.db,
             self.settings,

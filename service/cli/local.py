@@ -295,7 +295,7 @@ def run_search(
     settings = get_settings()
     try:
         spec = SearchSpec.from_yaml(spec_file).validate(
-            settings.max_trials_per_search, settings.allowed_data_roots
+            settings.max_trials_per_search, settings.allowed_data_roots, settings.allow_downloads
         )
     except InvalidValue as exc:
         raise bad_parameter(exc, "SPEC") from None

@@ -18,7 +18,7 @@ from search.results.queries import (
     progress_of,
     reference_convergence,
 )
-from search.spec import SearchSpec
+from search.spec import EXAMPLE, SearchSpec
 from search.store.models import ApiToken, SearchState
 from search.store.searches import (
     cancel_search,
@@ -32,16 +32,6 @@ from service.api.routes.files import export_dir
 from service.api.schemas import Page, SearchOut
 
 router = APIRouter(prefix="/searches", tags=["searches"])
-
-_EXAMPLE_SPEC = {
-    "name": "cluttered digits, ResNet-20",
-    "backbone": "cifar_resnet20",
-    "dataset": {"name": "cluttered-digits"},
-    "space": {"arrangements": ["channel-spatial", "parallel"], "kernel_sizes": [3, 7]},
-    "objectives": {"overheads": ["params"]},
-    "budget": {"trials": 12},
-    "training": {"epochs": 6},
-}
 
 
 async def spec_body(
@@ -74,8 +64,8 @@ async def spec_body(
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"type": "object", "title": "SearchSpec"},
-                    "example": _EXAMPLE_SPEC,
+                    "schema": {"$ref": "#/components/schemas/SearchSpec"},
+                    "example": EXAMPLE,
                 }
             },
         }
@@ -93,7 +83,7 @@ def submit(
 ) -> SearchOut:
     """Create a search from a SearchSpec; workers start on it at once."""
     parsed = SearchSpec.from_dict(spec).validate(
-        settings.max_trials_per_search, settings.allowed_data_roots
+        settings.max_trials_per_search, settings.allowed_data_roots, settings.allow_downloads
     )
     if idempotency_key is not None:
         existing = find_by_idempotency_key(db, idempotency_key)
