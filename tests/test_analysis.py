@@ -26,6 +26,14 @@ from search.store.engine import Database
 from search.store.models import Phase, Reference, ResultState, Search, TrialResult, utcnow
 from search.store.searches import create_search, search_study
 from search.study import optuna_fast
+from service.api.analysis_schemas import (
+    AblationOut,
+    CurveOut,
+    ImportanceOut,
+    KnobPathsOut,
+    KnobsOut,
+    ScatterOut,
+)
 from service.app import create_app
 from service.auth import create_token
 from service.cli.render import status_table
@@ -701,6 +709,17 @@ def test_endpoints(db: Database, settings: Settings, ablation_search: Search) ->
 
     paths = client.get(f"{base}/knob-paths").json()
     assert paths == knob_views.knob_paths(db, ablation_search.id)
+    # Each answer is what the OpenAPI document says it is.
+    for model, answer in (
+        (ScatterOut, body),
+        (KnobsOut, knobs),
+        (AblationOut, tables),
+        (ImportanceOut, importance),
+        (KnobPathsOut, paths),
+    ):
+        model.model_validate(answer)
+    for curve in curves:
+        CurveOut.model_validate(curve)
 
     # Answers carry an ETag: unchanged, the server says so; a new completed trial changes it.
     tag = scattered.headers["ETag"]

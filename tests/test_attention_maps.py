@@ -25,6 +25,7 @@ from search.settings import Settings
 from search.space import Architecture, reference_architectures
 from search.store.engine import Database
 from search.store.models import ResultState, TrialResult, utcnow
+from service.api.analysis_schemas import AttentionOut
 
 CIFAR = reference_architectures("cifar_resnet20")
 SPATIAL_ONLY = Architecture("cifar_resnet20", "cbam", arrangement="spatial", kernel_size=3)
@@ -404,6 +405,7 @@ def test_attention_endpoint_computes_caches_and_refuses(
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
         body = response.json()
+        AttentionOut.model_validate(body)  # what the OpenAPI document says it answers
         assert body["last_stage"] == "layer3" and len(body["images"]) == 4
         assert len(body["images"][0]["spatial"]) == 9
         assert body["images"][0]["grad_cam"]["size"] == [8, 8]
@@ -473,5 +475,6 @@ def test_a_workers_trial_has_attention_pictures(
         response = client.get(f"/api/v1/searches/{search.id}/trials/0/attention", headers=headers)
     assert response.status_code == 200, response.text
     body = response.json()
+    AttentionOut.model_validate(body)
     assert body["attention"] == "none" and body["image_size"] == [16, 16]
     assert [image["label"] for image in body["images"]] == data.val_y[:4].tolist()

@@ -236,7 +236,7 @@ def test_exploration_board_gives_one_run_its_noise_floor() -> None:
         {**_row(0, 0.94, 100), "arch_id": "x", "val_images": 300},
         {**_row(1, 0.93, 101), "arch_id": "y", "val_images": None},
     ]
-    board = exploration_board(entries, {}, "params")
+    board = exploration_board(entries, "params")
     assert not board.confirmed and board.recommended == "x" and board.top_group == ["x"]
     first, second = board.entries
     assert first["n_seeds"] == 1 and first["val_accuracy_ci95"] == pytest.approx(

@@ -154,15 +154,16 @@ def _untested(entry: Entry) -> None:
         entry[f"verdict_vs_{name}"] = "untested"
 
 
-def exploration_board(entries: list[Entry], references: dict[str, Entry], overhead: str) -> Board:
+def exploration_board(entries: list[Entry], overhead: str) -> Board:
     """The exploration's ranked entries (rows, best first) with one-seed statistics; the best
-    is the answer until a confirmation says more."""
+    is the answer until a confirmation says more. Each reference is its best entry."""
     for entry in entries:
         test = entry.get("test_accuracy")
         _stat_fields(entry, [entry[ACCURACY]], entry.get("val_images"), _present([test]))
         _untested(entry)
         entry["front"] = None
     best = entries[0]["arch_id"] if entries else None
+    references = {name: dict(entry) for name, entry in reference_entries(entries).items()}
     return Board(entries, references, [best] if best else [], best, confirmed=False)
 
 

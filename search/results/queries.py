@@ -24,7 +24,6 @@ from search.results.leaderboard import (
     deltas,
     exploration_board,
     leaderboard,
-    reference_entries,
 )
 from search.spec import SearchSpec
 from search.stats import wilson_interval
@@ -388,11 +387,13 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
     else:
         for row in rows:
             row["state"] = "completed"  # what the query selected
-        references = {name: dict(e) for name, e in reference_entries(rows).items()}
-        board = exploration_board(leaderboard(rows, [overhead]), references, overhead)
+        board = exploration_board(leaderboard(rows, [overhead]), overhead)
     return Ranking(
         board.entries,
-        {name: dict(e) for name, e in board.references.items()},
+        {
+            name: {key: value for key, value in entry.items() if key != "state"}
+            for name, entry in board.references.items()
+        },
         board.top_group,
         board.recommended,
         board.confirmed,

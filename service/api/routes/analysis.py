@@ -17,6 +17,14 @@ from search.results import curves as curves_view
 from search.results import importance as importance_view
 from search.results import knob_views
 from search.results import scatter as scatter_view
+from service.api.analysis_schemas import (
+    AblationOut,
+    CurveOut,
+    ImportanceOut,
+    KnobPathsOut,
+    KnobsOut,
+    ScatterOut,
+)
 from service.api.deps import DB, Reader
 from service.api.encoded import json_answer
 
@@ -33,10 +41,14 @@ MaxPoints = Annotated[
 ]
 
 
-JSON = {200: {"content": {"application/json": {}}}, 304: {"description": "Not modified"}}
+def answers(model: object) -> dict[int | str, dict[str, object]]:
+    """The document's responses of an analysis route: ``model`` as JSON, or 304 when the
+    caller's ETag is current (the routes answer pre-encoded bytes, so FastAPI cannot infer
+    it)."""
+    return {200: {"model": model}, 304: {"description": "Not modified"}}
 
 
-@router.get("/scatter", responses=JSON)
+@router.get("/scatter", responses=answers(ScatterOut))
 def scatter(
     request: Request,
     db: DB,
@@ -50,7 +62,7 @@ def scatter(
     return json_answer(request, db, search_id, scatter_view.scatter, overhead.value, max_points)
 
 
-@router.get("/knobs", responses=JSON)
+@router.get("/knobs", responses=answers(KnobsOut))
 def knobs(
     request: Request,
     db: DB,
@@ -63,7 +75,7 @@ def knobs(
     return json_answer(request, db, search_id, knob_views.knobs, overhead.value, max_points)
 
 
-@router.get("/knob-paths", responses=JSON)
+@router.get("/knob-paths", responses=answers(KnobPathsOut))
 def knob_paths(
     request: Request,
     db: DB,
@@ -77,7 +89,7 @@ def knob_paths(
     return json_answer(request, db, search_id, knob_views.knob_paths, max_trials)
 
 
-@router.get("/ablation", responses=JSON)
+@router.get("/ablation", responses=answers(AblationOut))
 def ablation(
     request: Request,
     db: DB,
@@ -90,7 +102,7 @@ def ablation(
     return json_answer(request, db, search_id, ablation_view.ablation, overhead.value)
 
 
-@router.get("/curves", responses=JSON)
+@router.get("/curves", responses=answers(list[CurveOut]))
 def curves(
     request: Request, db: DB, search_id: str, top: Annotated[int, Query(ge=1, le=50)] = 5
 ) -> Response:
@@ -98,7 +110,7 @@ def curves(
     return json_answer(request, db, search_id, curves_view.learning_curves, top)
 
 
-@router.get("/importance", responses=JSON)
+@router.get("/importance", responses=answers(ImportanceOut))
 def importance(request: Request, db: DB, search_id: str) -> Response:
     """Knob importances for validation accuracy (Optuna's PED-ANOVA); empty with a ``reason``
     while there are too few trials."""

@@ -19,6 +19,7 @@ from search.results.queries import trial
 from search.settings import Settings
 from search.store.artifacts import SAMPLES_FILE, read_artifact
 from search.store.models import TrialResult
+from service.api.analysis_schemas import AttentionOut
 from service.api.deps import DB, AppSettings, Attempt, Reader, Store, TrialNumber
 from service.api.made_files import made_once
 
@@ -35,7 +36,7 @@ def attention_dir(settings: Settings, search_id: str) -> Path:
 @router.get(
     "/trials/{number}/attention",
     response_class=Response,
-    responses={200: {"content": {"application/json": {}}}},
+    responses={200: {"model": AttentionOut}},
 )
 def attention(
     db: DB,

@@ -19,7 +19,7 @@ from search.results.queries import (
 )
 from search.store.models import ResultState
 from service.api.deps import DB, Attempt, Offset, Reader, TrialNumber
-from service.api.schemas import LeaderboardOut, Page
+from service.api.schemas import BestOut, LeaderboardOut, Page, TrialOut, TrialSummaryOut
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["trials"], dependencies=[Reader])
 
@@ -46,7 +46,11 @@ def _trial_out(row: Any) -> dict[str, Any]:
     return out
 
 
-@router.get("/trials")
+# Routes return plain dicts and name their model in the decorator: FastAPI then validates and
+# serialises each answer once (a model built here would be validated a second time).
+
+
+@router.get("/trials", response_model=Page[TrialSummaryOut])
 def list_trials(
     db: DB,
     search_id: str,
@@ -55,7 +59,7 @@ def list_trials(
     state: ResultState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Offset = 0,
-) -> Page[dict[str, Any]]:
+) -> dict[str, Any]:
     """Trial attempts sorted by any metric (missing values last), without learning curves."""
     total, items = trials_page(
         db,
@@ -66,10 +70,10 @@ def list_trials(
         limit=limit,
         offset=offset,
     )
-    return Page[dict[str, Any]](total=total, offset=offset, limit=limit, items=items)
+    return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 
-@router.get("/trials/{number}")
+@router.get("/trials/{number}", response_model=TrialOut)
 def show_trial(
     db: DB, search_id: str, number: TrialNumber, attempt: Attempt = None
 ) -> dict[str, Any]:
@@ -78,7 +82,7 @@ def show_trial(
     return _trial_out(trial(db, search_id, number, attempt))
 
 
-@router.get("/leaderboard")
+@router.get("/leaderboard", response_model=LeaderboardOut, response_model_exclude_unset=True)
 def leaderboard(
     db: DB,
     search_id: str,
@@ -88,7 +92,7 @@ def leaderboard(
     pareto_only: bool = False,
     sort: LeaderboardSort = LeaderboardSort("rank"),  # type: ignore[valid-type]
     order: Order = Order.asc,
-) -> LeaderboardOut:
+) -> dict[str, Any]:
     """Completed trials ranked by validation accuracy, flagged when on the Pareto front of
     accuracy against ``overhead``, with deltas against the none / SE / CBAM references."""
     page = leaderboard_page(
@@ -101,10 +105,10 @@ def leaderboard(
         sort=sort.value,
         descending=order is Order.desc,
     )
-    return LeaderboardOut(**page)
+    return page
 
 
-@router.get("/best")
+@router.get("/best", response_model=BestOut, response_model_exclude_unset=True)
 def best(
     db: DB,
     search_id: str,
