@@ -25,7 +25,7 @@ from search.settings import Settings, get_settings
 from search.spec import SearchSpec
 from search.store.artifacts import artifact_store
 from search.store.engine import Database, open_database
-from service.api.routes import analysis, attention, files, meta, ops, searches, trials
+from service.api.routes import analysis, attention, files, me, meta, ops, searches, trials
 from service.dashboard import routes as dashboard
 
 API_PREFIX = "/api/v1"
@@ -251,6 +251,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         trials.router,
         files.router,
         meta.router,
+        me.router,
         attention.router,
         analysis.router,
     ):

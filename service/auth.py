@@ -1,5 +1,9 @@
 """API tokens: created once and shown once, stored as a hash, checked in constant time.
 
+Each token has a scope (``service.scopes``): ``read`` sees everything and changes nothing,
+``write`` also submits and cancels searches, ``admin`` also deletes searches and manages tokens.
+``service.api.deps`` turns a scope too small into a 403.
+
 A token reads ``cbn_<id>_<secret>``. The id finds the row (no secret-dependent lookup); the
 SHA-256 of the secret is compared with the stored one by ``hmac.compare_digest``. A plain hash
 is enough here (no slow KDF): the secret is 256 random bits, not a password.
@@ -20,6 +24,7 @@ from sqlalchemy import select, update
 from search.errors import InvalidValue
 from search.store.engine import Database
 from search.store.models import ApiToken, utcnow
+from service.scopes import DEFAULT_SCOPE, check_scope
 
 PREFIX = "cbn"
 # Ids fit a 32-bit integer column: longer digit strings are not tokens (and never reach SQL).
@@ -33,17 +38,18 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(db: Database, name: str) -> str:
-    """Store a new token named ``name`` and return it; only its hash is kept."""
+def create_token(db: Database, name: str, scope: str = DEFAULT_SCOPE) -> str:
+    """Store a new token named ``name`` with ``scope`` and return it; only its hash is kept."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidValue(
             "name", name, "1 to 100 letters, digits and _ . @ -, starting with a letter or digit"
         )
+    scope = check_scope(scope)
     with db.session() as session:
         if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
             raise InvalidValue("name", name, "a name no other token has")
         secret = secrets.token_urlsafe(32)
-        row = ApiToken(name=name, token_hash=_digest(secret))
+        row = ApiToken(name=name, token_hash=_digest(secret), scope=scope)
         session.add(row)
         session.flush()
         return f"{PREFIX}_{row.id}_{secret}"
@@ -102,10 +108,12 @@ def write_token_file(path: Path, token: str) -> None:
 
 
 def ensure_admin_token(db: Database, path: Path) -> tuple[str, bool]:
-    """The admin token of the embedded default: the one in ``path`` if it is still valid, else a
-    new one written there. Returns the token and whether it was created now."""
+    """The admin token of the embedded default: the one in ``path`` if it is still valid and
+    admin, else a new admin token written there. Returns the token and whether it was created
+    now."""
     existing = read_token_file(path)
-    if existing is not None and verify_token(db, existing) is not None:
+    row = verify_token(db, existing) if existing is not None else None
+    if existing is not None and row is not None and row.scope == "admin":
         return existing, False
     names = {row.name for row in list_tokens(db)}
     name = "admin"
@@ -113,6 +121,6 @@ def ensure_admin_token(db: Database, path: Path) -> tuple[str, bool]:
     while name in names:
         suffix += 1
         name = f"admin-{suffix}"
-    token = create_token(db, name)
+    token = create_token(db, name, scope="admin")
     write_token_file(path, token)
     return token, True

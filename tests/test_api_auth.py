@@ -1,9 +1,10 @@
 """Auth of the REST API, derived from the app's own routes: every route under ``/api/v1`` needs a
-valid token (reads too, unless ``read_open``), tokens are stored hashed, revoked tokens stop
-working, and the operations endpoints answer without one.
+valid token (reads too, unless ``read_open``) whose scope allows it (read < write < admin),
+tokens are stored hashed, revoked tokens stop working, and the operations endpoints answer
+without one.
 
 The routes are enumerated from ``create_app(...).routes``, so a route added later without
-``Reader``/``Writer`` fails here.
+``Reader``/``Writer``/``Admin`` fails here, and each is tried with a token of each scope.
 """
 
 from __future__ import annotations
@@ -11,21 +12,34 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fastapi.routing
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
+from search.errors import InvalidValue
 from search.settings import Settings, get_settings
+from search.spec import SearchSpec
 from search.store.engine import Database
-from search.store.models import ApiToken, Search
+from search.store.models import ApiToken, Search, SearchState
+from search.store.searches import cancel_search, create_search
 from service.api import deps
-from service.api.deps import read_access, write_access
+from service.api.deps import admin_access, read_access, write_access
 from service.app import API_PREFIX, create_app
-from service.auth import create_token, revoke_token
+from service.auth import (
+    create_token,
+    ensure_admin_token,
+    list_tokens,
+    read_token_file,
+    revoke_token,
+    verify_token,
+    write_token_file,
+)
+from service.scopes import TOKEN_SCOPES
 
 DUMMY_ID = "0123456789abcdef0123456789abcdef"
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -40,7 +54,10 @@ KNOWN_ROUTES = {
     ("GET", "/api/v1/searches/{search_id}/leaderboard"),
     ("GET", "/api/v1/searches/{search_id}/best"),
     ("GET", "/api/v1/searches/{search_id}/trials/{number}/files/{name}"),
+    ("GET", "/api/v1/me"),
 }
+# What destroys needs an admin token; every other state change a write token; reads any token.
+ADMIN_ROUTES = {("DELETE", "/api/v1/searches/{search_id}")}
 OPS_ROUTES = ("/healthz", "/readyz", "/metrics")
 # The dashboard's session cookie: a token there opens reads, never writes.
 TOKEN_COOKIE = getattr(deps, "TOKEN_COOKIE", "cbam_nas_token")
@@ -112,6 +129,26 @@ def _count_searches(db: Database) -> int:
         return session.scalar(select(func.count()).select_from(Search)) or 0
 
 
+def required_scope(method: str, path: str) -> str:
+    """The least scope a route needs: the rule this module holds every route to."""
+    if (method, path) in ADMIN_ROUTES:
+        return "admin"
+    return "write" if method in MUTATING else "read"
+
+
+def _allows(scope: str, required: str) -> bool:
+    return TOKEN_SCOPES.index(scope) >= TOKEN_SCOPES.index(required)
+
+
+def _stored(db: Database) -> dict[str, Any]:
+    """What a refused request must leave as it was: the searches with their states, the
+    tokens with their scopes."""
+    with db.session() as session:
+        searches = {row.id: (row.state, row.name) for row in session.scalars(select(Search))}
+        tokens = {row.name: (row.scope, row.revoked) for row in session.scalars(select(ApiToken))}
+    return {"searches": searches, "tokens": tokens}
+
+
 # -- fixtures ------------------------------------------------------------------------------------
 
 
@@ -146,6 +183,22 @@ def bad_tokens(db: Database) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def scoped(db: Database) -> dict[str, str]:
+    """A token of each scope, by scope."""
+    return {scope: create_token(db, f"{scope}-token", scope=scope) for scope in TOKEN_SCOPES}
+
+
+@pytest.fixture
+def targets(db: Database) -> dict[str, str]:
+    """Searches that a request let through would change: a queued one (cancel would cancel it)
+    and a finished one (delete would delete it)."""
+    active = create_search(db, SearchSpec(), name="active")
+    finished = create_search(db, SearchSpec(), name="finished")
+    cancel_search(db, finished.id)
+    return {"active": active.id, "finished": finished.id}
+
+
 # -- the route list itself -----------------------------------------------------------------------
 
 
@@ -166,17 +219,18 @@ def test_routes_are_enumerated_from_the_app(sqlite_db: Database, settings: Setti
     assert set(OPS_ROUTES) <= all_paths
 
 
-def test_every_api_route_depends_on_reader_or_writer(
-    sqlite_db: Database, settings: Settings
-) -> None:
-    """The static side of the check below: mutating routes need the Writer, the rest at least
-    the Reader."""
-    for method, path, route in api_endpoints(_app(sqlite_db, settings)):
+def test_every_api_route_depends_on_its_scope(sqlite_db: Database, settings: Settings) -> None:
+    """The static side of the checks below: admin routes need the Admin, other mutating routes
+    the Writer, the rest at least the Reader."""
+    endpoints = api_endpoints(_app(sqlite_db, settings))
+    assert {(method, path) for method, path, _ in endpoints} >= ADMIN_ROUTES
+    for method, path, route in endpoints:
         calls = set(_dependency_calls(route.dependant))
-        if method in MUTATING:
-            assert write_access in calls, f"{method} {path} does not depend on write_access"
-        else:
-            assert calls & {read_access, write_access}, f"{method} {path} has no auth dependency"
+        needed = {"read": read_access, "write": write_access, "admin": admin_access}
+        required = required_scope(method, path)
+        assert needed[required] in calls, f"{method} {path} does not depend on {required}_access"
+        if required != "admin":
+            assert admin_access not in calls, f"{method} {path} needs admin: add it to ADMIN_ROUTES"
 
 
 # -- 401 everywhere ------------------------------------------------------------------------------
@@ -207,6 +261,126 @@ def test_every_api_route_refuses_an_invalid_or_revoked_token(
                 failures.append(f"{method} {path} with a {kind} token: {response.status_code}")
     assert not failures, "\n".join(failures)
     assert _count_searches(db) == 0
+
+
+# -- scopes --------------------------------------------------------------------------------------
+
+
+def _aimed(route: Any, path: str, targets: dict[str, str]) -> str:
+    """The route's path aimed at a search the request would change: the queued one for a
+    cancel, the finished one for the rest (a delete would delete it)."""
+    target = targets["active"] if path.endswith("/cancel") else targets["finished"]
+    return concrete_path(route).replace(DUMMY_ID, target)
+
+
+def test_every_route_against_every_scope(
+    closed_client: TestClient, db: Database, scoped: dict[str, str], targets: dict[str, str]
+) -> None:
+    """Each route with a token of each scope, no token and an invalid one. What the scope allows
+    gets past auth (the unknown search is then a 404; a valid submit a 201). What it does not is
+    refused, aimed at a search it would change: 403 naming the token's scope and the one needed
+    for a valid token, 401 without one, and nothing stored changes."""
+    callers = {scope: {"Authorization": f"Bearer {token}"} for scope, token in scoped.items()}
+    callers["none"] = {}
+    callers["invalid"] = {"Authorization": "Bearer not-a-token"}
+    failures, tried = [], set()
+    for method, path, route in api_endpoints(closed_client.app):
+        required = required_scope(method, path)
+        for caller, headers in callers.items():
+            allowed = caller in TOKEN_SCOPES and _allows(caller, required)
+            tried.add((caller, required, allowed))
+            if allowed:
+                response = _call(closed_client, method, concrete_path(route), headers=headers)
+                if response.status_code in (401, 403) or response.status_code >= 500:
+                    failures.append(f"{method} {path} as {caller}: {response.status_code}")
+                continue
+            before = _stored(db)
+            response = _call(closed_client, method, _aimed(route, path, targets), headers=headers)
+            expected = 403 if caller in TOKEN_SCOPES else 401
+            detail = str(response.json().get("detail", "")) if response.content else ""
+            if response.status_code != expected:
+                failures.append(f"{method} {path} as {caller}: {response.status_code} {detail}")
+            elif expected == 403 and not (
+                f"scope {caller!r}" in detail and f"needs scope {required!r}" in detail
+            ):
+                failures.append(
+                    f"{method} {path} as {caller}: 403 does not say the scopes: {detail}"
+                )
+            if _stored(db) != before:
+                failures.append(f"{method} {path} as {caller}: refused, but something changed")
+    assert not failures, "\n".join(failures)
+    # Every kind of refusal was tried.
+    for case in (("read", "write", False), ("read", "admin", False), ("write", "admin", False)):
+        assert case in tried, case
+    assert ("read", "read", True) in tried and ("admin", "admin", True) in tried
+
+
+def test_write_submits_and_cancels_and_admin_also_deletes(
+    closed_client: TestClient, db: Database, scoped: dict[str, str], targets: dict[str, str]
+) -> None:
+    read, write, admin = ({"Authorization": f"Bearer {scoped[s]}"} for s in TOKEN_SCOPES)
+    active, finished = targets["active"], targets["finished"]
+    listed = closed_client.get("/api/v1/searches", headers=read)
+    assert listed.status_code == 200 and listed.json()["total"] == 2
+    assert closed_client.get(f"/api/v1/searches/{active}", headers=read).status_code == 200
+    # A read token is refused before its body is looked at: no validation message leaks.
+    for body in (b"{not json", b'{"budget": {"trials": -1}}'):
+        refused = closed_client.post("/api/v1/searches", content=body, headers=read)
+        assert refused.status_code == 403, refused.text
+    submitted = closed_client.post(
+        "/api/v1/searches", json={"budget": {"trials": 1}}, headers=write
+    )
+    assert submitted.status_code == 201, submitted.text
+    cancelled = closed_client.post(f"/api/v1/searches/{active}/cancel", headers=write)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    refused = closed_client.delete(f"/api/v1/searches/{finished}", headers=write)
+    assert refused.status_code == 403
+    assert refused.json()["detail"].startswith("forbidden: token 'write-token' has scope 'write'")
+    assert finished in _stored(db)["searches"]
+    assert closed_client.delete(f"/api/v1/searches/{finished}", headers=admin).status_code == 204
+    stored = _stored(db)["searches"]
+    assert finished not in stored and stored[active][0] == SearchState.cancelled
+    assert stored[submitted.json()["id"]][0] == SearchState.queued
+
+
+def test_a_scope_this_version_does_not_know_allows_nothing(
+    closed_client: TestClient, db: Database
+) -> None:
+    token = create_token(db, "from-the-future")
+    with db.session() as session:
+        session.execute(
+            update(ApiToken).where(ApiToken.name == "from-the-future").values(scope="owner")
+        )
+    headers = {"Authorization": f"Bearer {token}"}
+    assert closed_client.get("/api/v1/searches", headers=headers).status_code == 403
+    assert closed_client.post("/api/v1/searches", json={}, headers=headers).status_code == 403
+
+
+def test_me_says_what_the_caller_may_do(
+    db: Database, settings: Settings, scoped: dict[str, str]
+) -> None:
+    expected = {
+        "read": {"can_write": False, "can_admin": False},
+        "write": {"can_write": True, "can_admin": False},
+        "admin": {"can_write": True, "can_admin": True},
+    }
+    with TestClient(_app(db, settings, read_open=False)) as client:
+        for scope, token in scoped.items():
+            answer = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200
+            assert answer.json() == {"name": f"{scope}-token", "scope": scope, **expected[scope]}
+        assert client.get("/api/v1/me").status_code == 401
+    with TestClient(_app(db, settings, read_open=True)) as client:
+        anonymous = client.get("/api/v1/me")
+        assert anonymous.status_code == 200
+        assert anonymous.json() == {
+            "name": None,
+            "scope": "read",
+            "can_write": False,
+            "can_admin": False,
+        }
+        bad = client.get("/api/v1/me", headers={"Authorization": "Bearer not-a-token"})
+        assert bad.status_code == 401
 
 
 def test_read_open_opens_gets_only(db: Database, settings: Settings) -> None:
@@ -323,6 +497,29 @@ def test_tokens_are_stored_hashed(db: Database) -> None:
     with db.session() as session:
         hashes = set(session.scalars(select(ApiToken.token_hash)))
     assert not hashes & set(tokens) and not hashes & set(secrets)
+
+
+def test_scope_defaults_to_admin_and_a_bad_scope_stores_nothing(db: Database) -> None:
+    """Tokens made without a scope are admin, as every token was before scopes."""
+    create_token(db, "legacy")
+    for bad in ("owner", "", "READ", "read ", None, 1):
+        with pytest.raises(InvalidValue) as info:
+            create_token(db, "bad", scope=bad)  # type: ignore[arg-type]
+        assert info.value.field == "scope"
+        assert info.value.allowed == "'read', 'write', 'admin'"
+    assert [(row.name, row.scope) for row in list_tokens(db)] == [("legacy", "admin")]
+
+
+def test_ensure_admin_token_replaces_a_token_that_is_not_admin(
+    db: Database, tmp_path: Path
+) -> None:
+    path = tmp_path / "token"
+    write_token_file(path, create_token(db, "viewer", scope="read"))
+    token, created = ensure_admin_token(db, path)
+    row = verify_token(db, token)
+    assert created and row is not None and row.scope == "admin"
+    assert read_token_file(path) == token
+    assert ensure_admin_token(db, path) == (token, False)
 
 
 def test_a_token_works_until_revoked(db: Database, settings: Settings) -> None:

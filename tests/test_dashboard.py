@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import ConsoleMessage, Page, expect
+from playwright.sync_api import ConsoleMessage, Page, Route, expect
 from safetensors.torch import load as load_safetensors
 from support import SERVED_SPEC, SERVED_TRIALS, Served
 
@@ -250,6 +251,72 @@ def test_plotly_js_is_served_from_the_package_gzipped(server: Served) -> None:
     plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers and plain.content == original
     assert "max-age" in plain.headers["cache-control"]
+
+
+# -- what a token's scope shows ----------------------------------------------------------------
+
+
+SCOPES = ("read", "write")  # besides serve's admin token
+
+
+@pytest.fixture(scope="module")
+def scoped_tokens(served_search: Served) -> dict[str, str]:
+    """A token of each scope for the served search's server (admin: the one serve made)."""
+    from search.store.engine import open_database
+    from service.auth import create_token
+
+    with open_database(f"sqlite:///{served_search.state / 'cbam-nas.db'}") as db:
+        made = {scope: create_token(db, f"dashboard-{scope}", scope=scope) for scope in SCOPES}
+    return {**made, "admin": served_search.token}
+
+
+def _as_running(route: Route) -> None:
+    """The server's answer with its searches reported running, so that cancel would apply."""
+    response = route.fetch()
+    data = response.json()
+    for search in data.get("items", [data]):
+        search["state"] = "running"
+    route.fulfill(response=response, json=data)
+
+
+def _shown(page: Page, selector: str, visible: bool) -> None:
+    if visible:
+        expect(page.locator(selector)).to_be_visible()
+    else:
+        expect(page.locator(selector)).to_be_hidden()
+
+
+@pytest.mark.parametrize("scope", ["read", "write", "admin"])
+def test_controls_follow_the_token_scope(
+    page: Page, server: Served, scoped_tokens: dict[str, str], errors: list[str], scope: str
+) -> None:
+    """The new-search form and cancel need a write token, delete an admin one: a page shows only
+    the controls its token may use (GET /me), so a read token's page changes nothing."""
+    writes, admins = scope != "read", scope == "admin"
+    token = json.dumps(scoped_tokens[scope])
+    page.add_init_script(f"sessionStorage.setItem('cbamNasToken', {token})")
+    answers = {"/api/v1/searches", f"/api/v1/searches/{server.search_id}"}
+    page.route(lambda url: urlsplit(url).path in answers, _as_running)
+
+    page.goto(server.url + "/")
+    expect(page.locator("#token-state")).to_contain_text(f"({scope})")
+    row = page.locator(f'#searches tr[data-id="{server.search_id}"]')
+    expect(row).to_contain_text("running")
+    expect(row.locator("button.cancel")).to_have_count(1 if writes else 0)
+    _shown(page, "#new-search-section", writes)
+    _shot(page, f"searches-{scope}")
+
+    page.goto(f"{server.url}/searches/{server.search_id}")
+    expect(page.locator("#search-state")).to_have_text("running")
+    _shown(page, "#cancel", writes)
+    expect(page.locator("#delete")).to_be_hidden()  # not while it runs, whoever asks
+
+    page.unroute_all(behavior="ignoreErrors")
+    page.reload()
+    expect(page.locator("#search-state")).to_have_text("completed")
+    expect(page.locator("#cancel")).to_be_hidden()
+    _shown(page, "#delete", admins)
+    assert errors == []
 
 
 # -- a confirmed search ------------------------------------------------------------------------

@@ -3,6 +3,7 @@ Optuna's storage shares the database."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import threading
 from datetime import datetime, timedelta, timezone
@@ -12,8 +13,19 @@ import optuna
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, func, inspect, select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    func,
+    inspect,
+    select,
+)
 from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.sql import column as sql_column
+from sqlalchemy.sql import table as sql_table
 
 from search.errors import InvalidValue
 from search.settings import Settings
@@ -27,6 +39,7 @@ from search.store.models import (
     Search,
     SearchState,
     TrialResult,
+    UTCDateTime,
     WorkerSeen,
     utcnow,
 )
@@ -81,6 +94,48 @@ def test_migrations_match_the_models(db: Database) -> None:
         table.to_metadata(changed)
     changed.tables["searches"].append_column(Column("extra", Integer))
     assert [d[0] for d in _schema_diff(db, changed)] == ["add_column"]
+
+
+def test_tokens_made_before_scopes_are_admin_after_the_upgrade(database_url: str) -> None:
+    """0005 gives every token a scope; one stored at 0004 becomes admin, what every token could
+    do then, and keeps working. The downgrade drops the column and the upgrade runs again."""
+    from alembic import command
+
+    from service.auth import verify_token
+
+    secret = "s" * 43
+    tokens = sql_table(
+        "api_tokens",
+        sql_column("id", Integer()),
+        sql_column("name", String()),
+        sql_column("token_hash", String()),
+        sql_column("created_at", UTCDateTime()),
+        sql_column("revoked", Boolean()),
+    )
+    with open_database(database_url) as db:
+        with db.engine.connect() as connection:
+            command.upgrade(db.alembic_config(connection), "0004")
+            connection.execute(
+                tokens.insert().values(
+                    id=7,
+                    name="ci",
+                    token_hash=hashlib.sha256(secret.encode()).hexdigest(),
+                    created_at=utcnow(),
+                    revoked=False,
+                )
+            )
+            connection.commit()
+        assert "scope" not in {c["name"] for c in inspect(db.engine).get_columns("api_tokens")}
+        db.migrate()
+        row = verify_token(db, f"cbn_7_{secret}")
+        assert row is not None and row.name == "ci" and row.scope == "admin"
+        with db.engine.connect() as connection:
+            command.downgrade(db.alembic_config(connection), "0004")
+            connection.commit()
+        assert "scope" not in {c["name"] for c in inspect(db.engine).get_columns("api_tokens")}
+        db.migrate()
+        assert db.current_revision() == db.head_revision()
+        assert _schema_diff(db, Base.metadata) == []
 
 
 def test_concurrent_migrations(database_url: str) -> None:

@@ -290,7 +290,9 @@ class TrialResult(Base):
 
 
 class ApiToken(Base):
-    """An API token; only its hash is stored."""
+    """An API token; only its hash is stored. ``scope`` is read, write or admin (the service
+    checks the name and enforces it); tokens made before scopes existed are admin, what every
+    token could do then: the column's server default."""
 
     __tablename__ = "api_tokens"
 
@@ -300,6 +302,7 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    scope: Mapped[str] = mapped_column(String(16), default="admin", server_default="admin")
 
     __table_args__ = (UniqueConstraint("name"), UniqueConstraint("token_hash"))
 

@@ -1,7 +1,9 @@
 """FastAPI dependencies: the app's database, settings and artifact store, and the caller.
 
-Every route of the API router depends on :func:`read_access` (reads) or :func:`write_access`
-(everything that changes state); ``tests/test_api_auth.py`` enumerates the routes to hold that.
+Every route of the API router depends on :func:`read_access` (reads), :func:`write_access`
+(what changes state: submit, cancel) or :func:`admin_access` (what destroys: delete);
+``tests/test_api_auth.py`` enumerates the routes to hold that, with a token of each scope. A
+stranger gets 401 first; a known token whose scope is too small gets 403.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from search.settings import Settings
 from search.store.engine import Database
 from search.store.models import ApiToken
 from service.auth import verify_token
+from service.scopes import TOKEN_SCOPES, scope_allows
 
 _bearer = HTTPBearer(auto_error=False, description="An API token: cbam-nas token create")
 # The dashboard keeps the token in a session cookie too, so that plain links (downloads) work.
@@ -73,9 +76,25 @@ def _caller(db: Database, credentials: HTTPAuthorizationCredentials | str | None
     return token
 
 
+def _at_least(token: ApiToken, required: str) -> ApiToken:
+    """``token`` if its scope allows what needs ``required``, else 403 saying both scopes."""
+    if not scope_allows(token.scope, required):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"forbidden: token {token.name!r} has scope {token.scope!r}; this needs scope "
+            f"{required!r} ({' < '.join(TOKEN_SCOPES)})",
+        )
+    return token
+
+
 def write_access(db: DB, credentials: Credentials) -> ApiToken:
-    """A valid token, always."""
-    return _caller(db, credentials)
+    """A valid token of scope write or admin, in the Authorization header (never the cookie)."""
+    return _at_least(_caller(db, credentials), "write")
+
+
+def admin_access(db: DB, credentials: Credentials) -> ApiToken:
+    """A valid admin token, in the Authorization header (never the cookie)."""
+    return _at_least(_caller(db, credentials), "admin")
 
 
 def read_access(
@@ -89,8 +108,9 @@ def read_access(
     presented = credentials if credentials is not None else cookie
     if app_settings.read_open and presented is None:
         return None
-    return _caller(db, presented)
+    return _at_least(_caller(db, presented), "read")
 
 
 Reader = Depends(read_access)
 Writer = Depends(write_access)
+Admin = Depends(admin_access)

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from search.errors import InvalidValue
 from service.cli.params import bad_parameter, open_database
+from service.scopes import DEFAULT_SCOPE, TOKEN_SCOPES, check_scope
 
 token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
 
@@ -15,6 +16,13 @@ token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_h
 @token_app.command("create")
 def token_create(
     name: str = typer.Option(..., "--name", help="What the token is for, e.g. ci or alice."),
+    scope: str = typer.Option(
+        DEFAULT_SCOPE,
+        "--scope",
+        help=f"What it may do, one of {', '.join(TOKEN_SCOPES)}. read: see everything, change "
+        "nothing; write: also submit and cancel searches; admin: also delete searches (what "
+        "every token could do before scopes).",
+    ),
     database: str | None = typer.Option(
         None, "--database", help="SQLAlchemy URL. Default: the settings' (CBAM_NAS_DATABASE_URL)."
     ),
@@ -22,12 +30,16 @@ def token_create(
     """Create a token and print it: it is shown this once (only its hash is stored)."""
     from service.auth import create_token
 
+    try:  # before the database is opened: a bad value is the caller's mistake, not the server's
+        check_scope(scope)
+    except InvalidValue as exc:
+        raise bad_parameter(exc, "--scope") from None
     db = open_database(database)
     db.migrate()
     try:
-        token = create_token(db, name)
+        token = create_token(db, name, scope=scope)
     except InvalidValue as exc:
-        raise bad_parameter(exc, "--name") from None
+        raise bad_parameter(exc, f"--{exc.field}") from None
     finally:
         db.close()
     typer.echo(token)
@@ -37,16 +49,17 @@ def token_create(
 def token_list(
     database: str | None = typer.Option(None, "--database", help="SQLAlchemy URL."),
 ) -> None:
-    """Tokens by name, with when they were created and last used (never the tokens)."""
+    """Tokens by name, with their scope and when they were created and last used (never the
+    tokens)."""
     from service.auth import list_tokens
 
     db = open_database(database)
     db.migrate()
-    table = Table("name", "created", "last used", "revoked")
+    table = Table("name", "scope", "created", "last used", "revoked")
     for row in list_tokens(db):
         last_used = row.last_used_at.isoformat(timespec="seconds") if row.last_used_at else "-"
         created = row.created_at.isoformat(timespec="seconds")
-        table.add_row(row.name, created, last_used, "yes" if row.revoked else "")
+        table.add_row(row.name, row.scope, created, last_used, "yes" if row.revoked else "")
     db.close()
     Console().print(table)
 

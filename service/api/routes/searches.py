@@ -26,7 +26,7 @@ from search.store.searches import (
     delete_search,
     find_by_idempotency_key,
 )
-from service.api.deps import DB, AppSettings, Offset, Reader, Store, Writer, write_access
+from service.api.deps import DB, Admin, AppSettings, Offset, Reader, Store, Writer, write_access
 from service.api.routes.attention import attention_dir
 from service.api.routes.files import export_dir
 from service.api.schemas import Page, SearchOut
@@ -142,9 +142,10 @@ def cancel(db: DB, search_id: str) -> SearchOut:
     return SearchOut.of(search, progress(db, search))
 
 
-@router.delete("/{search_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Writer])
+@router.delete("/{search_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Admin])
 def delete(db: DB, settings: AppSettings, store: Store, search_id: str) -> Response:
-    """Delete a finished search: its study, trial rows and stored files (409 while it runs)."""
+    """Delete a finished search: its study, trial rows and stored files (409 while it runs).
+    Admin tokens only: what it removes cannot be made again."""
     delete_search(db, search_id, store)
     for cache in (export_dir(settings, search_id), attention_dir(settings, search_id)):
         shutil.rmtree(cache, ignore_errors=True)

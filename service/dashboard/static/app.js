@@ -150,6 +150,18 @@ async function api(path, { method = "GET", body, params, panel } = {}) {
   return response.status === 204 ? null : response.json();
 }
 
+// What the caller's token may do (GET /me). Controls that change state show only where the
+// server would accept them, and none before it has said so.
+const rights = { canWrite: false, canAdmin: false };
+
+async function loadRights() {
+  const me = await api("/me");
+  rights.canWrite = me.can_write;
+  rights.canAdmin = me.can_admin;
+  document.body.dataset.scope = me.scope;
+  $("#token-state").textContent = me.name ? `token ${me.name} (${me.scope})` : "reads open";
+}
+
 function askForToken(message) {
   $("#token-form").hidden = false;
   $("#token-state").textContent = "";
@@ -158,6 +170,16 @@ function askForToken(message) {
 
 function setUpToken(start) {
   const form = $("#token-form");
+  // The page starts once its rights are known; a refused token asks for another instead.
+  const begin = async () => {
+    try {
+      await loadRights();
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) return;
+      showAlert(String(error.message));  // the page still reads, with no control that writes
+    }
+    start();
+  };
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("#token-input").value.trim();
@@ -166,12 +188,12 @@ function setUpToken(start) {
     form.hidden = true;
     showAlert("");
     $("#token-state").textContent = "token set";
-    start();
+    begin();
   });
   if (auth.token) auth.set(auth.token);  // the cookie lives as long as the browser session
   if (auth.usable) {
     $("#token-state").textContent = auth.token ? "token set" : "reads open";
-    start();
+    begin();
   } else {
     askForToken("Enter an API token to see the searches (cbam-nas serve printed one).");
   }
@@ -261,7 +283,7 @@ function searchesPage() {
         el("td", {}, s.progress.best ? fmt.pct(s.progress.best.val_accuracy) : "–"),
         el("td", {}, fmt.time(s.started_at)),
         el("td", {}, fmt.duration(s.progress.eta_s)),
-        el("td", {}, ACTIVE.has(s.state)
+        el("td", {}, ACTIVE.has(s.state) && rights.canWrite
           ? el("button", { type: "button", class: "cancel", onclick: () => cancel(s.id) }, "Cancel")
           : ""),
       ),
@@ -283,7 +305,8 @@ function searchesPage() {
   filter.addEventListener("change", () => { offset = 0; refresh(); });
   setUpToken(async () => {
     every(REFRESH_MS, refresh);
-    newSearchForm(await api("/choices"));
+    $("#new-search-section").hidden = !rights.canWrite;
+    if (rights.canWrite) newSearchForm(await api("/choices"));
   });
 }
 
@@ -410,7 +433,8 @@ function searchPage() {
     const state = $("#search-state");
     state.textContent = search.state;
     state.className = `state ${search.state}`;
-    $("#cancel").hidden = !ACTIVE.has(search.state);
+    $("#cancel").hidden = !(rights.canWrite && ACTIVE.has(search.state));
+    $("#delete").hidden = !(rights.canAdmin && !ACTIVE.has(search.state));
     const p = search.progress;
     $("#progress").replaceChildren(
       progressBar(p),
@@ -570,6 +594,15 @@ function searchPage() {
       showAlert(error.message);
     }
     header();
+  });
+  $("#delete").addEventListener("click", async () => {
+    if (!confirm("Delete this search with its trials and files? This cannot be undone.")) return;
+    try {
+      await api(`/searches/${id}`, { method: "DELETE" });
+      location.assign("/");
+    } catch (error) {
+      showAlert(error.message);
+    }
   });
   // The analysis requests go out once the tables are drawn (the server answers those first),
   // while plotly.js is still loading.
