@@ -31,16 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.build import build_model
+from search.build import CLASSIFIER_WEIGHT, STEM_WEIGHT, build_model
 from search.nn.cbam import CBAM
+from search.preprocessing import normalise
 from search.space import Architecture
 
-# The state-dict keys of every backbone's stem and classifier (in_channels, num_classes).
-_STEM_WEIGHT = "conv1.weight"
-_CLASSIFIER_WEIGHT = "fc.weight"
-NORMALISATION = "(uint8 / 255 - mean) / std"
-"""How the worker normalises images (``workers.augment.normalizer``); mean and std are per
-channel, in [0, 1] units, of the training images."""
 _DECIMALS = 3
 
 
@@ -181,14 +176,6 @@ def attention_maps(model: nn.Module, images: Tensor) -> list[ImageAttention]:
 # -- the API's report ------------------------------------------------------------------------
 
 
-def normalise(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, computed as the worker does
-    (``uint8 * scale + shift``)."""
-    m = mean.to(torch.float32).view(1, -1, 1, 1)
-    s = std.to(torch.float32).view(1, -1, 1, 1)
-    return torch.addcmul(-m / s, images.to(torch.float32), 1.0 / (255.0 * s))
-
-
 def png_data_url(image: Tensor) -> str:
     """A uint8 (C, H, W) image as a ``data:image/png;base64,...`` URL (1, 3 or 4 channels; other
     counts show their first channel)."""
@@ -240,8 +227,8 @@ def attention_report(
     for key in ("images", "labels", "mean", "std"):
         if key not in samples:
             raise ValueError(f"samples lack {key!r}")
-    num_classes = int(state_dict[_CLASSIFIER_WEIGHT].shape[0])
-    in_channels = int(state_dict[_STEM_WEIGHT].shape[1])
+    num_classes = int(state_dict[CLASSIFIER_WEIGHT].shape[0])
+    in_channels = int(state_dict[STEM_WEIGHT].shape[1])
     model = build_model(architecture, num_classes, in_channels)
     model.load_state_dict(dict(state_dict), strict=True)
     count = max(0, min(max_images, samples["images"].shape[0]))

@@ -9,6 +9,14 @@ from search.nn.attention import create_attention
 from search.nn.backbones import build_backbone
 from search.space import Architecture
 
+# The state-dict keys of every backbone's first convolution and classifier: num_classes is the
+# classifier's rows, in_channels the stem's input channels.
+STEM_WEIGHT = "conv1.weight"
+CLASSIFIER_WEIGHT = "fc.weight"
+# A built model's input and output, as exported models and bundles name them.
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
 
 def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:
     """The backbone with attention modules exactly where ``architecture`` places them."""

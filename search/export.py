@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from search.build import build_model
+from search.build import CLASSIFIER_WEIGHT, INPUT_NAME, OUTPUT_NAME, STEM_WEIGHT, build_model
 from search.space import Architecture
 
 __all__ = [
@@ -29,12 +29,6 @@ __all__ = [
     "export_onnx",
 ]
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-# The state-dict keys of every backbone's first convolution and classifier: num_classes is the
-# classifier's rows, in_channels the stem's input channels.
-STEM_WEIGHT = "conv1.weight"
-CLASSIFIER_WEIGHT = "fc.weight"
 # The example batch for tracing; not 0 or 1, which torch.export would specialise on.
 _EXAMPLE_BATCH = 2
 _LISTED = 5  # names shown per kind of mismatch in an ExportError

@@ -224,14 +224,38 @@ class ApiClient:
 
     def download(self, search_id: str, number: int, name: str, dest_path: Path | str) -> Path:
         """Stream a trial's file (``weights.safetensors``, ``architecture.json``,
-        ``metrics.json``, ``model.onnx``) to ``dest_path``; the file appears whole or not at all.
-        The read timeout is longer here: the server makes ``model.onnx`` on first request."""
-        dest = Path(dest_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        ``metrics.json``, ``model.json``, ``model.onnx``) to ``dest_path``; the file appears
+        whole or not at all."""
         path = f"{self._search_path(search_id)}/trials/{int(number)}/files/{self._id(name)}"
+        return self._stream(path, Path(dest_path))
+
+    def download_bundle(
+        self,
+        search_id: str,
+        dest_path: Path | str,
+        number: int | None = None,
+        overhead: str = "params",
+        onnx: bool = False,
+    ) -> Path:
+        """Stream the model bundle (a zip: search.bundle) of trial ``number``, or of the
+        search's answer when None, to ``dest_path``."""
+        if number is None:
+            path = f"{self._search_path(search_id)}/best/bundle"
+            params: dict[str, Any] = {"overhead": overhead}
+        else:
+            path = f"{self._search_path(search_id)}/trials/{int(number)}/bundle"
+            params = {}
+        if onnx:
+            params["onnx"] = "true"
+        return self._stream(path, Path(dest_path), params)
+
+    def _stream(self, path: str, dest: Path, params: dict[str, Any] | None = None) -> Path:
+        """GET ``path`` into ``dest`` through a temporary file. The read timeout is longer
+        here: the server makes ``model.onnx`` on first request."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 300.0))
         try:
-            with self._http.stream("GET", path, timeout=timeout) as response:
+            with self._http.stream("GET", path, params=params, timeout=timeout) as response:
                 self.last_status = response.status_code
                 if response.is_error:
                     response.read()

@@ -186,3 +186,8 @@ def run_worker_to_the_end(search_id: str) -> None:
         assert Worker(options).run() == 0
     finally:
         torch.set_num_threads(threads)
+
+
+def flat(text: str) -> str:
+    """Command-line output without rich's box drawing and line wrapping."""
+    return " ".join(text.replace("│", " ").replace("┃", " ").split())

@@ -432,7 +432,7 @@ def test_a_workers_trial_has_attention_pictures(
     from fastapi.testclient import TestClient
     from safetensors import safe_open
 
-    from search.attention_maps import NORMALISATION
+    from search.preprocessing import NORMALISATION
     from search.spec import SearchSpec
     from search.store.artifacts import read_artifact
     from search.store.searches import create_search

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from support import free_port
+from support import flat, free_port
 from typer.testing import CliRunner
 
 from search.settings import Settings, get_settings
@@ -37,11 +37,6 @@ objectives: {overheads: [params]}
 budget: {trials: 5}
 training: {epochs: 1}
 """
-
-
-def _flat(text: str) -> str:
-    """Output without rich's box drawing and line wrapping."""
-    return " ".join(text.replace("│", " ").replace("┃", " ").split())
 
 
 @pytest.fixture
@@ -100,7 +95,7 @@ def test_submit_then_status_and_list(server: str, tmp_path: Path) -> None:
 
     code, out, err = _cli("status", search_id)
     assert code == 0, err
-    text = _flat(out)
+    text = flat(out)
     assert search_id in text
     assert "state queued" in text
     assert "0 of 5 done (budget 5)" in text
@@ -114,7 +109,7 @@ def test_submit_then_status_and_list(server: str, tmp_path: Path) -> None:
 
     code, out, err = _cli("searches")
     assert code == 0, err
-    assert search_id in _flat(out) and "0/5" in _flat(out)
+    assert search_id in flat(out) and "0/5" in flat(out)
 
 
 def test_idempotency_key_returns_the_same_search(server: str, tmp_path: Path) -> None:
@@ -177,7 +172,7 @@ def test_unreachable_server_exits_1(token: str) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # closed: nothing listens there
     code, _, err = _cli("status", "abc", "--url", url, "--token", token)
     assert code == 1
-    assert f"no server answers at {url}" in _flat(err)
+    assert f"no server answers at {url}" in flat(err)
     assert "cbam-nas serve" in err
     with pytest.raises(ApiUnreachable), ApiClient(url, token) as client:
         client.searches()
@@ -220,7 +215,7 @@ def test_wait_follows_the_search_to_its_end(
     canceller.join()
     assert code == 1
     assert "search cancelled" in err
-    assert "none of 0 ranked trials" in _flat(out)
+    assert "none of 0 ranked trials" in flat(out)
 
 
 # -- leaderboard and download ---------------------------------------------------------------
@@ -330,7 +325,7 @@ def test_leaderboard_ranks_with_pareto_flags(server: str, finished_search: str) 
     assert rows[0][3] == "85.00" and rows[0][5] == "1" and rows[0][6] == "-"  # no test set
     assert rows[0][7:10] == ["+5.00", "+3.00", "+0.00"]
     assert rows[1][11] == "+0.29%"
-    assert "4 ranked trials" in _flat(out)
+    assert "4 ranked trials" in flat(out)
 
     code, out, _ = _cli("leaderboard", finished_search, "--limit", "2", "--offset", "1")
     assert code == 0

@@ -13,6 +13,7 @@ from playwright.sync_api import ConsoleMessage, Page, Route, expect
 from safetensors.torch import load as load_safetensors
 from support import SERVED_SPEC, SERVED_TRIALS, Served
 
+from search.bundle import read_card
 from service.dashboard.routes import plotly_js
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,6 +239,12 @@ def test_trial_page_shows_attention_and_serves_the_weights(
     path = download_info.value.path()
     weights = load_safetensors(Path(path).read_bytes())
     assert "fc.weight" in weights and "conv1.weight" in weights
+    # The model bundle: one archive a colleague loads with search.load_model.
+    with page.expect_download() as bundle_info:
+        page.locator("#downloads a.bundle").click()
+    assert bundle_info.value.suggested_filename.endswith(".zip")
+    card = read_card(bundle_info.value.path())
+    assert card["backbone"] == "cifar_resnet20" and card["num_classes"] >= 2
     assert errors == []
 
 

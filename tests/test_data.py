@@ -65,6 +65,7 @@ def test_digits(tmp_path: Path) -> None:
     assert sum(data.sizes) == 1797 and data.sizes[2] == pytest.approx(1797 * 0.2, abs=10)
     assert set(data.val_y.tolist()) == set(range(10)) == set(data.test_y.tolist())
     assert int(data.train_x.max()) > 200 and 0 < data.mean[0] < 1 and 0 < data.std[0] < 1
+    assert data.class_names == tuple("0123456789")
 
 
 def test_cluttered_digits_is_deterministic_for_its_data_seed(tmp_path: Path) -> None:
@@ -72,6 +73,7 @@ def test_cluttered_digits_is_deterministic_for_its_data_seed(tmp_path: Path) -> 
     first = load_dataset("cluttered-digits", options, tmp_path, 0.1, 0)
     assert first.train_x.shape[1:] == (1, 40, 40) and first.sizes == (180, 20, 50)
     assert first.num_classes == 10 and first.image_size == 40
+    assert first.class_names == tuple("0123456789")
     clear_cache()
     again = load_dataset("cluttered-digits", options, tmp_path, 0.1, 0)
     assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_y, again.test_y)
@@ -136,6 +138,7 @@ def test_cifar10_reads_the_batches(tmp_path: Path) -> None:
 
     data = load("cifar10", tmp_path, val_fraction=0.0)
     assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32)
+    assert data.class_names == tuple(f"class{k}" for k in range(10))  # the meta file's
     assert torch.equal(data.train_x, torch.from_numpy(images[:5].reshape(25, 3, 32, 32)))
     assert data.train_y.tolist() == labels[:5].ravel().tolist()
     assert (
@@ -157,6 +160,7 @@ def test_cifar100_reads_fine_labels_from_root(tmp_path: Path) -> None:
 
     data = load("cifar100", tmp_path, val_fraction=0.0, root=str(tmp_path / "elsewhere"))
     assert data.num_classes == 100 and data.train_y.tolist() == [0, 99, 50, 7]
+    assert data.class_names is not None and data.class_names[99] == "99"
     assert torch.equal(data.train_x, torch.from_numpy(images))
 
 
@@ -181,6 +185,7 @@ def test_mnist_family_reads_idx_files(tmp_path: Path, name: str, folder: str) ->
     assert data.sizes == (10, 10, 5) and data.train_x.dtype == torch.uint8
     assert torch.equal(data.test_x[:, 0], torch.from_numpy(test.astype(np.uint8)))
     assert data.test_y.tolist() == [0, 1, 2, 3, 4]
+    assert data.class_names is not None and len(data.class_names) == 10  # torchvision's names
 
 
 @pytest.mark.parametrize(
@@ -219,6 +224,7 @@ def test_imagefolder_with_splits_in_memory(tmp_path: Path) -> None:
     cats = data.train_x[data.train_y == 0].float().mean(dim=(0, 2, 3))
     assert cats[0] > 250 and cats[2] < 5  # class 0 is "cat", red
     assert data.mean == pytest.approx((0.5, 0.0, 0.5), abs=0.01)
+    assert data.class_names == ("cat", "dog")  # the folders', in label order
 
 
 def test_imagefolder_single_folder_grayscale(tmp_path: Path) -> None:
@@ -242,6 +248,7 @@ def test_imagefolder_over_the_memory_budget_streams(tmp_path: Path) -> None:
     data = load_dataset("imagefolder", {**options, "num_workers": 1}, tmp_path, 0.2, 0)
     assert isinstance(data, StreamingData)
     assert data.sizes == (8, 2, 4) and (data.num_classes, data.in_channels) == (2, 3)
+    assert data.class_names == ("cat", "dog")
     assert data.mean == pytest.approx((0.5, 0.0, 0.5), abs=0.01)
     batches = list(data.train_loader(batch_size=3, seed=0))
     assert [len(y) for _, y in batches] == [3, 3, 2]

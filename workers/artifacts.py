@@ -12,8 +12,9 @@ from typing import Any
 import optuna
 import torch
 
-from search.attention_maps import NORMALISATION
+from search.bundle import CARD_FILE, CARD_KEY
 from search.overhead import OverheadReport
+from search.preprocessing import NORMALISATION
 from search.space import Architecture
 from search.store.artifacts import ARTIFACT_FILES, SAMPLES_FILE
 from search.store.engine import Database
@@ -63,9 +64,11 @@ def store_artifacts(
     overhead: OverheadReport,
     samples: dict[str, Any] | None = None,
     db: Database | None = None,
+    card: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Upload weights, architecture, metrics and (when given) the sample images of
-    :func:`validation_samples` under ``owner`` (the trial; the study for a confirmation run,
+    :func:`validation_samples` and the model's card (``model.json``, also in the weights'
+    header: :mod:`search.bundle`) under ``owner`` (the trial; the study for a confirmation run,
     which has no trial); returns file name -> artifact id (also set as a trial's user attribute
     ``artifacts``). With ``db`` each upload is retried through its outages."""
     from optuna.artifacts import upload_artifact
@@ -77,11 +80,11 @@ def store_artifacts(
     ids: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="cbam-nas-") as tmp:
         folder = Path(tmp)
-        save_file(
-            result.state_dict,
-            str(folder / "weights.safetensors"),
-            metadata={"architecture": architecture.to_json()},
-        )
+        header = {"architecture": architecture.to_json()}
+        if card is not None:
+            header[CARD_KEY] = json.dumps(card)
+            (folder / CARD_FILE).write_text(json.dumps(card, indent=1) + "\n")
+        save_file(result.state_dict, str(folder / "weights.safetensors"), metadata=header)
         (folder / "architecture.json").write_text(architecture.to_json())
         metrics = {**result.metrics(), "overhead": overhead.to_dict()}
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))

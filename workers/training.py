@@ -14,6 +14,7 @@ from typing import Any
 from optuna.trial import TrialState
 from sqlalchemy import select
 
+from search.bundle import model_card
 from search.datasets import check_download, check_paths
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, measure
@@ -188,6 +189,7 @@ def _finish(
         overhead,
         samples,
         db=ctx.db,
+        card=_card(ctx, data, result),
     )
     values = (
         objective_values(ctx.claim.spec, result.best_val_accuracy, overhead.to_dict())
@@ -195,3 +197,39 @@ def _finish(
         else None
     )
     return Outcome(ResultState.completed, values=values, row={**figures, "artifacts": artifacts})
+
+
+def _card(
+    ctx: TrialContext, data: DatasetTensors | StreamingData, result: TrainResult
+) -> dict[str, Any]:
+    """The model's card as this trial knows it: the data's shapes, normalisation and class
+    names, and the run's figures (the search adds its seeds and evidence when bundling)."""
+    spec, claim = ctx.claim.spec, ctx.claim
+    train_images, val_images, test_images = data.sizes
+    return model_card(
+        ctx.architecture,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        input_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        class_names=data.class_names,
+        dataset=spec.dataset.to_dict(),
+        trial={
+            "search_id": claim.search_id,
+            "number": claim.number,
+            "attempt": claim.attempt,
+            "phase": claim.phase.value,
+            "seed": ctx.seed,
+            "epochs": ctx.training.epochs,
+            "epochs_run": result.epochs_run,
+        },
+        metrics={
+            "val_accuracy": result.best_val_accuracy,
+            "final_val_accuracy": result.final_val_accuracy,
+            "test_accuracy": result.test_accuracy,
+            "train_images": train_images,
+            "val_images": val_images,
+            "test_images": test_images,
+        },
+    )

@@ -292,3 +292,25 @@ def _top_group(
         if verdict(d, p, alpha) != "worse"
     ]
     return [best, *tied]
+
+
+EVIDENCE_FIELDS = (
+    "n_seeds",
+    "val_accuracy_mean",
+    "val_accuracy_ci95",
+    "test_accuracy_mean",
+    "test_accuracy_ci95",
+    "rank",
+)
+
+
+def evidence(entry: Mapping[str, Any], confirmed: bool, top_group: list[str]) -> Entry:
+    """Why a board entry stands where it does: its statistics over seeds, its verdicts against
+    the references, whether the board is confirmed, and the board's top group."""
+    out = {
+        key: value
+        for key, value in entry.items()
+        if key in EVIDENCE_FIELDS or key.startswith(("delta_vs_", "verdict_vs_"))
+    }
+    out.update(confirmed=confirmed, top_group=top_group)
+    return out

@@ -1,8 +1,9 @@
 """Where trial artifacts live: Optuna's artifact stores, on a file system or S3-compatible.
 
-Each completed trial stores ``weights.safetensors``, ``architecture.json``, ``metrics.json`` and
+Each completed trial stores ``weights.safetensors``, ``architecture.json``, ``metrics.json``,
 ``samples.safetensors`` (a few validation images with their labels and the normalisation's mean
-and std, for the attention pictures; trials stored before it have none); their artifact ids are
+and std, for the attention pictures) and ``model.json`` (the model's card, search.bundle);
+trials stored before either have none of it. Their artifact ids are
 kept on the trial-result row (``TrialResult.artifacts``) so that downloads need no Optuna reads.
 """
 
@@ -17,11 +18,19 @@ from search.errors import InvalidValue, NotFound
 from search.settings import Settings
 
 SAMPLES_FILE = "samples.safetensors"
-ARTIFACT_FILES = ("weights.safetensors", "architecture.json", "metrics.json", SAMPLES_FILE)
+CARD_FILE = "model.json"  # search.bundle's card; trials stored before it have none
+ARTIFACT_FILES = (
+    "weights.safetensors",
+    "architecture.json",
+    "metrics.json",
+    SAMPLES_FILE,
+    CARD_FILE,
+)
 MEDIA_TYPES = {
     "weights.safetensors": "application/octet-stream",
     "architecture.json": "application/json",
     "metrics.json": "application/json",
+    CARD_FILE: "application/json",
     SAMPLES_FILE: "application/octet-stream",
     "model.onnx": "application/octet-stream",
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import inspection, local, remote, tokens
+from service.cli import inspection, local, predict, remote, tokens
 
 app = typer.Typer(
     name="cbam-nas",
@@ -27,6 +27,7 @@ def main() -> None:
 app.add_typer(inspection.commands)
 app.add_typer(local.commands)
 app.add_typer(remote.commands)
+app.add_typer(predict.commands)
 app.add_typer(tokens.token_app, name="token")
 
 __all__ = ["app"]

@@ -252,8 +252,11 @@ def download_trial(
     url: str | None = _url_option(),
     token: str | None = _token_option(),
 ) -> None:
-    """Download a trial's weights (safetensors), architecture and metrics, and print the paths."""
-    names = [*_API_FILES, *(["model.onnx"] if onnx else [])]
+    """Download a trial's model bundle (weights, model.json, README.md, architecture and
+    metrics) into --out and print the paths; load it with ``search.load_model(OUT)`` or check
+    it with ``cbam-nas predict OUT IMAGE...``."""
+    from service.client import ApiError
+
     with _ApiErrors(), _api_client(url, token) as client:
         if trial is None:
             chosen = client.best(search_id, overhead=overhead, max_pct=max_pct)
@@ -269,8 +272,37 @@ def download_trial(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise typer.BadParameter(str(exc), param_hint="--out") from None
-        for name in names:
-            typer.echo(client.download(search_id, number, name, out / name))
+        try:
+            zipped = client.download_bundle(search_id, out / ".bundle.zip", number, onnx=onnx)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            # A trial stored before bundles (no record of its normalisation): its files.
+            typer.echo(f"no bundle ({exc.message}); downloading its files", err=True)
+            for name in [*_API_FILES, *(["model.onnx"] if onnx else [])]:
+                typer.echo(client.download(search_id, number, name, out / name))
+            return
+        for path in _extract(zipped, out):
+            typer.echo(path)
+
+
+def _extract(zipped: Path, out: Path) -> list[Path]:
+    """The archive's files written into ``out`` (flat: its folder dropped), the archive
+    removed; each file by its base name only, so that no entry writes outside ``out``."""
+    import zipfile
+
+    written = []
+    try:
+        with zipfile.ZipFile(zipped) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                target = out / Path(info.filename).name
+                target.write_bytes(archive.read(info))
+                written.append(target)
+    finally:
+        zipped.unlink(missing_ok=True)
+    return written
 
 
 @commands.command("cancel")

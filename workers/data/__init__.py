@@ -108,4 +108,5 @@ def _split(request: LoadRequest, loaded: Loaded) -> DatasetTensors | StreamingDa
         image_size=train_x.shape[-1],
         mean=mean,
         std=std,
+        class_names=loaded.class_names,
     )

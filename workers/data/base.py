@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from search.datasets import DATASETS, DatasetInfo, option_value
 from search.errors import InvalidValue
+from search.preprocessing import read_image
 
 TEST_FRACTION = 0.2
 """The share of a dataset without a test set of its own that is held out for the final report."""
@@ -60,22 +59,12 @@ class DatasetTensors:
     image_size: int
     mean: Stats
     std: Stats
+    class_names: tuple[str, ...] | None = None
 
     @property
     def sizes(self) -> tuple[int, int, int]:
         """Number of train, validation and test images."""
         return len(self.train_y), len(self.val_y), 0 if self.test_y is None else len(self.test_y)
-
-
-def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
-    """One image file as a uint8 (channels, size, size) tensor (bilinear, antialiased resize)."""
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        array = np.array(image)
-    tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
 class ImageFiles(Dataset):
@@ -91,7 +80,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return decode_image(path, self.size, self.channels), label
+        return read_image(path, self.channels, self.size), label
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
@@ -118,6 +107,7 @@ class StreamingData:
     mean: Stats
     std: Stats
     num_workers: int = 2
+    class_names: tuple[str, ...] | None = None
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -191,6 +181,8 @@ class Images:
     num_classes: int
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None
+    """The classes' names in label order, where the dataset has them."""
 
 
 Loaded = Images | StreamingData

@@ -18,6 +18,7 @@ from workers.data.base import (
     to_uint8,
 )
 
+DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 _digits_lock = threading.Lock()
 _digits: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -41,7 +42,7 @@ def load_digits(request: LoadRequest) -> Images:
     images, labels = digit_images()
     x = to_uint8(resize(images, size))
     train, test = split_indices(labels, TEST_FRACTION, request.data_seed)
-    return Images(x[train], labels[train], x[test], labels[test], 10)
+    return Images(x[train], labels[train], x[test], labels[test], 10, class_names=DIGIT_NAMES)
 
 
 def cluttered_canvases(
@@ -112,4 +113,4 @@ def load_cluttered_digits(request: LoadRequest) -> Images:
     test_x, test_y = cluttered_canvases(
         digits[test], labels[test], num_test, canvas, clutter, fragments, stream_generator(seed, 2)
     )
-    return Images(train_x, train_y, test_x, test_y, 10)
+    return Images(train_x, train_y, test_x, test_y, 10, class_names=DIGIT_NAMES)

@@ -85,7 +85,7 @@ def load_imagefolder(request: LoadRequest) -> Loaded:
         train_x, train_y = _decode_all(train, workers)
         val_x, val_y = (None, None) if val is None else _decode_all(val, workers)
         test_x, test_y = (None, None) if test is None else _decode_all(test, workers)
-        return Images(train_x, train_y, test_x, test_y, len(classes), val_x, val_y)
+        return Images(train_x, train_y, test_x, test_y, len(classes), val_x, val_y, tuple(classes))
 
     if val is None:
         kept, held = split_indices(train.labels(), request.val_fraction, request.seed)
@@ -94,5 +94,15 @@ def load_imagefolder(request: LoadRequest) -> Loaded:
     decoded = DataLoader(train.subset(sample), batch_size=64, num_workers=workers)
     mean, std = channel_stats(torch.cat([images for images, _ in decoded]))
     return StreamingData(
-        request.name, train, val, test, len(classes), channels, size, mean, std, workers
+        request.name,
+        train,
+        val,
+        test,
+        len(classes),
+        channels,
+        size,
+        mean,
+        std,
+        workers,
+        class_names=tuple(classes),
     )

@@ -67,8 +67,9 @@ def load_cifar(request: LoadRequest, class_name: str) -> Images:
         raise DatasetNotFound(_not_found(request, class_name, missing[0], root, source), folder)
     train_x, train_y = _read_cifar([folder / name for name, _ in spec.train_list])
     test_x, test_y = _read_cifar([folder / name for name, _ in spec.test_list])
-    num_classes = len(_read_pickle(folder / spec.meta["filename"])[spec.meta["key"]])
-    return Images(train_x, train_y, test_x, test_y, num_classes)
+    listed = _read_pickle(folder / spec.meta["filename"])[spec.meta["key"]]
+    names = tuple(name.decode() if isinstance(name, bytes) else str(name) for name in listed)
+    return Images(train_x, train_y, test_x, test_y, len(names), class_names=names)
 
 
 @loads("mnist", class_name="MNIST")
@@ -98,4 +99,5 @@ def load_mnist(request: LoadRequest, class_name: str) -> Images:
         test.data.unsqueeze(1).contiguous(),
         test.targets.long(),
         len(spec.classes),
+        class_names=tuple(spec.classes),
     )

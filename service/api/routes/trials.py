@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from search.pareto import OVERHEAD_COLUMNS
+from search.results.leaderboard import evidence
 from search.results.queries import (
     LEADERBOARD_SORTS,
     SORT_COLUMNS,
@@ -127,19 +128,4 @@ def best(
     if max_pct is not None:
         return _trial_out(best_trial(db, search_id, overhead=overhead.value, max_pct=max_pct))
     row, entry, ranked = recommendation(db, search_id, overhead.value)
-    evidence = {
-        key: value
-        for key, value in entry.items()
-        if key
-        in (
-            "n_seeds",
-            "val_accuracy_mean",
-            "val_accuracy_ci95",
-            "test_accuracy_mean",
-            "test_accuracy_ci95",
-            "rank",
-        )
-        or key.startswith(("delta_vs_", "verdict_vs_"))
-    }
-    evidence.update(confirmed=ranked.confirmed, top_group=ranked.top_group)
-    return {**_trial_out(row), "evidence": evidence}
+    return {**_trial_out(row), "evidence": evidence(entry, ranked.confirmed, ranked.top_group)}

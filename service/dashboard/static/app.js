@@ -835,11 +835,17 @@ function trialPage() {
     ];
     $("#metrics").replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, v))));
     $("#architecture").textContent = JSON.stringify(t.architecture, null, 2);
+    const bundle = `/api/v1/searches/${id}/trials/${number}/bundle`;
     $("#downloads").replaceChildren(
       ...(t.files.length
-        ? t.files.map((name) =>
-            el("li", {}, el("a", { href: `/api/v1/searches/${id}/trials/${number}/files/${name}`, download: name, class: "download" }, name)),
-          )
+        ? [
+            ...(t.files.includes("weights.safetensors")
+              ? [el("li", {}, el("a", { href: bundle, download: "", class: "download bundle" }, "model bundle (.zip): weights, model.json, README"))]
+              : []),
+            ...t.files.map((name) =>
+              el("li", {}, el("a", { href: `/api/v1/searches/${id}/trials/${number}/files/${name}`, download: name, class: "download" }, name)),
+            ),
+          ]
         : [el("li", { class: "muted" }, "no files: only completed trials store them")]),
     );
     curvePlot(t.learning_curve);
