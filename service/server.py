@@ -64,46 +64,31 @@ def submit_specs(db: Database, settings: Settings, paths: list[Path]) -> list[Se
     return searches
 
 
-class LocalWorkers:
-    """Worker child processes that are restarted when they die and stopped with the server."""
+class ChildWorkers:
+    """Worker child processes: started together, stopped together (SIGTERM: each hands its
+    running trial back), and, with ``respawn``, restarted when one dies (``serve``'s local
+    workers); without, :meth:`wait` returns once all have exited (a worker's slots)."""
 
-    def __init__(self, db: Database, settings: Settings, devices: list[str]) -> None:
-        self.devices = devices
-        self.env = {
-            **os.environ,
-            "CBAM_NAS_DATABASE_URL": db.url,
-            "CBAM_NAS_ARTIFACTS_DIR": str(Path(settings.artifacts_dir).absolute()),
-            PARENT_PID_ENV: str(os.getpid()),
-        }
-        cpu_workers = sum(device == "cpu" for device in devices)
-        if cpu_workers and "OMP_NUM_THREADS" not in os.environ:
-            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
-        self.children: list[subprocess.Popen[bytes] | None] = [None] * len(devices)
+    def __init__(
+        self, commands: list[list[str]], env: dict[str, str], respawn: bool = True
+    ) -> None:
+        self.commands = commands
+        self.env = {**env, PARENT_PID_ENV: str(os.getpid())}
+        self.respawn = respawn
+        self.children: list[subprocess.Popen[bytes] | None] = [None] * len(commands)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="local-workers", daemon=True)
 
-    def _command(self, index: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "worker",
-            "--no-progress",
-            "--device",
-            self.devices[index],
-            "--name",
-            f"local-{os.getpid()}-{index}",
-        ]
-
     def _spawn(self, index: int) -> None:
-        self.children[index] = subprocess.Popen(self._command(index), env=self.env)
+        self.children[index] = subprocess.Popen(self.commands[index], env=self.env)
 
     def start(self) -> None:
         with self._lock:
-            for index in range(len(self.devices)):
+            for index in range(len(self.commands)):
                 self._spawn(index)
-        self._watcher.start()
+        if self.respawn:
+            self._watcher.start()
 
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
@@ -125,6 +110,11 @@ class LocalWorkers:
             if not self._stopping.is_set() and self.children[index] is None:
                 self._spawn(index)
 
+    def wait(self) -> int:
+        """Wait for every child to exit; the largest exit status (0 when all succeeded)."""
+        codes = [child.wait() for child in self.children if child is not None]
+        return max((abs(code) for code in codes), default=0)
+
     def stop(self) -> None:
         """SIGTERM every worker (each hands its trial back), wait, then kill stragglers."""
         self._stopping.set()
@@ -140,6 +130,34 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def local_workers(db: Database, settings: Settings, devices: list[str]) -> ChildWorkers:
+    """``serve``'s workers, one per device, restarted when they die; each runs its device's
+    default number of slots (``workers.slots``)."""
+    env = {
+        **os.environ,
+        "CBAM_NAS_DATABASE_URL": db.url,
+        "CBAM_NAS_ARTIFACTS_DIR": str(Path(settings.artifacts_dir).absolute()),
+    }
+    cpu_workers = sum(device == "cpu" for device in devices)
+    if cpu_workers and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--no-progress",
+            "--device",
+            device,
+            "--name",
+            f"local-{os.getpid()}-{index}",
+        ]
+        for index, device in enumerate(devices)
+    ]
+    return ChildWorkers(commands, env, respawn=True)
 
 
 def watch_parent() -> None:

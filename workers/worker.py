@@ -47,7 +47,7 @@ from search.errors import InvalidValue
 from search.settings import Settings, get_settings
 from search.space import Architecture
 from search.store.artifacts import artifact_store
-from search.store.engine import is_transient, open_database
+from search.store.engine import Database, is_transient, open_database
 from search.store.models import Phase, ResultState, Search, utcnow
 from search.store.searches import FINISHED_STATES, fail_search, maybe_complete
 from search.study.objectives import CONSTRAINT_ATTR
@@ -73,6 +73,15 @@ from workers.queue import (
 from workers.trial import Outcome, SearchFailed, TrialContext
 
 log = logging.getLogger("cbam_nas.worker")
+
+
+def check_search(db: Database, search_id: str | None) -> None:
+    """InvalidValue naming ``search`` unless ``search_id`` is None or a search in ``db``."""
+    if search_id is None:
+        return
+    with db.session() as session:
+        if session.get(Search, search_id) is None:
+            raise InvalidValue("search", search_id, "the id of a search")
 
 
 class Worker:
@@ -165,10 +174,7 @@ class Worker:
         self.db.migrate()
         # Optuna's storage checks its schema when created: here, not in the first claimed trial.
         self.db.optuna_storage()
-        if self.options.search_id is not None:
-            with self.db.session() as session:
-                if session.get(Search, self.options.search_id) is None:
-                    raise InvalidValue("search", self.options.search_id, "the id of a search")
+        check_search(self.db, self.options.search_id)
         log.info(
             "worker %s on %s started%s",
             self.name,

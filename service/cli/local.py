@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def serve(
     from search.settings import get_settings
     from service.app import create_app
     from service.auth import ensure_admin_token
-    from service.server import LocalWorkers, submit_specs, worker_devices
+    from service.server import local_workers, submit_specs, worker_devices
 
     _setup_logging(False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -122,7 +123,7 @@ def serve(
     for search in searches:
         console.print(f"  Search:    {search.id}  {search.name}  ->  cbam-nas status {search.id}")
 
-    local = LocalWorkers(db, settings, devices)
+    local = local_workers(db, settings, devices)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings, db),
@@ -167,7 +168,17 @@ def worker(
     exit_when_idle: bool = typer.Option(False, help="Exit when no search has work left."),
     latency_batch: int = typer.Option(1, min=1, help="Batch size of the latency measurement."),
     latency_repeats: int = typer.Option(15, min=1, help="Timed forward passes (median)."),
-    threads: int | None = typer.Option(None, min=1, help="torch threads. Default: torch's."),
+    threads: int | None = typer.Option(
+        None, min=1, help="torch threads (per slot). Default: the cores shared by the slots."
+    ),
+    slots: int | None = typer.Option(
+        None,
+        "--slots",
+        min=1,
+        help="Trials run at once, each slot a worker process of its own. Default: from the "
+        "device (CUDA: as many as its free memory holds at 3 GiB each, at most 4; CPU: one per "
+        "core, at most 8).",
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar. Default: when on a terminal."
     ),
@@ -187,15 +198,56 @@ def worker(
     ),
 ) -> None:
     """Pull trials from the database and run them until stopped (SIGTERM/SIGINT: the current
-    trial is handed back at the next epoch boundary). With --dry-run the trials are recorded
-    with made-up metrics instead of being trained."""
+    trial is handed back at the next epoch boundary). With --slots N, N worker processes do so
+    side by side on the device (--max-trials counts per slot). With --dry-run the trials are
+    recorded with made-up metrics instead of being trained."""
+    from search.overhead import check_device
     from service.server import watch_parent
     from workers.options import WorkerOptions
-    from workers.worker import Worker
+    from workers.slots import default_slots, threads_per_slot
+    from workers.worker import Worker, check_search
 
     watch_parent()
+    if not dry_run:  # a dry run stands in for a worker on --device: nothing runs there
+        try:
+            check_device(device)
+        except InvalidValue as exc:
+            raise bad_parameter(exc, "--device") from None
     on_terminal = sys.stderr.isatty() if progress is None else progress
     _setup_logging(on_terminal)
+    if slots is None:
+        slots = 1 if dry_run else default_slots(device)
+    count = slots
+    if count > 1:
+        forwarded = {
+            "database": database,
+            "artifacts": artifacts,
+            "device": device,
+            "search": search,
+            "max_trials": max_trials,
+            "grace_period": grace_period,
+            "heartbeat_interval": heartbeat_interval,
+            "poll_interval": poll_interval,
+            "latency_batch": latency_batch,
+            "latency_repeats": latency_repeats,
+            "threads": threads or threads_per_slot(device, count),
+            "dry_run_seconds": dry_run_seconds if dry_run else None,
+        }
+        flags = [
+            flag
+            for flag, on in (("--exit-when-idle", exit_when_idle), ("--dry-run", dry_run))
+            if on
+        ]
+        if search is not None:  # refused here, once, rather than by every slot
+            db = open_database(database, role="worker")
+            db.migrate()
+            try:
+                check_search(db, search)
+            except InvalidValue as exc:
+                raise bad_parameter(exc, "--search") from None
+            finally:
+                db.close()
+        raise typer.Exit(_run_slots(count, name, forwarded, flags))
     options = WorkerOptions(
         database_url=database,
         artifacts_dir=artifacts,
@@ -222,13 +274,48 @@ def worker(
     raise typer.Exit(status)
 
 
-def _worker_command(search_id: str, index: int, options: dict[str, Any]) -> list[str]:
-    command = [sys.executable, "-m", "service.cli", "worker", "--search", search_id]
-    command += ["--name", f"local-{os.getpid()}-{index}", "--no-progress"]
+def _worker_command(
+    name: str, options: dict[str, Any], flags: Sequence[str] = (), slots: int = 1
+) -> list[str]:
+    """The command line of one worker process with ``options`` (None: left out) and ``flags``."""
+    command = [sys.executable, "-m", "service.cli", "worker", "--name", name, "--no-progress"]
+    command += ["--slots", str(slots), *flags]
     for key, value in options.items():
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
     return command
+
+
+def _run_slots(count: int, name: str | None, options: dict[str, Any], flags: list[str]) -> int:
+    """``count`` worker processes of one slot each, stopped together on SIGTERM or Ctrl-C (each
+    hands its trial back); returns when all have exited, with the largest exit status."""
+    import socket
+
+    from service.server import ChildWorkers
+
+    base = name or f"{socket.gethostname()}-{os.getpid()}"
+    env = dict(os.environ)
+    if options.get("threads") is not None:
+        env["OMP_NUM_THREADS"] = str(options["threads"])
+    commands = [_worker_command(f"{base}-{i}", options, flags) for i in range(count)]
+    children = ChildWorkers(commands, env, respawn=False)
+
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    children.start()
+    logging.getLogger("cbam_nas.worker").info(
+        "%d slots on %s, %s thread(s) each",
+        count,
+        options["device"],
+        options["threads"] or "torch's",
+    )
+    try:
+        return children.wait()
+    except KeyboardInterrupt:
+        children.stop()
+        return children.wait()
 
 
 def _wait(db: Database, search_id: str, children: list[subprocess.Popen[bytes]]) -> None:
@@ -322,8 +409,10 @@ def run_search(
         "heartbeat_interval": heartbeat_interval,
         "latency_repeats": latency_repeats,
     }
+    options["search"] = search.id
     children = [
-        subprocess.Popen(_worker_command(search.id, i, options), env=env) for i in range(workers)
+        subprocess.Popen(_worker_command(f"local-{os.getpid()}-{i}", options), env=env)
+        for i in range(workers)
     ]
     try:
         _wait(db, search.id, children)
