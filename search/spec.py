@@ -35,7 +35,9 @@ OVERHEADS = ("params", "macs", "latency")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 EARLY_STOPPING = ("none", "halving", "median", "hyperband")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "linear")
+RECIPES = ("default", "fast")
+FLIP_MODES = ("random", "alternating")
 # Optuna's pruners need a single objective: these policies apply in the constrained mode only.
 PRUNER_POLICIES = ("median", "hyperband")
 MAX_GRID_SIZE = 10_000
@@ -109,11 +111,34 @@ class DatasetSpec(SpecModel):
         return hash((self.name, self.val_fraction))
 
 
+def fast_recipe(epochs: int) -> dict[str, Any]:
+    """What ``recipe: fast`` sets, for the fields a spec leaves out: the parts of airbench's
+    recipe (Jordan 2024) that apply to any backbone. Label smoothing 0.2; a triangular learning
+    rate (linear warm-up over the first fifth of the epochs, then linearly to zero); an
+    exponential moving average of the weights, which validation, test and the stored weights
+    use; and alternating flips (each image mirrored on every other epoch, from a random first
+    choice, instead of a fresh coin each epoch). Not taken: a larger batch with a scaled
+    learning rate (on small datasets it leaves too few steps) and flip test-time augmentation
+    (it would change what the stored model computes at inference)."""
+    return {
+        "label_smoothing": 0.2,
+        "schedule": "linear",
+        "warmup_epochs": epochs // 5,
+        "ema_decay": 0.9,
+        "flip_mode": "alternating",
+    }
+
+
 class TrainingSpec(SpecModel):
     """How one trial trains: ``channels_last`` on CPU and CUDA, ``mixed_precision`` on CUDA."""
 
     path: ClassVar[str] = "training"
 
+    recipe: Literal[RECIPES] = "default"  # type: ignore[valid-type]
+    """``fast``: airbench's techniques that apply to any backbone (label smoothing, a triangular
+    learning rate, an average of the weights, alternating flips) for the fields the spec leaves
+    out; ``default``: the fields as given. A recipe changes what a search ranks: see the README
+    (benchmarks/recipe.py) for by how much."""
     epochs: int = Field(10, ge=1, strict=True)
     """Epochs of an exploration trial."""
     batch_size: int = Field(128, ge=1, strict=True)
@@ -133,11 +158,28 @@ class TrainingSpec(SpecModel):
     """Random crops (``crop_padding``) and flips (``flip``) of the training images."""
     crop_padding: int = Field(4, ge=0, strict=True)
     flip: bool = Field(True, strict=True)
+    flip_mode: Literal[FLIP_MODES] = "random"  # type: ignore[valid-type]
+    """``random``: each image mirrored with probability 1/2 each epoch; ``alternating``: on every
+    other epoch, from a random first choice (in-memory datasets; streamed folders flip at
+    random)."""
+    ema_decay: float | None = Field(None, gt=0, lt=1, strict=True, allow_inf_nan=False)
+    """An exponential moving average of the weights (and BatchNorm statistics), updated each
+    step with this decay; validation, test and the stored weights use it. None: no average."""
     mixed_precision: bool = Field(True, strict=True)
     """bfloat16/float16 autocast on CUDA; ignored on the CPU."""
     channels_last: bool = Field(True, strict=True)
     compile: bool = Field(False, strict=True)
     """``torch.compile`` the model (CUDA)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        """``recipe: fast`` fills the fields the spec leaves out with :func:`fast_recipe`."""
+        if isinstance(data, dict) and data.get("recipe") == "fast":
+            epochs = data.get("epochs", 10)
+            if isinstance(epochs, int) and epochs >= 1:
+                return {**fast_recipe(epochs), **data}
+        return data
 
     @model_validator(mode="after")
     def _across_fields(self) -> TrainingSpec:

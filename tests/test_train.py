@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from search.build import build_model
+from search.errors import InvalidValue
 from search.space import Architecture
 from search.spec import TrainingSpec
-from workers.augment import augment, crop, mirror, normalizer, to_float
+from workers.augment import alternate, augment, crop, mirror, normalizer, to_float
 from workers.data import DatasetTensors, ImageFiles, StreamingData
 from workers.train import (
     EpochReport,
@@ -243,3 +244,54 @@ def test_to_float_normalises_in_the_requested_layout() -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
     expected = (x / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, expected)
+
+
+# -- the fast recipe --------------------------------------------------------------------------
+
+
+def test_the_fast_recipe_fills_what_the_spec_leaves_out() -> None:
+    fast = TrainingSpec.from_dict({"recipe": "fast", "epochs": 10})
+    assert (fast.label_smoothing, fast.schedule, fast.warmup_epochs) == (0.2, "linear", 2)
+    assert fast.ema_decay == 0.9 and fast.flip_mode == "alternating"
+    mine = TrainingSpec.from_dict({"recipe": "fast", "epochs": 3, "label_smoothing": 0.0})
+    assert mine.label_smoothing == 0.0 and mine.warmup_epochs == 0  # a fifth of 3 epochs
+    assert TrainingSpec.from_dict(fast.to_dict()) == fast
+    plain = TrainingSpec()
+    assert plain.recipe == "default" and plain.ema_decay is None and plain.flip_mode == "random"
+    with pytest.raises(InvalidValue) as caught:
+        TrainingSpec.from_dict({"recipe": "airbench"})
+    assert caught.value.field == "training.recipe" and "fast" in str(caught.value)
+
+
+def test_the_linear_schedule_is_a_triangle_with_its_warm_up() -> None:
+    assert [lr_factor(s, 10, 2, "linear") for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    )
+
+
+def test_alternating_flips_show_each_image_both_ways_every_two_epochs() -> None:
+    x = torch.arange(2 * 1 * 1 * 4, dtype=torch.uint8).view(2, 1, 1, 4)
+    first = torch.tensor([True, False])
+    one, two, three = (alternate(x, first, epoch) for epoch in (1, 2, 3))
+    assert torch.equal(one[0], x[0].flip(2)) and torch.equal(one[1], x[1])
+    assert torch.equal(two[0], x[0]) and torch.equal(two[1], x[1].flip(2))
+    assert torch.equal(three, one)
+
+
+def test_the_weight_average_is_what_is_validated_and_stored(data: DatasetTensors) -> None:
+    settings = TrainingSpec.from_dict({"recipe": "fast", "epochs": 2, "batch_size": 64, "lr": 0.05})
+    result = train(ARCH, data, settings, seed=0)
+    model = build_model(ARCH, data.num_classes, data.in_channels)
+    model.load_state_dict(result.state_dict)
+    _, accuracy = evaluate(model, data.val_x, data.val_y, data)
+    assert accuracy == result.final_val_accuracy  # the stored weights are the averaged ones
+    _, test_accuracy = evaluate(model, data.test_x, data.test_y, data)
+    assert test_accuracy == result.test_accuracy
+    plain = train(ARCH, data, settings.model_copy(update={"ema_decay": None}), seed=0)
+    assert not torch.equal(plain.state_dict["fc.weight"], result.state_dict["fc.weight"])
+    # The batch-norm statistics are averaged too (use_buffers).
+    assert not torch.equal(
+        plain.state_dict["bn1.running_mean"], result.state_dict["bn1.running_mean"]
+    )
+    again = train(ARCH, data, settings, seed=0)  # still deterministic per seed
+    assert torch.equal(again.state_dict["fc.weight"], result.state_dict["fc.weight"])

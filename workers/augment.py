@@ -49,6 +49,13 @@ def random_mirror(x: Tensor, generator: torch.Generator) -> Tensor:
     return mirror(x, mask)
 
 
+def alternate(x: Tensor, first: Tensor, epoch: int) -> Tensor:
+    """Alternating flips (airbench): the samples whose ``first`` (bool, ``(B,)``) is true are
+    flipped on odd epochs (from 1), the others on even ones, so that each image is seen both
+    ways every two epochs instead of at the whim of a coin."""
+    return mirror(x, first if epoch % 2 == 1 else ~first)
+
+
 def augment(x: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
     """Random crop (when ``padding > 0``), then random flip (when ``flip``)."""
     if padding > 0:

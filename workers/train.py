@@ -8,7 +8,11 @@ device. Every hyperparameter comes from the :class:`~search.spec.TrainingSpec`:
 * SGD with Nesterov momentum (or AdamW); weight decay on convolution and linear weights only
   (tensors with more than one dimension), never on BatchNorm parameters or biases;
 * the learning rate set every step: linear warmup over ``warmup_epochs``, then cosine to zero,
-  steps of 0.1 at 50% and 75% of training, or constant; label smoothing in the loss;
+  steps of 0.1 at 50% and 75% of training, linearly to zero (with the warm-up: triangular), or
+  constant; label smoothing in the loss;
+* optionally an exponential moving average of the weights and BatchNorm statistics
+  (``ema_decay``), which validation, test and the stored weights use, and alternating flips
+  (``flip_mode``); ``recipe: fast`` turns these on (:func:`search.spec.fast_recipe`);
 * channels_last inputs (the default on CPU as on CUDA: faster on both; the convolutions then run
   and return channels_last, while the weights keep their layout, which measured the same on CPU),
   mixed precision on CUDA only (bf16 where supported, else fp16 with a GradScaler), optional
@@ -38,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from search.build import build_model
 from search.errors import InvalidValue
 from search.space import Architecture
-from workers.augment import augment, normalizer, to_float
+from workers.augment import alternate, augment, normalizer, to_float
 from workers.data import StreamingData
 
 if TYPE_CHECKING:
@@ -154,7 +159,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
         return 0.1 ** sum(progress >= m for m in STEP_MILESTONES)
     if schedule == "constant":
         return 1.0
-    raise InvalidValue("training.schedule", schedule, ("cosine", "step", "constant"))
+    if schedule == "linear":  # with a warm-up: the triangular schedule
+        return 1.0 - progress
+    from search.spec import SCHEDULES
+
+    raise InvalidValue("training.schedule", schedule, SCHEDULES)
 
 
 def make_optimizer(model: nn.Module, settings: TrainingSpec) -> torch.optim.Optimizer:
@@ -188,6 +197,8 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
 
 
 Batches = Iterator[tuple[Tensor, Tensor]]
+IndexedBatches = Iterator[tuple[Tensor, Tensor, Tensor | None]]
+"""Training batches with the indexes of their images in the training set, where known."""
 
 
 def _slices(x: Tensor, y: Tensor, batch_size: int) -> Batches:
@@ -259,12 +270,12 @@ class _TensorSource:
         self.batch_size = min(batch_size, len(data.train_y))
         self.steps_per_epoch = len(data.train_y) // self.batch_size
 
-    def train_batches(self, generator: torch.Generator) -> Batches:
+    def train_batches(self, generator: torch.Generator) -> IndexedBatches:
         x, y = self.train
         order = torch.randperm(len(x), generator=generator, device=x.device)
         for i in range(self.steps_per_epoch):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield x[index], y[index]
+            yield x[index], y[index], index
 
     def eval_batches(self, split: str) -> Batches | None:
         pair = self.val if split == "val" else self.test
@@ -285,9 +296,9 @@ class _StreamingSource:
         self.test = data.test_loader(EVAL_BATCH_SIZE)
         self.steps_per_epoch = len(self.train)
 
-    def train_batches(self, generator: torch.Generator) -> Batches:
+    def train_batches(self, generator: torch.Generator) -> IndexedBatches:
         for xb, yb in self.train:
-            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True), None
 
     def eval_batches(self, split: str) -> Batches | None:
         loader = self.val if split == "val" else self.test
@@ -317,6 +328,8 @@ class _Loop:
     norm: tuple[Tensor, Tensor]
     memory_format: torch.memory_format
     amp: torch.dtype | None
+    ema: AveragedModel | None = None
+    flips: Tensor | None = None  # alternating flips: each training image's first-epoch flip
     step: int = 0
 
     def train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
@@ -329,11 +342,16 @@ class _Loop:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen, lr = 0, s.lr
         self.model.train()
-        for i, (xb, yb) in enumerate(self.source.train_batches(self.generator)):
+        for i, (xb, yb, index) in enumerate(self.source.train_batches(self.generator)):
             lr = s.lr * lr_factor(self.step, total_steps, warmup_steps, s.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            xb = augment(xb, padding, flip, self.generator)
+            if flip and self.flips is not None and index is not None:
+                xb = alternate(
+                    augment(xb, padding, False, self.generator), self.flips[index], epoch
+                )
+            else:
+                xb = augment(xb, padding, flip, self.generator)
             xb = to_float(xb, *self.norm, self.memory_format)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.forward(xb)
@@ -345,6 +363,8 @@ class _Loop:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             losses[i] = loss.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(yb)
@@ -360,9 +380,8 @@ class _Loop:
         batches = self.source.eval_batches(split)
         if batches is None:
             return None
-        return _evaluate(
-            self.forward, batches, self.norm, self.device, self.memory_format, self.amp
-        )
+        model = self.forward if self.ema is None else self.ema.module
+        return _evaluate(model, batches, self.norm, self.device, self.memory_format, self.amp)
 
 
 def train(
@@ -412,6 +431,12 @@ def train(
         memory_format=_memory_format(settings.channels_last),
         amp=amp,
     )
+    if settings.ema_decay is not None:
+        loop.ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True
+        )
+    if settings.flip_mode == "alternating" and not isinstance(data, StreamingData):
+        loop.flips = torch.rand(len(data.train_y), generator=loop.generator, device=device) < 0.5
 
     curve: list[EpochReport] = []
     stopped: str | None = None
@@ -449,7 +474,7 @@ def train(
         epochs_run=len(curve),
         wall_time_s=wall,
         images_per_s=images / wall,
-        state_dict=_weights(model),
+        state_dict=_weights(model if loop.ema is None else loop.ema.module),
         curve=curve,
         stopped=stopped,
     )
