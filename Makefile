@@ -3,6 +3,7 @@
 #   make test                       lint, check the Docker files, run the tests
 #   make test TORCH_SPEC="torch torchvision"   pick your own torch build on the first install
 #   make test PYTEST_ARGS="-k cbam -x"         pass arguments to pytest
+#   make test PYTEST_WORKERS=1                 the tests in one process (default: 2, pytest-xdist)
 #   make test-fast                  lint and the tests but the process-level end-to-end ones (-m 'not e2e')
 .DEFAULT_GOAL := test
 SHELL := bash
@@ -15,6 +16,10 @@ BIN := $(VENV)/bin
 # (pyproject holds only ranges). This default resolves from the local wheel store on our machines.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# pytest-xdist processes: the suite is mostly single-threaded training and waiting on worker and
+# server processes, so two processes on two cores finish it in about 285 s instead of 400.
+# worksteal balances the long process-level tests; 1 runs the tests in this process.
+PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 # Reinstall when the stamp records another TORCH_SPEC than the one asked for now.
@@ -51,7 +56,7 @@ test-fast: PYTEST_ARGS += -m 'not e2e'
 test-fast: lint pytest
 
 pytest: $(STAMP) kernels
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

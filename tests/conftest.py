@@ -77,7 +77,10 @@ def postgres_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must install it (.ci/run)")
         pytest.skip(reason)
-    port = os.environ.get("CBAM_NAS_TEST_PG_PORT") or str(free_port(PG_DEFAULT_PORT))
+    # Under pytest-xdist each worker process starts its own server, from its own block of ports.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = PG_DEFAULT_PORT + 10 * (int(worker) if worker.isdigit() else 0)
+    port = os.environ.get("CBAM_NAS_TEST_PG_PORT") or str(free_port(first))
     # Directly under the system temp dir: the server (the postgres user when we are root) must
     # reach it, and its socket path must stay short.
     pgtmp = tempfile.mkdtemp(prefix="cbam-nas-pg-")
