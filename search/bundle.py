@@ -172,6 +172,13 @@ def read_card(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of the bundle at ``path`` (a folder, a .zip, or its ``weights.safetensors``
     alone) in eval mode on ``device``, and the :class:`Preprocess` its inputs need."""
+    return load_bundle(path, device)[0]
+
+
+def load_bundle(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """:func:`load_model` and the bundle's card, from one read of the bundle."""
     card, weights = _open(Path(path))
     architecture = Architecture.from_dict(card["architecture"])
     model = build_model(architecture, int(card["num_classes"]), int(card["in_channels"]))
@@ -184,7 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             f"{missing[:5] or 'none'}, unexpected {unexpected[:5] or 'none'}"
         )
     model.load_state_dict(weights, strict=True)
-    return LoadedModel(model.eval().to(device), preprocess_of(card))
+    return LoadedModel(model.eval().to(device), preprocess_of(card)), card
 
 
 def preprocess_of(card: Mapping[str, Any]) -> Preprocess:

@@ -20,6 +20,7 @@ from search.pareto import OVERHEAD_COLUMNS
 from search.results.cache import cached, completed
 from search.results.convergence import convergence
 from search.results.leaderboard import (
+    EVIDENCE_FIELDS,
     confirmed_board,
     deltas,
     exploration_board,
@@ -401,16 +402,7 @@ def _rank(db: Database, search_id: str, overhead: str) -> Ranking:
 
 
 # The statistics of a leaderboard entry that are not columns of its row.
-_BOARD_FIELDS = (
-    "rank",
-    "pareto",
-    "front",
-    "n_seeds",
-    "val_accuracy_mean",
-    "val_accuracy_ci95",
-    "test_accuracy_mean",
-    "test_accuracy_ci95",
-)
+_BOARD_FIELDS = (*EVIDENCE_FIELDS, "pareto", "front")
 
 
 def leaderboard_page(

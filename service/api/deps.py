@@ -8,12 +8,14 @@ stranger gets 401 first; a known token whose scope is too small gets 403.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from search.pareto import OVERHEAD_COLUMNS
 from search.settings import Settings
 from search.store.engine import Database
 from search.store.models import ApiToken
@@ -56,6 +58,9 @@ Attempt = Annotated[
     Query(ge=0, le=INT_MAX, description="Which attempt of a re-run trial (default: the last)."),
 ]
 Offset = Annotated[int, Query(ge=0, le=INT_MAX, description="How many items to skip.")]
+
+Overhead = Enum("Overhead", {name: name for name in OVERHEAD_COLUMNS}, type=str)  # type: ignore[misc]
+"""The overhead a route ranks or bounds by (params, macs, latency), a query parameter."""
 
 
 def _caller(db: Database, credentials: HTTPAuthorizationCredentials | str | None) -> ApiToken:

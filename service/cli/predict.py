@@ -27,11 +27,10 @@ def predict(
     channels, size and normalisation come from the bundle's model.json)."""
     import torch
 
-    from search.bundle import BundleError, load_model, read_card, top_classes
+    from search.bundle import BundleError, load_bundle, top_classes
 
     try:
-        card = read_card(bundle)
-        loaded = load_model(bundle, device=torch.device(device))
+        loaded, card = load_bundle(bundle, device=torch.device(device))
     except (BundleError, OSError) as exc:
         raise typer.BadParameter(str(exc), param_hint="BUNDLE") from None
     except RuntimeError as exc:  # e.g. a device this machine does not have

@@ -6,12 +6,10 @@ Each answer is computed and encoded in the process once per change of the search
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from search.pareto import OVERHEAD_COLUMNS
 from search.results import ablation as ablation_view
 from search.results import curves as curves_view
 from search.results import importance as importance_view
@@ -25,12 +23,11 @@ from service.api.analysis_schemas import (
     KnobsOut,
     ScatterOut,
 )
-from service.api.deps import DB, Reader
+from service.api.deps import DB, Overhead, Reader
 from service.api.encoded import json_answer
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["analysis"], dependencies=[Reader])
 
-Overhead = Enum("Overhead", {name: name for name in OVERHEAD_COLUMNS}, type=str)  # type: ignore[misc]
 MaxPoints = Annotated[
     int,
     Query(

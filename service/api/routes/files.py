@@ -19,19 +19,17 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from search.bundle import archive
 from search.errors import Conflict, NotFound
-from search.pareto import OVERHEAD_COLUMNS
 from search.results.bundles import trial_bundle
 from search.results.queries import get_search, recommendation, trial
 from search.settings import Settings
 from search.store.artifacts import MEDIA_TYPES, open_artifact, read_artifact
 from search.store.models import TrialResult
-from service.api.deps import DB, AppSettings, Attempt, Reader, Store, TrialNumber
+from service.api.deps import DB, AppSettings, Attempt, Overhead, Reader, Store, TrialNumber
 from service.api.made_files import made_once
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["downloads"], dependencies=[Reader])
 
 FileName = Enum("FileName", {name: name for name in MEDIA_TYPES}, type=str)  # type: ignore[misc]
-Overhead = Enum("Overhead", {name: name for name in OVERHEAD_COLUMNS}, type=str)  # type: ignore[misc]
 WithOnnx = Annotated[
     bool, Query(description="Also model.onnx (exported from the weights on first request).")
 ]

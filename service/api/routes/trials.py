@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from search.pareto import OVERHEAD_COLUMNS
 from search.results.leaderboard import evidence
 from search.results.queries import (
     LEADERBOARD_SORTS,
@@ -19,7 +18,7 @@ from search.results.queries import (
     trials_page,
 )
 from search.store.models import ResultState
-from service.api.deps import DB, Attempt, Offset, Reader, TrialNumber
+from service.api.deps import DB, Attempt, Offset, Overhead, Reader, TrialNumber
 from service.api.schemas import BestOut, LeaderboardOut, Page, TrialOut, TrialSummaryOut
 
 router = APIRouter(prefix="/searches/{search_id}", tags=["trials"], dependencies=[Reader])
@@ -32,7 +31,6 @@ def _choices(name: str, values: tuple[str, ...] | dict[str, object]) -> type[Enu
 
 SortColumn = _choices("SortColumn", SORT_COLUMNS)
 LeaderboardSort = _choices("LeaderboardSort", LEADERBOARD_SORTS)
-Overhead = _choices("Overhead", OVERHEAD_COLUMNS)
 
 
 class Order(str, Enum):
