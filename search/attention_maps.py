@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.build import CLASSIFIER_WEIGHT, STEM_WEIGHT, build_model
+from search.build import build_model
 from search.nn.cbam import CBAM
 from search.preprocessing import normalise
 from search.space import Architecture
@@ -227,8 +227,9 @@ def attention_report(
     for key in ("images", "labels", "mean", "std"):
         if key not in samples:
             raise ValueError(f"samples lack {key!r}")
-    num_classes = int(state_dict[CLASSIFIER_WEIGHT].shape[0])
-    in_channels = int(state_dict[STEM_WEIGHT].shape[1])
+    info = architecture.info
+    num_classes = int(state_dict[info.classifier_weight].shape[0])
+    in_channels = int(state_dict[info.stem_weight].shape[1])
     model = build_model(architecture, num_classes, in_channels)
     model.load_state_dict(dict(state_dict), strict=True)
     count = max(0, min(max_images, samples["images"].shape[0]))

@@ -3,19 +3,24 @@ modules exactly where the architecture places them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from search.nn.attention import create_attention
 from search.nn.backbones import build_backbone
+from search.nn.weights import load_backbone_weights, read_weights
 from search.space import Architecture
 
-# The state-dict keys of every backbone's first convolution and classifier: num_classes is the
-# classifier's rows, in_channels the stem's input channels.
-STEM_WEIGHT = "conv1.weight"
-CLASSIFIER_WEIGHT = "fc.weight"
 # A built model's input and output, as exported models and bundles name them.
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+
+
+def load_pretrained(model: nn.Module, architecture: Architecture, path: str | Path) -> set[str]:
+    """Load the backbone weights of file ``path`` into ``model`` (built for ``architecture``);
+    returns the keys loaded. InvalidValue at ``backbone_weights`` naming what does not fit."""
+    return load_backbone_weights(model, read_weights(path), architecture.info, str(path))
 
 
 def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from search.build import CLASSIFIER_WEIGHT, INPUT_NAME, OUTPUT_NAME, STEM_WEIGHT, build_model
+from search.build import INPUT_NAME, OUTPUT_NAME, build_model
 from search.preprocessing import ImageLike, Preprocess
 from search.space import Architecture
 
@@ -222,9 +222,10 @@ def top_classes(
     ]
 
 
-def weight_dims(weights: Mapping[str, Tensor]) -> tuple[int, int]:
+def weight_dims(architecture: Architecture, weights: Mapping[str, Tensor]) -> tuple[int, int]:
     """``(num_classes, in_channels)`` read from the classifier's and the stem's weights."""
-    return int(weights[CLASSIFIER_WEIGHT].shape[0]), int(weights[STEM_WEIGHT].shape[1])
+    info = architecture.info
+    return int(weights[info.classifier_weight].shape[0]), int(weights[info.stem_weight].shape[1])
 
 
 def _open(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -192,19 +192,22 @@ def check_paths(name: str, options: Mapping[str, Any], roots: Sequence[Path]) ->
     one of ``roots``: a caller names paths on the workers' hosts, and may name no other (not
     ``/etc``, not ``../..``)."""
     info = dataset_info(name)
-    allowed = [Path(root).expanduser().resolve() for root in roots]
     for key, value in options.items():
         option = info.options.get(key)
         if option is None or option.kind != PATH or value is None:
             continue
-        resolved = Path(str(value)).expanduser().resolve()
-        if not any(resolved.is_relative_to(root) for root in allowed):
-            inside = " or ".join(str(root) for root in allowed)
-            raise InvalidValue(
-                f"dataset.options.{key}",
-                value,
-                f"a path inside {inside} (the server's data roots, CBAM_NAS_DATA_ROOTS)",
-            )
+        check_path(f"dataset.options.{key}", value, roots)
+
+
+def check_path(field: str, value: Any, roots: Sequence[Path]) -> None:
+    """``value`` must resolve (``~`` expanded, symlinks followed) inside one of ``roots``."""
+    allowed = [Path(root).expanduser().resolve() for root in roots]
+    resolved = Path(str(value)).expanduser().resolve()
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        inside = " or ".join(str(root) for root in allowed)
+        raise InvalidValue(
+            field, value, f"a path inside {inside} (the server's data roots, CBAM_NAS_DATA_ROOTS)"
+        )
 
 
 def check_download(options: Mapping[str, Any], allowed: bool) -> None:

@@ -17,14 +17,12 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from search.build import CLASSIFIER_WEIGHT, INPUT_NAME, OUTPUT_NAME, STEM_WEIGHT, build_model
+from search.build import INPUT_NAME, OUTPUT_NAME, build_model
 from search.space import Architecture
 
 __all__ = [
-    "CLASSIFIER_WEIGHT",
     "INPUT_NAME",
     "OUTPUT_NAME",
-    "STEM_WEIGHT",
     "ExportError",
     "export_onnx",
 ]
@@ -55,12 +53,13 @@ def export_onnx(
     weights do not fit the architecture (missing or unexpected tensors, wrong shapes), and when
     the export fails or cannot produce the requested opset.
     """
+    info = architecture.info
     if num_classes is None:
-        num_classes = _dim(architecture, state_dict, CLASSIFIER_WEIGHT, 0, "num_classes")
+        num_classes = _dim(architecture, state_dict, info.classifier_weight, 0, "num_classes")
     if in_channels is None:
-        in_channels = _dim(architecture, state_dict, STEM_WEIGHT, 1, "in_channels")
+        in_channels = _dim(architecture, state_dict, info.stem_weight, 1, "in_channels")
     if input_size is None:
-        input_size = architecture.info.input_size
+        input_size = info.input_size
     if input_size < 1:
         raise ExportError(f"input_size must be at least 1, got {input_size}")
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from search.backbones import BACKBONES, BackboneInfo, backbone_info
+from search.backbones import BackboneInfo, allowed_backbones
+from search.catalogue import backbone_info
 from search.errors import InvalidValue
 from search.knobs import (
     ARRANGEMENTS,
@@ -141,7 +142,7 @@ class Architecture:
 
     @property
     def info(self) -> BackboneInfo:
-        return BACKBONES[self.backbone]
+        return backbone_info(self.backbone)
 
     def attends(self, stage: int, block: int) -> bool:
         """Whether block ``block`` (from 0) of stage ``stage`` (from 1) holds attention."""
@@ -180,7 +181,7 @@ class Architecture:
     def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
         _reject_unknown_keys(data, _ARCHITECTURE_FIELDS, "architecture")
         if "backbone" not in data:
-            raise InvalidValue("backbone", None, sorted(BACKBONES))
+            raise InvalidValue("backbone", None, allowed_backbones())
         return cls(**data)
 
     def to_json(self) -> str:

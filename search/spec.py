@@ -20,13 +20,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from search.backbones import BACKBONES
-from search.datasets import DATASETS, check_download, check_options, check_paths
+from search.backbones import BACKBONES, LIBRARY_PATTERN, allowed_backbones, library_of
+from search.datasets import DATASETS, check_download, check_options, check_path, check_paths
 from search.errors import InvalidValue
 from search.space import SearchSpace
 from search.validation import JSON_VALUES, SpecModel
@@ -37,6 +37,8 @@ EARLY_STOPPING = ("none", "halving", "median", "hyperband")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant", "linear")
 RECIPES = ("default", "fast")
+ATTENTION_INITS = ("auto", "paper", "identity")
+MAX_PATH_LENGTH = 4096
 FLIP_MODES = ("random", "alternating")
 # Optuna's pruners need a single objective: these policies apply in the constrained mode only.
 PRUNER_POLICIES = ("median", "hyperband")
@@ -45,6 +47,13 @@ MAX_SEED = 2**32 - 1
 MAX_NAME_LENGTH = 200
 BACKBONE_NAMES = tuple(sorted(BACKBONES))
 DATASET_NAMES = tuple(DATASETS)
+# Ours by name, or a library model by the pattern (its blocks are checked at submit).
+_BACKBONE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "enum": list(BACKBONE_NAMES)},
+        {"type": "string", "pattern": LIBRARY_PATTERN},
+    ]
+}
 
 EXAMPLE: dict[str, Any] = {
     "name": "cluttered digits, ResNet-20",
@@ -170,6 +179,20 @@ class TrainingSpec(SpecModel):
     channels_last: bool = Field(True, strict=True)
     compile: bool = Field(False, strict=True)
     """``torch.compile`` the model (CUDA)."""
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
+    """Fine-tuning: the learning rate of the weights loaded from ``backbone_weights`` is
+    ``lr`` times this (0.1 is common); inserted attention and a new classifier train at
+    ``lr``. Without ``backbone_weights`` every weight trains at ``lr``."""
+    attention_init: Literal[ATTENTION_INITS] = "auto"  # type: ignore[valid-type]
+    """How inserted attention starts: ``paper``, the authors' initialisation (random gates
+    around 0.5); ``identity``, every gate at 0.95 where the module has a bias for it, so
+    pretrained features pass nearly unchanged (README: measured on bundled data); ``auto``,
+    ``identity`` with ``backbone_weights`` and ``paper`` without."""
+
+    def identity_init(self, pretrained: bool) -> bool:
+        """Whether inserted attention starts near the identity, for a backbone loaded from
+        ``backbone_weights`` (``pretrained``) or not."""
+        return self.attention_init == "identity" or (self.attention_init == "auto" and pretrained)
 
     @model_validator(mode="before")
     @classmethod
@@ -317,8 +340,21 @@ class SearchSpec(SpecModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE]})
 
-    backbone: Literal[BACKBONE_NAMES] = "cifar_resnet20"  # type: ignore[valid-type]
-    """The network CBAM is placed into (GET /api/v1/backbones lists each one's stages)."""
+    backbone: Annotated[str, WithJsonSchema(_BACKBONE_SCHEMA)] = Field(
+        "cifar_resnet20", strict=True
+    )
+    """The network CBAM is placed into: one of ours, or a timm or torchvision model by name
+    (``timm:resnet50``, ``torchvision:mobilenet_v2``), built without downloading anything and
+    checked at submit for blocks cbam-nas can place attention into. GET /api/v1/choices lists
+    ours; GET /api/v1/backbones/{name} gives any one's stages, blocks and channels."""
+    backbone_weights: str | None = Field(
+        None, min_length=1, max_length=MAX_PATH_LENGTH, strict=True
+    )
+    """Pretrained weights of the backbone without attention, a file on the workers' hosts
+    inside the data roots: safetensors (preferred), or a ``.pth``/``.pt`` state dict read with
+    ``torch.load(weights_only=True)``. Keys are matched before attention is inserted; a new
+    classifier is initialised afresh when the class count differs. See
+    ``training.backbone_lr_scale`` and ``training.attention_init``."""
     dataset: DatasetSpec = DatasetSpec()
     space: SearchSpace = SearchSpace()
     objectives: ObjectivesSpec = ObjectivesSpec()
@@ -331,6 +367,15 @@ class SearchSpec(SpecModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     """The seed of the sampler and of the exploration's trainings."""
     name: str = Field("", max_length=MAX_NAME_LENGTH, strict=True)
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_name(cls, value: Any) -> Any:
+        """The name's form here; a library model's blocks are checked across fields, by
+        ``space.validate_for`` (it builds the model on the meta device)."""
+        if not isinstance(value, str) or (value not in BACKBONES and library_of(value) is None):
+            raise InvalidValue("backbone", value, allowed_backbones())
+        return value
 
     @model_validator(mode="after")
     def _across_fields(self) -> SearchSpec:
@@ -391,6 +436,8 @@ class SearchSpec(SpecModel):
             )
         if data_roots is not None:
             check_paths(self.dataset.name, self.dataset.options, data_roots)
+            if self.backbone_weights is not None:
+                check_path("backbone_weights", self.backbone_weights, data_roots)
         check_download(self.dataset.options, allow_downloads)
         return self
 

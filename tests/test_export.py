@@ -23,10 +23,8 @@ from torch import nn
 
 from search.build import build_model
 from search.export import (
-    CLASSIFIER_WEIGHT,
     INPUT_NAME,
     OUTPUT_NAME,
-    STEM_WEIGHT,
     ExportError,
     export_onnx,
 )
@@ -201,7 +199,7 @@ def test_weights_that_do_not_fit(
 
 def test_weights_without_a_classifier() -> None:
     state_dict = _state_dict(REFERENCES["none"])
-    del state_dict[CLASSIFIER_WEIGHT]
+    del state_dict[REFERENCES["none"].info.classifier_weight]
     with pytest.raises(ExportError, match="num_classes"):
         export_onnx(REFERENCES["none"], state_dict)
     with pytest.raises(ExportError, match=r"missing fc\.weight"):
@@ -217,7 +215,8 @@ def test_an_opset_the_exporter_cannot_produce() -> None:
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_every_backbone_has_the_stem_and_classifier_keys(backbone: str) -> None:
+    architecture = Architecture(backbone)
     with torch.device("meta"):
-        state_dict = build_model(Architecture(backbone), num_classes=5, in_channels=2).state_dict()
-    assert state_dict[CLASSIFIER_WEIGHT].shape[0] == 5
-    assert state_dict[STEM_WEIGHT].shape[1] == 2
+        state_dict = build_model(architecture, num_classes=5, in_channels=2).state_dict()
+    assert state_dict[architecture.info.classifier_weight].shape[0] == 5
+    assert state_dict[architecture.info.stem_weight].shape[1] == 2

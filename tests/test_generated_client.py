@@ -160,7 +160,9 @@ def test_the_document_publishes_the_whole_spec(api: TestClient) -> None:
     schemas = document["components"]["schemas"]
     spec = schemas["SearchSpec"]
     assert spec["additionalProperties"] is False and spec["examples"] == [EXAMPLE]
-    assert "cifar_resnet20" in spec["properties"]["backbone"]["enum"]
+    ours, library = spec["properties"]["backbone"]["anyOf"]
+    assert "cifar_resnet20" in ours["enum"]
+    assert library["pattern"].startswith("^(timm|torchvision):")
     assert spec["properties"]["sampler"]["enum"] == ["tpe", "nsga2", "random", "grid"]
     training = schemas["TrainingSpec"]["properties"]
     assert training["epochs"] == {

@@ -35,8 +35,9 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from search.build import build_model
+from search.build import build_model, load_pretrained
 from search.errors import InvalidValue
+from search.nn.weights import near_identity_
 from search.space import Architecture
 from workers.augment import alternate, augment, normalizer, to_float
 from workers.data import StreamingData
@@ -166,12 +168,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     raise InvalidValue("training.schedule", schedule, SCHEDULES)
 
 
-def make_optimizer(model: nn.Module, settings: TrainingSpec) -> torch.optim.Optimizer:
-    """SGD (Nesterov by default) or AdamW; weight decay on weights with more than one dimension."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, settings: TrainingSpec, pretrained: Collection[str] = ()
+) -> torch.optim.Optimizer:
+    """SGD (Nesterov by default) or AdamW; weight decay on weights with more than one dimension.
+
+    Parameters named in ``pretrained`` (loaded from ``backbone_weights``) train at
+    ``lr * training.backbone_lr_scale``: their groups carry ``lr_scale``."""
+    loaded = set(pretrained)
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = settings.backbone_lr_scale if name in loaded else 1.0
+            decay = settings.weight_decay if p.ndim > 1 else 0.0
+            buckets.setdefault((scale, decay), []).append(p)
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": settings.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": params, "weight_decay": decay, "lr": settings.lr * scale, "lr_scale": scale}
+        for (scale, decay), params in buckets.items()
     ]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(
@@ -345,7 +358,7 @@ class _Loop:
         for i, (xb, yb, index) in enumerate(self.source.train_batches(self.generator)):
             lr = s.lr * lr_factor(self.step, total_steps, warmup_steps, s.schedule)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             if flip and self.flips is not None and index is not None:
                 xb = alternate(
                     augment(xb, padding, False, self.generator), self.flips[index], epoch
@@ -394,12 +407,15 @@ def train(
     *,
     threads: int | None = None,
     tune_memory: bool = True,
+    backbone_weights: str | Path | None = None,
 ) -> TrainResult:
     """Train ``architecture`` on ``data`` with ``settings``; see the module docstring.
 
     ``threads`` sets ``torch.set_num_threads`` (None: leave it, torch follows OMP_NUM_THREADS).
-    ``tune_memory`` calls :func:`tune_allocator` first. Raises :class:`TrialFailed` when the loss
-    is not finite; a :class:`StopTraining` from ``on_epoch`` ends training after that epoch.
+    ``tune_memory`` calls :func:`tune_allocator` first. ``backbone_weights`` names a weights
+    file loaded into the backbone (fine-tuning, :func:`search.build.load_pretrained`). Raises
+    :class:`TrialFailed` when the loss is not finite; a :class:`StopTraining` from ``on_epoch``
+    ends training after that epoch.
     """
     start = time.perf_counter()
     if settings.epochs < 1:
@@ -413,11 +429,17 @@ def train(
         torch.backends.cudnn.benchmark = True
     amp = autocast_dtype(device, settings.mixed_precision)
     torch.manual_seed(seed)
-    model = build_model(architecture, data.num_classes, data.in_channels).to(device)
+    model = build_model(architecture, data.num_classes, data.in_channels)
+    pretrained: set[str] = set()
+    if backbone_weights is not None:
+        pretrained = load_pretrained(model, architecture, backbone_weights)
+    if settings.identity_init(backbone_weights is not None):
+        near_identity_(model)
+    model = model.to(device)
     loop = _Loop(
         model=model,
         forward=torch.compile(model) if settings.compile else model,
-        optimizer=make_optimizer(model, settings),
+        optimizer=make_optimizer(model, settings, pretrained),
         scaler=torch.amp.GradScaler("cuda", enabled=amp is torch.float16),
         source=(
             _StreamingSource(data, device, settings.batch_size, seed)

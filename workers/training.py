@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from sqlalchemy import select
 
 from search.bundle import model_card
-from search.datasets import check_download, check_paths
+from search.datasets import check_download, check_path, check_paths
 from search.errors import InvalidValue
 from search.overhead import OverheadReport, measure
 from search.results.queries import rung_accuracies
@@ -68,11 +68,25 @@ def evaluate(ctx: TrialContext) -> Outcome:
             device=ctx.device,
             on_epoch=_on_epoch(ctx, data),
             threads=options.threads,
+            backbone_weights=_backbone_weights(ctx, spec),
         )
     except TrialFailed as exc:
         log.warning("%s failed: %s", ctx.claim.label, exc.reason)
         return Outcome(ResultState.failed, exc.reason)
+    except InvalidValue as exc:  # the spec's weights file does not fit: no trial of it can run
+        raise SearchFailed(str(exc)) from exc
     return _finish(ctx, overhead, result, data)
+
+
+def _backbone_weights(ctx: TrialContext, spec: SearchSpec) -> str | None:
+    """The spec's weights file, checked against this host's data roots."""
+    if spec.backbone_weights is None:
+        return None
+    try:
+        check_path("backbone_weights", spec.backbone_weights, ctx.settings.allowed_data_roots)
+    except InvalidValue as exc:
+        raise SearchFailed(str(exc)) from exc
+    return spec.backbone_weights
 
 
 def _data(ctx: TrialContext, spec: SearchSpec) -> DatasetTensors | StreamingData:

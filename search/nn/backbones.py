@@ -41,8 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search.backbones import BACKBONES, CIFAR_WIDTHS, MOBILENET_STAGES
+from search.backbones import (
+    BACKBONES,
+    CIFAR_WIDTHS,
+    MOBILENET_STAGES,
+    catalogue_info,
+    library_of,
+)
 from search.errors import InvalidValue
+from search.nn.library import build_library_backbone
 
 AttentionFactory = Callable[[int, int, int], nn.Module]
 NormLayer = Callable[[int], nn.Module]
@@ -459,9 +466,11 @@ def build_backbone(
     in_channels: int = 3,
     attention: AttentionFactory | None = None,
 ) -> nn.Module:
-    """Build backbone ``name`` with ``attention(stage, block, channels)`` in each block's slot."""
-    if name not in BACKBONES:
-        raise InvalidValue("backbone", name, sorted(BACKBONES))
+    """Build backbone ``name`` with ``attention(stage, block, channels)`` in each block's slot:
+    ours, or a timm or torchvision model (``timm:resnet50``, :mod:`search.nn.library`)."""
+    if name not in BACKBONES and library_of(name) is not None:
+        return build_library_backbone(name, num_classes, in_channels, attention)
+    catalogue_info(name)
     return _CONSTRUCTORS[name](
         num_classes=num_classes, in_channels=in_channels, attention=attention
     )

@@ -81,7 +81,7 @@ def _rebuilt_card(
         )
     samples = load(read_artifact(store, artifacts[SAMPLES_FILE], what))
     architecture = Architecture.from_dict(row.architecture)
-    num_classes, in_channels = weight_dims(weights)
+    num_classes, in_channels = weight_dims(architecture, weights)
     shape = (metrics.get("overhead") or {}).get("input_shape")
     return model_card(
         architecture,

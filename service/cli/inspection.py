@@ -12,7 +12,7 @@ from rich.console import Console
 
 from search.errors import InvalidValue
 from service.cli.params import bad_parameter
-from service.cli.render import overhead_table
+from service.cli.render import overhead_table, slots_table
 
 if TYPE_CHECKING:
     from search.space import Architecture
@@ -65,7 +65,9 @@ def _load_architecture(
 
 @commands.command("inspect")
 def inspect_architecture(
-    backbone: str | None = typer.Option(None, help="Backbone name, e.g. resnet50."),
+    backbone: str | None = typer.Option(
+        None, help="Backbone name, e.g. resnet50, timm:resnet50, torchvision:mobilenet_v2."
+    ),
     preset: Preset | None = typer.Option(
         None, case_sensitive=False, help="paper (CBAM in every block), se or none. Default: paper."
     ),
@@ -83,7 +85,7 @@ def inspect_architecture(
     ),
     in_channels: int = typer.Option(3, min=1, help="Image channels."),
     input_size: int | None = typer.Option(
-        None, min=1, help="Image side. Default: the backbone's (32 or 224)."
+        None, min=1, help="Image side. Default: the backbone's design size (32, 224, ...)."
     ),
     batch_size: int = typer.Option(1, min=1, help="Batch size of the latency measurement."),
     train_batch_size: int = typer.Option(32, min=1, help="Batch size of the training step."),
@@ -104,7 +106,7 @@ def inspect_architecture(
     except InvalidValue as exc:
         raise bad_parameter(exc, "--device") from None
     if num_classes is None:
-        num_classes = 1000 if arch.info.input_size == 224 else 10
+        num_classes = 10 if arch.info.input_size == 32 else 1000
     report = measure(
         arch,
         num_classes=num_classes,
@@ -121,3 +123,24 @@ def inspect_architecture(
         typer.echo(json.dumps(report.to_dict()))
         return
     Console().print(overhead_table(report))
+
+
+@commands.command("slots")
+def slots(
+    backbone: str = typer.Option(
+        ..., help="Backbone name, e.g. cifar_resnet20, timm:resnet50, torchvision:mobilenet_v2."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, nothing else."),
+) -> None:
+    """The attention slots of a backbone: its stages, the blocks in each, and the channels the
+    attention in each block sees (for a timm or torchvision model, as found in it)."""
+    from search.catalogue import backbone_info
+
+    try:
+        info = backbone_info(backbone)
+    except InvalidValue as exc:
+        raise bad_parameter(exc, "--backbone") from None
+    if as_json:
+        typer.echo(json.dumps(info.to_dict()))
+        return
+    Console().print(slots_table(info))

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from search.backbones import BackboneInfo
     from search.overhead import OverheadReport
 
 # Trial states in the order progress lines list them.
@@ -300,4 +301,18 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
             answer,
         ]
         table.add_row(*cells)
+    return table
+
+
+def slots_table(info: BackboneInfo) -> Table:
+    """A backbone's stages, blocks and the channels each block's attention sees."""
+    table = Table(
+        title=f"{info.name} ({info.family}): {sum(info.blocks_per_stage)} attention slots, "
+        f"designed for {info.input_size}x{info.input_size}"
+    )
+    table.add_column("stage", justify="right")
+    table.add_column("blocks", justify="right")
+    table.add_column("channels per block")
+    for stage, channels in zip(info.stages, info.block_channels, strict=True):
+        table.add_row(str(stage), str(len(channels)), ", ".join(str(c) for c in channels))
     return table

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from search.backbones import BACKBONES
+from search.catalogue import backbone_info
 from search.knobs import ARRANGEMENTS, KERNEL_SIZES, POOL_TYPES, SPATIAL_POOLS
 from search.space import BLOCK_CHOICES
 from search.spec import DATASETS, EARLY_STOPPING, OVERHEADS, SAMPLERS, SearchSpec
@@ -41,6 +42,32 @@ class ChoicesOut(Out):
     early_stopping: list[str]
     max_trials: int
     defaults: dict[str, Any] = Field(description="A SearchSpec with every default.")
+
+
+class BackboneSlotsOut(Out):
+    """A backbone's attention slots: for a timm or torchvision model, as found by building it."""
+
+    name: str
+    family: str = Field(
+        description="Ours: cifar_resnet, resnet, mobilenet_v1; a library "
+        "model's: library:ModelClass, e.g. timm:ResNet."
+    )
+    stages: list[int]
+    blocks_per_stage: list[int]
+    stage_channels: list[int] = Field(description="The channels attention sees per stage.")
+    block_channels: list[list[int]] = Field(
+        description="The channels the attention of each block sees, per stage."
+    )
+    slots: int = Field(description="Blocks that can hold attention.")
+    input_size: int = Field(description="The image side the backbone is designed for.")
+
+
+@router.get("/backbones/{name}")
+def backbone(name: str) -> BackboneSlotsOut:
+    """A backbone's stages, blocks and channels: one of ours, or a timm or torchvision model
+    (``timm:resnet50``), as a spec's ``space.stages`` may name them. 422 names what is accepted
+    (for a library model without blocks cbam-nas can place into, the supported families)."""
+    return BackboneSlotsOut.model_validate(backbone_info(name).to_dict())
 
 
 @router.get("/choices")
