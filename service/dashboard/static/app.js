@@ -330,7 +330,9 @@ function numbers(text) {
 function newSearchForm(choices) {
   const form = $("#new-search");
   const d = choices.defaults;
-  fillSelect(form.backbone, Object.keys(choices.backbones), d.backbone);
+  // Ours are offered; a timm or torchvision model is typed by name (timm:resnet18).
+  $("#backbones").replaceChildren(...Object.keys(choices.backbones).map((v) => el("option", { value: v })));
+  form.backbone.value = d.backbone;
   fillSelect(form.dataset, choices.datasets, "cluttered-digits");
   fillSelect(form.sampler, choices.samplers, d.sampler);
   fillSelect(form.early_stopping, choices.early_stopping, d.early_stopping.policy);
@@ -353,7 +355,7 @@ function newSearchForm(choices) {
     }
     return {
       name: form.name.value,
-      backbone: form.backbone.value,
+      backbone: form.backbone.value.trim(),
       dataset,
       space: {
         arrangements: checked("arrangements"),
