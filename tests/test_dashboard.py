@@ -333,6 +333,28 @@ def test_controls_follow_the_token_scope(
     assert errors == []
 
 
+def _just_started(route: Route) -> None:
+    """The server's answer as it reads while the first trial trains: the split is known, no
+    trial has a result yet, so there is no best and no noise floor."""
+    response = route.fetch()
+    data = response.json()
+    data["progress"].update(best=None, noise_floor_pp=None, val_images=300)
+    route.fulfill(response=response, json=data)
+
+
+def test_a_search_whose_first_trial_runs_shows_its_split(
+    signed_in: Page, server: Served, errors: list[str]
+) -> None:
+    page = signed_in
+    page.route(
+        lambda url: urlsplit(url).path == f"/api/v1/searches/{server.search_id}", _just_started
+    )
+    page.goto(f"{server.url}/searches/{server.search_id}")
+    expect(page.locator("#reliability")).to_contain_text("validation: 300 images")
+    expect(page.locator("#reliability")).not_to_contain_text("one run ±")
+    assert errors == []
+
+
 # -- a confirmed search ------------------------------------------------------------------------
 
 # Per seed: two candidates tied at the top, the references behind.

@@ -237,6 +237,13 @@ function epochsCell(e) {
   return el("td", { class: "epochs rising", title }, `${epochs} ↗`);
 }
 
+// The split is known once a trial has started; its noise floor only once one has a result.
+function validationText(p) {
+  if (!p.val_images) return "–";
+  const floor = p.noise_floor_pp == null ? "" : `, one run ±${p.noise_floor_pp.toFixed(2)} points`;
+  return `${p.val_images} images${floor}`;
+}
+
 const VERDICT_MARKS = { better: "↑", worse: "↓", tied: "≈" };
 
 // A delta against a reference with its verdict's mark and, as a tooltip, its interval.
@@ -462,7 +469,7 @@ function searchPage() {
     const rungs = (search.rung_agreement || []).filter((r) => r.rho !== null);
     $("#reliability").replaceChildren(
       el("span", {}, "confirmation: ", runs.length ? runs.join(", ") : "none yet"),
-      el("span", {}, "validation: ", p.val_images ? `${p.val_images} images, one run ±${p.noise_floor_pp.toFixed(2)} points` : "–"),
+      el("span", {}, "validation: ", validationText(p)),
       el("span", {}, "rank agreement (exploration vs confirmation): ",
         agreement && agreement.rho !== null ? spearman(agreement) : "–"),
       el("span", { id: "rung-agreement" }, "early-stopping rungs vs final: ",
