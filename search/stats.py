@@ -18,18 +18,28 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import stats
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
 VERDICTS = ("better", "worse", "tied", "untested")
 # Accuracies closer than this are equal (float round-off of fractions of a validation split).
 _TIE = 1e-12
+
+
+@functools.cache
+def _scipy_stats() -> ModuleType:
+    """scipy.stats, imported on first use: its import takes about a second of CPU, which every
+    worker process and CLI command would pay at start while most never test anything."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,11 @@ def wilson_interval(accuracy: float, n: int, confidence: float = CONFIDENCE) -> 
     if n < 1:
         return Interval(0, accuracy, None, None)
     correct = min(n, max(0, round(accuracy * n)))
-    ci = stats.binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = (
+        _scipy_stats()
+        .binomtest(correct, n)
+        .proportion_ci(confidence_level=confidence, method="wilson")
+    )
     return Interval(n, accuracy, float(ci.low), float(ci.high))
 
 
@@ -74,7 +88,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
         return Interval(n, mean, None, None)
     if np.ptp(data) <= _TIE:
         return Interval(n, mean, mean, mean)
-    ci = stats.ttest_1samp(data, 0.0).confidence_interval(confidence)
+    ci = _scipy_stats().ttest_1samp(data, 0.0).confidence_interval(confidence)
     return Interval(n, mean, float(ci.low), float(ci.high))
 
 
@@ -99,9 +113,9 @@ def paired_difference(
         # accuracies move in steps of one image): t is undefined and no interval can be
         # estimated, but the exact sign test says how often n differences of one sign arise by
         # chance: 2 * 0.5**n, weak evidence at a few seeds rather than a certainty.
-        p = stats.binomtest(int((d > 0).sum()), n, 0.5).pvalue
+        p = _scipy_stats().binomtest(int((d > 0).sum()), n, 0.5).pvalue
         return Difference(n, mean, None, None, float(p))
-    result = stats.ttest_rel(a, b)
+    result = _scipy_stats().ttest_rel(a, b)
     ci = result.confidence_interval(confidence)
     return Difference(n, mean, float(ci.low), float(ci.high), float(result.pvalue))
 
@@ -166,10 +180,10 @@ def rank_agreement(
     n = len(a)
     if n < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return Interval(n, math.nan, None, None)
-    rho = float(stats.spearmanr(a, b).statistic)
+    rho = float(_scipy_stats().spearmanr(a, b).statistic)
     if n < 4 or abs(rho) >= 1:  # no interval: too few items, or Fisher's z is infinite
         return Interval(n, rho, None, None)
     z = math.atanh(rho)
     se = math.sqrt((1 + rho * rho / 2) / (n - 3))
-    q = float(stats.norm.ppf(0.5 + confidence / 2))
+    q = float(_scipy_stats().norm.ppf(0.5 + confidence / 2))
     return Interval(n, rho, math.tanh(z - q * se), math.tanh(z + q * se))

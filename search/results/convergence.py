@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import curve_fit
 
 from search.stats import wilson_interval
 
@@ -66,6 +65,8 @@ def convergence(curve: Sequence[Mapping[str, Any]], val_images: int | None) -> d
 
 
 def _projected(accuracy: list[float], noise: float) -> int | None:
+    from scipy.optimize import curve_fit  # imported on first use, as search.stats does scipy.stats
+
     epochs = np.arange(1, len(accuracy) + 1, dtype=float)
     values = np.asarray(accuracy)
     start = (min(1.0, values.max() + 0.05), max(1e-3, values.max() - values[0]), len(values) / 2)
