@@ -17,10 +17,14 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
 
-def load_pretrained(model: nn.Module, architecture: Architecture, path: str | Path) -> set[str]:
-    """Load the backbone weights of file ``path`` into ``model`` (built for ``architecture``);
-    returns the keys loaded. InvalidValue at ``backbone_weights`` naming what does not fit."""
-    return load_backbone_weights(model, read_weights(path), architecture.info, str(path))
+def load_pretrained(
+    model: nn.Module, architecture: Architecture, path: str | Path, keep_head: bool = True
+) -> set[str]:
+    """Load the backbone weights of file ``path`` into ``model`` (built for ``architecture``;
+    its classifier too where it fits, unless not ``keep_head``); returns the keys loaded.
+    InvalidValue at ``backbone_weights`` naming what does not fit."""
+    state = read_weights(path)
+    return load_backbone_weights(model, state, architecture.info, str(path), keep_head)
 
 
 def build_model(architecture: Architecture, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -181,12 +181,17 @@ class TrainingSpec(SpecModel):
     """``torch.compile`` the model (CUDA)."""
     backbone_lr_scale: float = Field(1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
     """Fine-tuning: the learning rate of the weights loaded from ``backbone_weights`` is
-    ``lr`` times this (0.1 is common); inserted attention and a new classifier train at
-    ``lr``. Without ``backbone_weights`` every weight trains at ``lr``."""
+    ``lr`` times this; inserted attention and a new classifier train at ``lr``. Without
+    ``backbone_weights`` every weight trains at ``lr``. Whether a smaller rate helps depends on
+    how far the new task is from the weights' (README: on bundled data 0.1 cost accuracy)."""
+    reset_head: bool = Field(False, strict=True)
+    """Fine-tuning: start the classifier afresh even where the ``backbone_weights`` file's has
+    this dataset's class count (the same number of classes, other classes). The file's
+    classifier is never loaded when the class count differs."""
     attention_init: Literal[ATTENTION_INITS] = "auto"  # type: ignore[valid-type]
     """How inserted attention starts: ``paper``, the authors' initialisation (random gates
     around 0.5); ``identity``, every gate at 0.95 where the module has a bias for it, so
-    pretrained features pass nearly unchanged (README: measured on bundled data); ``auto``,
+    pretrained features pass nearly unchanged (README: its head start, measured); ``auto``,
     ``identity`` with ``backbone_weights`` and ``paper`` without."""
 
     def identity_init(self, pretrained: bool) -> bool:

@@ -35,7 +35,8 @@ from search.store.models import ResultState, TrialResult
 from service.app import create_app
 from service.auth import create_token
 from service.cli import app as cli
-from workers.train import make_optimizer
+from workers.data import DatasetTensors
+from workers.train import make_optimizer, train
 
 PAPER_RESNET50_PARAMS = 28_089_624  # our ResNet-50 with the paper's CBAM, 1000 classes
 runner = CliRunner()
@@ -282,6 +283,42 @@ def test_library_weights_load_before_attention_and_the_head_starts_afresh(
     # With the class count the file has, the head loads too.
     same = build_model(architecture, num_classes=1000)
     assert load_pretrained(same, architecture, path) == set(state)
+    # Unless the spec asks for a fresh one (training.reset_head: other classes, as many).
+    fresh = build_model(architecture, num_classes=1000)
+    initial = fresh.state_dict()["fc.weight"].clone()
+    loaded = load_pretrained(fresh, architecture, path, keep_head=False)
+    assert loaded == set(state) - {"fc.weight", "fc.bias"}
+    assert torch.equal(fresh.state_dict()["fc.weight"], initial)
+    assert not torch.equal(initial, state["fc.weight"])
+
+
+@pytest.mark.parametrize("reset_head", [False, True])
+def test_training_keeps_a_classifier_that_fits_unless_asked_for_a_fresh_one(
+    tmp_path: Path, reset_head: bool
+) -> None:
+    """A file whose classifier has this dataset's class count: training starts from it, or
+    with ``training.reset_head`` (the same number of other classes) from a fresh one."""
+    torch.manual_seed(0)
+    file_model = timm.create_model("test_resnet", num_classes=3)
+    head = torch.full_like(file_model.fc.weight, 0.25)
+    state = {k: v.contiguous() for k, v in file_model.state_dict().items()} | {"fc.weight": head}
+    path = tmp_path / "weights.safetensors"
+    save_file(state, str(path))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (48, 3, 16, 16), generator=g, dtype=torch.uint8)
+    y = torch.arange(48) % 3
+    data = DatasetTensors(
+        "synthetic", x, y, x[:16], y[:16], x[:16], y[:16], 3, 3, 16, (0.5,) * 3, (0.25,) * 3
+    )
+    settings = TrainingSpec(
+        epochs=1, batch_size=16, lr=1e-6, weight_decay=0.0, reset_head=reset_head
+    )
+    result = train(Architecture("timm:test_resnet"), data, settings, seed=1, backbone_weights=path)
+    # lr 1e-6 moves no weight by more than a hair: what training started from shows.
+    started_from_the_file = torch.allclose(result.state_dict["fc.weight"], head, atol=1e-3)
+    assert started_from_the_file is not reset_head
+    stem = result.state_dict["conv1.0.weight"]
+    assert torch.allclose(stem, state["conv1.0.weight"], atol=1e-3)
 
 
 def test_weights_of_another_model_are_refused_with_the_keys(tmp_path: Path) -> None:

@@ -432,7 +432,9 @@ def train(
     model = build_model(architecture, data.num_classes, data.in_channels)
     pretrained: set[str] = set()
     if backbone_weights is not None:
-        pretrained = load_pretrained(model, architecture, backbone_weights)
+        pretrained = load_pretrained(
+            model, architecture, backbone_weights, keep_head=not settings.reset_head
+        )
     if settings.identity_init(backbone_weights is not None):
         near_identity_(model)
     model = model.to(device)

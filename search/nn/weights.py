@@ -85,10 +85,12 @@ def match_weights(
     given: Mapping[str, torch.Size],
     info: BackboneInfo,
     source: str,
+    keep_head: bool = True,
 ) -> set[str]:
     """The keys of ``given`` to load into backbone ``info`` whose keys are ``expected``.
 
-    The classifier's keys are left out when their shapes differ (another class count); the
+    The classifier's keys are left out when their shapes differ (another class count) or
+    without ``keep_head`` (a fresh classifier for other classes); the
     stem's weight may differ in its input channels (it is adapted as it loads). Raises
     InvalidValue at ``backbone_weights`` listing missing, unexpected and mismatched keys."""
     head = info.classifier_weight.rpartition(".")[0]
@@ -118,7 +120,7 @@ def match_weights(
         raise InvalidValue(
             FIELD, source, f"a state dict of {info.name}; this file has " + "; ".join(problems)
         )
-    head_fits = all(given[k] == expected[k] for k in in_head if k in given)
+    head_fits = keep_head and all(given[k] == expected[k] for k in in_head if k in given)
     return {k for k in given if k in expected and (head_fits or k not in in_head)}
 
 
@@ -137,15 +139,21 @@ def _adaptable(given: torch.Size, expected: torch.Size) -> bool:
 
 
 def load_backbone_weights(
-    model: nn.Module, state: Mapping[str, Tensor], info: BackboneInfo, source: str
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    info: BackboneInfo,
+    source: str,
+    keep_head: bool = True,
 ) -> set[str]:
     """Load ``state`` into ``model``'s backbone part (``model`` is backbone ``info``); returns the
-    keys loaded (the classifier's are not when the class count differs).
+    keys loaded (the classifier's are not when the class count differs or without
+    ``keep_head``).
 
     An RGB stem weight for other input channels (grey-scale data, say) is adapted as timm
     adapts its pretrained stems (``timm.models.adapt_input_conv``: summed over the channels
     for one, repeated and rescaled for more)."""
-    keys = match_weights(backbone_keys(model), {k: v.shape for k, v in state.items()}, info, source)
+    shapes = {k: v.shape for k, v in state.items()}
+    keys = match_weights(backbone_keys(model), shapes, info, source, keep_head)
     own = model.state_dict()
     with torch.no_grad():
         for key in keys:
