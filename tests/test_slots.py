@@ -89,6 +89,7 @@ def _rows(db: Database, search_id: str) -> list[TrialResult]:
         return list(session.scalars(query))
 
 
+@pytest.mark.e2e
 def test_slots_run_trials_side_by_side_to_the_end(sqlite_db: Database, tmp_path: Path) -> None:
     search = create_search(sqlite_db, _spec(trials=4))
     log = tmp_path / "worker.log"
@@ -115,6 +116,7 @@ def test_slots_run_trials_side_by_side_to_the_end(sqlite_db: Database, tmp_path:
         assert session.get(Search, search.id).state == SearchState.completed
 
 
+@pytest.mark.e2e
 def test_stopping_the_worker_hands_every_slots_trial_back(
     sqlite_db: Database, tmp_path: Path
 ) -> None:
