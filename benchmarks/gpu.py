@@ -14,11 +14,21 @@
    trial (model build, epochs, validation) and of the training steps alone (epochs after the
    first), and ours / timm in images/s (higher is better).
 
+3. Several trials at once on one device (``cbam-nas worker --slots N``: each slot its own
+   process): N processes, each training one trial of the same network (no attention, SE, CBAM
+   in every block) from a common start, at N = 1, 2 and 4; the aggregate training images/s of
+   all N (images trained by all / wall time from the start to the last one's end) and its
+   ratio to one slot. CUDA graphs (issue 16, item 2) are not built yet: every figure is eager.
+
+``--quick`` runs all three at small settings (block rounds 10, one trial round, 5,120 images,
+2 epochs), about five minutes on an H100/H200 in our estimate (not yet measured there).
+
 It imports torch, timm, pydantic (the spec's models) and the project's ``search`` model code and
 ``workers.train`` only (not Optuna, SQLAlchemy or FastAPI), so it runs from a checkout on any
 machine with those (``make gpu-wheels`` brings pydantic to one without it):
 
-    PYTHONPATH=. python benchmarks/gpu.py [--device cuda:0] [--rounds 30] [--parts block,train]
+    PYTHONPATH=. python benchmarks/gpu.py [--device cuda:0] [--rounds 30] [--parts block,slots]
+    PYTHONPATH=. python benchmarks/gpu.py --quick
 
 Without a CUDA GPU it says so and exits with status 0 having measured nothing (so that
 ``make bench`` passes on CPU machines); a ``--device`` this machine lacks exits with status 2.
@@ -29,9 +39,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import multiprocessing
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from timm.layers.cbam import CbamModule
@@ -45,6 +58,10 @@ from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.data import DatasetTensors
 from workers.train import autocast_dtype, train
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Barrier
 
 BLOCK_SHAPES = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (256, 256, 14, 14)]
 BACKBONES = {"cifar_resnet20": "CIFAR ResNet-20", "resnet18": "ResNet-18"}
@@ -241,10 +258,93 @@ def train_table(device: torch.device, args: argparse.Namespace) -> None:
         )
 
 
+# -- 3. several trials per device ---------------------------------------------------------------
+
+SLOT_COUNTS = (1, 2, 4)
+SLOT_VARIANTS = {"none": "no attention", "se": "SE", "cbam": "CBAM"}
+
+
+def _slot(
+    backbone: str,
+    attention: str,
+    device: str,
+    sizes: tuple[int, int, int, int],
+    start: Barrier,
+    results: Queue[tuple[int, float]],
+) -> None:
+    """One slot's process: warm up (CUDA context, cuDNN autotuning), wait for the others, train
+    one trial; put (images trained, seconds) on ``results``."""
+    images, val_images, epochs, batch = sizes
+    torch.set_num_threads(1)
+    architecture = Architecture(backbone, attention)
+    warm = TrainingSpec(epochs=1, batch_size=batch)
+    train(architecture, synthetic(2 * batch, batch), warm, seed=0, device=device)
+    data = synthetic(images, val_images)
+    settings = TrainingSpec(epochs=epochs, batch_size=batch)
+    start.wait()
+    began = time.perf_counter()
+    result = train(architecture, data, settings, seed=0, device=device)
+    results.put((result.epochs_run * (images // batch) * batch, time.perf_counter() - began))
+
+
+def concurrent_trials(
+    backbone: str,
+    attention: str,
+    slots: int,
+    device: str,
+    sizes: tuple[int, int, int, int],
+    timeout_s: float = 600.0,
+) -> float:
+    """Aggregate training images/s of ``slots`` processes each training one trial of
+    ``backbone`` with ``attention`` on ``device``, started together; ``sizes`` is (training
+    images, validation images, epochs, batch size)."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into a child
+    start, results = context.Barrier(slots + 1), context.Queue()
+    processes = [
+        context.Process(target=_slot, args=(backbone, attention, device, sizes, start, results))
+        for _ in range(slots)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        start.wait(timeout=timeout_s)
+        began = time.perf_counter()
+        done = [results.get(timeout=timeout_s) for _ in processes]
+        wall = time.perf_counter() - began
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return sum(images for images, _ in done) / wall
+
+
+def slots_table(device: torch.device, args: argparse.Namespace) -> None:
+    sizes = (args.images, args.val_images, args.epochs, args.batch_size)
+    print(
+        f"\n### Several trials per device: N processes, one trial each ({args.images} images "
+        f"32x32x3, {args.epochs} epochs, batch {args.batch_size}, mixed precision), started "
+        "together; aggregate training images/s, eager (no CUDA graphs)\n"
+    )
+    header = " | ".join(f"{n} slot{'s' if n > 1 else ''}" for n in SLOT_COUNTS)
+    print(f"| network | attention | {header} | {SLOT_COUNTS[-1]} / 1 |")
+    print("|---|---|" + "---|" * (len(SLOT_COUNTS) + 1))
+    for backbone, label in BACKBONES.items():
+        for attention, name in SLOT_VARIANTS.items():
+            rates = [
+                concurrent_trials(backbone, attention, n, str(device), sizes) for n in SLOT_COUNTS
+            ]
+            cells = " | ".join(f"{r:.0f}" for r in rates)
+            print(f"| {label} | {name} | {cells} | {rates[-1] / rates[0]:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
-    parser.add_argument("--parts", default="block,train", help="block, train or both")
+    parser.add_argument("--parts", default="block,train,slots", help="block, train, slots")
+    parser.add_argument(
+        "--quick", action="store_true", help="the device check: all parts at small settings"
+    )
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per block case")
     parser.add_argument("--inner", type=int, default=10, help="passes per timed block call")
     parser.add_argument("--images", type=int, default=10240)
@@ -253,9 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--trial-rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.trial_rounds, args.images, args.epochs = 10, 1, 5120, 2
     parts = set(args.parts.split(","))
-    if not parts or parts - {"block", "train"}:
-        parser.error("--parts: block, train or block,train")
+    if not parts or parts - {"block", "train", "slots"}:
+        parser.error("--parts: a comma-separated choice of block, train, slots")
     device = cuda_device(args.device)
     if device is None:
         return 0
@@ -268,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         block_table(device, amp, args.rounds, args.inner)
     if "train" in parts:
         train_table(device, args)
+    if "slots" in parts:
+        slots_table(device, args)
     return 0
 
 

@@ -317,3 +317,24 @@ def test_worker_devices_spread_workers_over_gpus(
 def test_worker_devices_one_per_gpu_here() -> None:
     count = torch.cuda.device_count()
     assert worker_devices("auto", None) == [f"cuda:{i}" for i in range(count)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_the_device_checks_slots_train_side_by_side(device: str) -> None:
+    """``benchmarks/gpu.py``'s slots part: two processes, each one trial, started together;
+    their aggregate training rate comes back (on the CPU here, on the GPU where there is one)."""
+    from benchmarks.gpu import concurrent_trials
+
+    assert concurrent_trials("cifar_resnet20", "se", 2, device, (64, 32, 1, 32)) > 0
+
+
+def test_the_device_check_exits_cleanly_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.gpu import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check would measure")
+    assert main(["--quick"]) == 0
+    assert "no CUDA GPU here" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--parts", "block,graphs"])
