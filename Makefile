@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 # pytest-xdist processes: the suite is mostly single-threaded training and waiting on worker and
-# server processes, so two processes on two cores finish it in about 230 s (three: slower).
+# server processes, so two processes on two cores finish it in 230-280 s (three: slower).
 # worksteal balances the long process-level tests; 1 runs the tests in this process.
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed

@@ -284,7 +284,7 @@ def _slot(
     start.wait()
     began = time.perf_counter()
     result = train(architecture, data, settings, seed=0, device=device)
-    results.put((result.epochs_run * (images // batch) * batch, time.perf_counter() - began))
+    results.put((round(result.images_per_s * result.wall_time_s), time.perf_counter() - began))
 
 
 def concurrent_trials(
