@@ -80,10 +80,12 @@ bench: $(STAMP)
 		$(BIN)/python -m "benchmarks.$$name"; \
 	done
 
-# Wheels of the spec's pydantic models for a GPU box that has torch and timm but not pydantic
-# (CPython 3.12, Linux x86-64): carry .whl/ there and pip install --target it onto PYTHONPATH.
+# Wheels of the spec's pydantic models and the settings for a GPU box that has torch and timm but
+# not pydantic (CPython 3.12, Linux x86-64): carry .whl/ there and pip install --target it onto
+# PYTHONPATH.
 GPU_WHEELS = pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0
+	typing-inspection==0.4.5 typing-extensions==4.16.0 pydantic-settings==2.16.3 \
+	python-dotenv==1.2.4
 gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

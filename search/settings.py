@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
 
 STATE_DIR = Path(".cbam-nas")
 
@@ -114,7 +113,10 @@ class Settings(BaseSettings):
 
     @property
     def sqlite_path(self) -> Path | None:
-        """The database file when the database is SQLite on disk, else None."""
+        """The database file when the database is SQLite on disk, else None. (SQLAlchemy is
+        imported here: the torch modules read these settings on a GPU box that may lack it.)"""
+        from sqlalchemy.engine import make_url
+
         url = make_url(self.database_url)
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
             return None

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from search.spec import SearchSpec
@@ -191,3 +193,16 @@ def run_worker_to_the_end(search_id: str) -> None:
 def flat(text: str) -> str:
     """Command-line output without rich's box drawing and line wrapping."""
     return " ".join(text.replace("│", " ").replace("┃", " ").split())
+
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"
+)
+ON_CUDA = pytest.param("cuda", marks=requires_cuda)
+"""A ``device`` parameter that runs where there is a GPU."""
+
+
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Make torch report ``count`` CUDA devices (for code that only asks how many there are)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)

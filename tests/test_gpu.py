@@ -1,9 +1,11 @@
 """The GPU path: CBAM under autocast and channels_last on CUDA, a mixed-precision ``train()``,
-a worker trial on ``cuda:N``, device checks, and local workers spread over the GPUs.
+device checks and ``benchmarks/gpu.py``.
 
 Tests marked ``requires_cuda`` run where ``torch.cuda.is_available()``, and are skipped where it
-is not. Device checks and ``worker_devices`` also run without a GPU, with torch's CUDA device
-count faked.
+is not; device checks also run without a GPU, with torch's CUDA device count faked. This file
+needs torch, pydantic and pytest only (no database, no service: those GPU checks are in
+tests/test_gpu_service.py), so a GPU box without them runs it as
+``PYTHONPATH=.:tests python -m pytest --noconftest tests/test_gpu.py``.
 """
 
 from __future__ import annotations
@@ -13,20 +15,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from support import ON_CUDA, fake_gpus, requires_cuda
 
 from search.errors import InvalidValue
 from search.nn.cbam import CBAM, reference_forward
 from search.overhead import available_devices, check_device
 from search.space import Architecture
 from search.spec import TrainingSpec
-from search.store.engine import Database
-from service.server import worker_devices
 from workers.data import DatasetTensors
 from workers.train import autocast_dtype, train
 
-requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"
-)
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest relative error (norm of the difference / norm of the float64 result) of our CBAM's
 # results at that dtype (float32: all of them, with room for TF32 convolutions; half types: the
@@ -36,12 +34,6 @@ MAX_ERROR = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 3e-2}
 WORSE_THAN_REFERENCE = 4.0
 HALF_PRECISION_SEEDS = 8
 CLASSES = 3
-
-
-def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
-    """Make torch report ``count`` CUDA devices (for code that only asks how many there are)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
 def _skip_unless_supported(dtype: torch.dtype) -> None:
@@ -125,8 +117,6 @@ def tinted_data() -> DatasetTensors:
 
 
 # -- CBAM on CUDA, and in half precision anywhere --------------------------------------------
-
-ON_CUDA = pytest.param("cuda", marks=requires_cuda)
 
 
 @requires_cuda
@@ -218,45 +208,6 @@ def test_train_on_cuda_with_mixed_precision(
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights)
 
 
-@requires_cuda
-def test_worker_runs_a_trial_on_a_gpu(sqlite_db: Database) -> None:
-    run_one_trial(sqlite_db, f"cuda:{torch.cuda.device_count() - 1}")
-
-
-def run_one_trial(db: Database, device: str) -> None:
-    """A worker on ``device`` runs a one-trial search to completion: measured and trained there."""
-    from search.spec import SearchSpec
-    from search.store.models import ResultState, TrialResult
-    from search.store.searches import create_search
-    from workers.options import WorkerOptions
-    from workers.worker import Worker
-
-    spec = SearchSpec.from_dict(
-        {
-            "backbone": "cifar_resnet20",
-            "dataset": {
-                "name": "synthetic",
-                "options": {"size": 16, "num_samples": 256, "num_test": 32},
-                "val_fraction": 0.25,
-            },
-            "training": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-            "sampler": "random",
-            "budget": {"trials": 1},
-            "confirm": {"enabled": False},
-            "early_stopping": {"policy": "none"},
-        }
-    )
-    search = create_search(db, spec)
-    options = WorkerOptions(search_id=search.id, device=device, max_trials=1, latency_repeats=3)
-    assert Worker(options).run() == 0
-    with db.session() as session:
-        (row,) = session.query(TrialResult).filter_by(search_id=search.id).all()
-        assert row.state == ResultState.completed, row.failure_reason
-        assert row.device == device
-        assert row.latency_ms > 0 and row.images_per_s > 0 and row.epochs_run == 1
-        assert row.val_accuracy is not None and row.artifacts is not None
-
-
 # -- devices ---------------------------------------------------------------------------------
 
 
@@ -273,7 +224,7 @@ def test_check_device_on_this_machine() -> None:
 
 
 def test_check_device_out_of_range_names_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_gpus(monkeypatch, 2)
+    fake_gpus(monkeypatch, 2)
     assert available_devices()[:4] == ["cpu", "cuda", "cuda:0", "cuda:1"]
     assert check_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(InvalidValue) as info:
@@ -283,40 +234,10 @@ def test_check_device_out_of_range_names_the_devices(monkeypatch: pytest.MonkeyP
 
 
 def test_check_device_without_gpus_allows_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_gpus(monkeypatch, 0)
+    fake_gpus(monkeypatch, 0)
     for device in ("cuda", "cuda:0"):
         with pytest.raises(InvalidValue, match="allowed: 'cpu'"):
             check_device(device)
-
-
-@pytest.mark.parametrize(
-    ("gpus", "device", "workers", "expected"),
-    [
-        (0, "auto", None, ["cpu"]),
-        (0, "auto", 2, ["cpu", "cpu"]),
-        (3, "auto", None, ["cuda:0", "cuda:1", "cuda:2"]),
-        (2, "auto", 3, ["cuda:0", "cuda:1", "cuda:0"]),
-        (2, "cuda", 5, ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]),
-        (2, "cuda", None, ["cuda:0"]),
-        (4, "cuda:2", 2, ["cuda:2", "cuda:2"]),
-        (4, "cpu", None, ["cpu"]),
-    ],
-)
-def test_worker_devices_spread_workers_over_gpus(
-    monkeypatch: pytest.MonkeyPatch,
-    gpus: int,
-    device: str,
-    workers: int | None,
-    expected: list[str],
-) -> None:
-    _fake_gpus(monkeypatch, gpus)
-    assert worker_devices(device, workers) == expected
-
-
-@requires_cuda
-def test_worker_devices_one_per_gpu_here() -> None:
-    count = torch.cuda.device_count()
-    assert worker_devices("auto", None) == [f"cuda:{i}" for i in range(count)]
 
 
 @pytest.mark.e2e
