@@ -64,6 +64,26 @@ def test_paired_difference_is_the_paired_t_test() -> None:
         paired_difference([0.9, 0.8], [0.8])
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 12, 40])
+def test_the_t_tests_equal_scipy_stats_on_random_samples(n: int) -> None:
+    """Our t tests call scipy.special's t functions directly (scipy.stats' argument handling
+    costs more than the test): the same p-values and intervals as ttest_rel / ttest_1samp."""
+    rng = np.random.default_rng(n)
+    for _ in range(200):
+        a = rng.normal(0.9, rng.uniform(0.001, 0.05), n)
+        b = a + rng.normal(rng.uniform(-0.03, 0.03), rng.uniform(0.001, 0.05), n)
+        confidence = float(rng.choice([0.9, 0.95, 0.99]))
+        diff = paired_difference(a, b, confidence)
+        reference = scipy_stats.ttest_rel(a, b)
+        ci = reference.confidence_interval(confidence)
+        assert diff.p_value == pytest.approx(reference.pvalue, rel=1e-9, abs=1e-300)
+        assert diff.bounds == pytest.approx([ci.low, ci.high], rel=1e-9)
+        mean_ci = scipy_stats.ttest_1samp(a, 0.0).confidence_interval(confidence)
+        assert mean_interval(a, confidence).bounds == pytest.approx(
+            [mean_ci.low, mean_ci.high], rel=1e-9
+        )
+
+
 def test_holm_step_down() -> None:
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.2, None, 0.01]) == [pytest.approx(0.2), None, pytest.approx(0.02)]
