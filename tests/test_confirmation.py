@@ -163,6 +163,23 @@ def test_racing_spends_at_most_half_the_naive_plan_when_arms_differ() -> None:
     assert np.mean(spent) <= 0.5, spent
 
 
+def test_the_racing_cost_benchmark_never_spends_below_its_floor() -> None:
+    """``benchmarks/racing_cost.py`` runs the product's race: what it spends is never under what
+    a race that knew the truth would, and it never stops the best arm where that leads."""
+    from benchmarks.racing_cost import SCENARIOS, floor, run_race, spec_for
+
+    rng = np.random.default_rng(0)
+    for max_seeds in (5, 10):
+        spec = spec_for(max_seeds)
+        for scenario in SCENARIOS:
+            leads = sorted(scenario.means)[-2] < scenario.means[0]
+            for _ in range(3):
+                runs, best_stopped = run_race(spec, scenario, rng)
+                naive = len(scenario.means) * max_seeds
+                assert floor(spec, scenario) * naive <= runs <= naive
+                assert not (leads and best_stopped)
+
+
 def test_tied_arms_run_to_max_seeds_and_the_worse_ones_stop() -> None:
     runs, state = _run_race([0.90, 0.90, 0.70, 0.70], max_seeds=8, seed=1)
     assert state.active == [0, 1] and set(state.stopped) == {2, 3}
