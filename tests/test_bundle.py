@@ -330,13 +330,13 @@ def _upload(db: Database, study_name: str, settings: Settings, files: dict[str, 
     return ids
 
 
-def test_a_confirmed_architecture_bundles_its_seeds_and_evidence(
-    sqlite_db: Database, settings: Settings
-) -> None:
+def _confirmed_search(sqlite_db: Database, settings: Settings) -> tuple[Any, str, str, str]:
+    """A search with explored and confirmed rows whose artifacts were stored at different times
+    (with a model card, before cards, before the normalisation was stored, not at all): the
+    app, a reader's token, the search's URL and its id."""
     from safetensors.torch import save
     from support import quick_spec
 
-    from search.stats import VERDICTS
     from search.store.models import Phase, Reference, utcnow
 
     spec = quick_spec(trials=2, confirm={"enabled": True, "min_seeds": 2, "max_seeds": 2})
@@ -396,34 +396,36 @@ def test_a_confirmed_architecture_bundles_its_seeds_and_evidence(
                 )
             )
     app = create_app(settings, db=sqlite_db)
-    token = create_token(sqlite_db, "reader")
-    base = f"/api/v1/searches/{search.id}"
+    return app, create_token(sqlite_db, "reader"), f"/api/v1/searches/{search.id}", search.id
+
+
+def test_a_confirmed_architecture_bundles_its_seeds_and_evidence(
+    sqlite_db: Database, settings: Settings
+) -> None:
+    from search.stats import VERDICTS
+
+    app, token, base, search_id = _confirmed_search(sqlite_db, settings)
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
-        confirmed = client.get(f"{base}/trials/3/bundle", params={"onnx": "true"})
+        confirmed = client.get(f"{base}/trials/3/bundle")
         rebuilt = client.get(f"{base}/trials/0/bundle")
         refused = client.get(f"{base}/trials/1/bundle")
         unstored = client.get(f"{base}/trials/2/bundle")
     assert confirmed.status_code == 200, confirmed.text
     with zipfile.ZipFile(io.BytesIO(confirmed.content)) as opened:
         files = {Path(name).name: opened.read(name) for name in opened.namelist()}
-    assert "model.onnx" in files and "samples.safetensors" not in files
+    assert "model.onnx" not in files and "samples.safetensors" not in files
     card = json.loads(files["model.json"])
-    assert card["seeds"] == [11, 12] and card["search_id"] == search.id
+    assert card["seeds"] == [11, 12] and card["search_id"] == search_id
     evidence = card["metrics"]
     assert evidence["confirmed"] is True and evidence["n_seeds"] == 2
     assert evidence["val_accuracy_mean"] == pytest.approx(0.815)
     assert evidence["verdict_vs_none"] in VERDICTS and evidence["delta_vs_none"] > 0
     assert card["class_names"] == ["ant", "bee", "cat", "dog"]  # the stored card's
-    import onnx
-
-    graph = onnx.load_from_string(files["model.onnx"]).graph
-    assert [i.name for i in graph.input] == [card["inputs"]["name"]]
-    assert [o.name for o in graph.output] == [card["outputs"]["name"]]
 
     # Stored before cards: rebuilt from the weights, the measured input and the samples' stats.
     assert rebuilt.status_code == 200, rebuilt.text
     with zipfile.ZipFile(io.BytesIO(rebuilt.content)) as opened:
-        old_card = json.loads(opened.read(f"cbam-nas-{search.id[:8]}-trial0/model.json"))
+        old_card = json.loads(opened.read(f"cbam-nas-{search_id[:8]}-trial0/model.json"))
     assert (old_card["num_classes"], old_card["in_channels"]) == (4, 3)
     assert old_card["input_size"] == [16, 16] and old_card["class_names"] is None
     assert old_card["preprocessing"]["mean"] == pytest.approx(list(MEAN))
@@ -431,3 +433,21 @@ def test_a_confirmed_architecture_bundles_its_seeds_and_evidence(
     # Stored before the normalisation was: no honest preprocessing, no bundle.
     assert refused.status_code == 409 and "normalisation" in refused.json()["detail"]
     assert unstored.status_code == 409 and "stored weights" in unstored.json()["detail"]
+
+
+@pytest.mark.e2e
+def test_a_bundle_can_carry_the_model_as_onnx(sqlite_db: Database, settings: Settings) -> None:
+    """``?onnx=true``: the model exported (torch's dynamo exporter, seconds on a CPU), its input
+    and output named as the card says."""
+    import onnx
+
+    app, token, base, _ = _confirmed_search(sqlite_db, settings)
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        confirmed = client.get(f"{base}/trials/3/bundle", params={"onnx": "true"})
+    assert confirmed.status_code == 200, confirmed.text
+    with zipfile.ZipFile(io.BytesIO(confirmed.content)) as opened:
+        files = {Path(name).name: opened.read(name) for name in opened.namelist()}
+    card = json.loads(files["model.json"])
+    graph = onnx.load_from_string(files["model.onnx"]).graph
+    assert [i.name for i in graph.input] == [card["inputs"]["name"]]
+    assert [o.name for o in graph.output] == [card["outputs"]["name"]]
