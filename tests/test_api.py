@@ -219,7 +219,19 @@ INVALID_SPECS: dict[str, tuple[dict[str, Any], list[Any], list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(INVALID_SPECS))
+# Every case on SQLite; on PostgreSQL one, for "nothing stored" there: the spec is refused by its
+# validation before either database is written, so the other 18 would add nothing but seconds.
+INVALID_CASES = [
+    pytest.param(case, database, id=f"{database}-{case}")
+    for database, cases in (
+        ("sqlite", list(INVALID_SPECS)),
+        ("postgresql", list(INVALID_SPECS)[:1]),
+    )
+    for case in cases
+]
+
+
+@pytest.mark.parametrize(("case", "any_db"), INVALID_CASES, indirect=["any_db"])
 def test_invalid_spec_is_422_naming_the_field_and_the_allowed_values(
     client: TestClient, db: Database, case: str
 ) -> None:

@@ -11,10 +11,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from safetensors import safe_open
@@ -30,6 +29,9 @@ from search.export import (
 )
 from search.nn.backbones import BACKBONES
 from search.space import Architecture, SearchSpace, reference_architectures
+
+if TYPE_CHECKING:
+    import onnx
 
 BACKBONE = "cifar_resnet20"
 REFERENCES = reference_architectures(BACKBONE)
@@ -107,6 +109,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export
 
 
 def _assert_matches(model: nn.Module, onnx_bytes: bytes, shape: tuple[int, int, int]) -> None:
+    import onnxruntime as ort
+
     """onnxruntime equals PyTorch at batch sizes 1 and 3."""
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(1)
@@ -138,6 +142,8 @@ def test_onnxruntime_matches_pytorch(name: str, exported: Callable[[str], Export
 
 @pytest.mark.e2e
 def test_interface_and_metadata(exported: Callable[[str], Exported]) -> None:
+    import onnx
+
     case = exported("cbam")
     proto = onnx.load_from_string(case.onnx_bytes)
     (images,), (logits,) = proto.graph.input, proto.graph.output
@@ -156,6 +162,8 @@ def test_interface_and_metadata(exported: Callable[[str], Exported]) -> None:
 @pytest.mark.e2e
 def test_one_channel_ten_classes(tmp_path: Path) -> None:
     """Digits-like: 1 channel, 32 x 32, 10 classes, all read from the weights; opset asked for."""
+    import onnx
+
     architecture = Architecture(BACKBONE, arrangement="channel", pool_types=("avg", "max"))
     model = _random_model(architecture, num_classes=10, in_channels=1, seed=3)
     stored, state_dict = _saved_and_loaded(model, architecture, tmp_path / "w.safetensors")
