@@ -316,7 +316,10 @@ class ConfirmSpec(SpecModel):
     top_k: int = Field(3, ge=1, le=50, strict=True)
     min_seeds: int = Field(2, ge=2, le=100, strict=True)
     max_seeds: int = Field(5, ge=2, le=100, strict=True)
-    """At least ``min_seeds``."""
+    """At least ``min_seeds``. Racing saves runs only where arms stop before it: a paired t on
+    2-3 seeds rarely clears the race's corrected alpha, so at 5 the first stops come at 4 seeds
+    (at most a fifth saved); at 10, arms several run-to-run spreads behind stop at 4-5, about
+    half the runs (``python -m benchmarks.racing_cost``)."""
     alpha: float = Field(0.05, gt=0, lt=0.5, strict=True, allow_inf_nan=False)
     epochs: int | None = Field(None, ge=1, strict=True)
     trials: int | None = Field(None, ge=1, strict=True)
