@@ -19,6 +19,7 @@ from search.errors import InvalidValue, NotFound
 from search.pareto import OVERHEAD_COLUMNS
 from search.results.cache import cached, completed
 from search.results.convergence import convergence
+from search.results.eta import Work, confirm_runs_left, eta_s
 from search.results.leaderboard import (
     EVIDENCE_FIELDS,
     confirmed_board,
@@ -36,11 +37,12 @@ from search.store.models import (
     SearchState,
     TrialResult,
     WorkerSeen,
-    utcnow,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+    from sqlalchemy.orm import Session
 
     from search.store.engine import Database
 
@@ -77,6 +79,7 @@ _CONFIRM_STATES = (
     ResultState.requeued,
 )
 _FINISHED = (ResultState.completed, ResultState.pruned, ResultState.over_budget, ResultState.failed)
+_UNFINISHED = (ResultState.pending, ResultState.running)
 
 
 def get_search(db: Database, search_id: str) -> Search:
@@ -111,8 +114,9 @@ class Progress:
     interval at the best accuracy, in points: no single-seed difference smaller than about
     that means anything.
 
-    ``eta_s`` extrapolates the mean time per finished slot since the search started; None
-    before the first slot finishes or once the search is over.
+    ``eta_s``: the seconds left, the work left over the rate so far (search.results.eta: the
+    exploration's slots and the confirmation's runs, at most, while a race may still stop
+    arms); None before anything has trained or once the search is over.
     """
 
     budget: int
@@ -138,9 +142,11 @@ def progress(db: Database, search: Search) -> Progress:
 
 
 def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
-    """The progress of several searches in three queries, whatever their number."""
+    """The progress of several searches: three queries whatever their number, and the replay
+    of the race of each running search whose exploration is over (for its time left)."""
     ids = [search.id for search in searches]
     counts: dict[str, dict[tuple[Phase, ResultState], int]] = {search_id: {} for search_id in ids}
+    epochs: dict[str, dict[tuple[Phase, ResultState], int]] = {search_id: {} for search_id in ids}
     # The best completed row of each search: a correlated ORDER BY ... LIMIT 1 walks the
     # covering ranking index (microseconds); a window over every row took ~13 ms at 10k trials.
     top = aliased(TrialResult)
@@ -157,13 +163,20 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
         .scalar_subquery()
     )
     with db.session() as session:
-        for search_id, phase, state, n in session.execute(
-            select(TrialResult.search_id, TrialResult.phase, TrialResult.state, func.count())
+        for search_id, phase, state, n, trained in session.execute(
+            select(
+                TrialResult.search_id,
+                TrialResult.phase,
+                TrialResult.state,
+                func.count(),
+                func.coalesce(func.sum(TrialResult.epochs_run), 0),
+            )
             .where(TrialResult.search_id.in_(ids))
             .group_by(TrialResult.search_id, TrialResult.phase, TrialResult.state)
         ):
             counts[search_id][(phase, state)] = n
-        done = dict(
+            epochs[search_id][(phase, state)] = int(trained)
+        done_slots = dict(
             session.execute(
                 select(TrialResult.search_id, func.count(TrialResult.number.distinct()))
                 .where(
@@ -189,9 +202,18 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
                 )
             )
         }
+        done = {
+            search.id: min(done_slots.get(search.id, 0), search.budget_trials)
+            for search in searches
+        }
+        etas = {
+            search.id: _eta(session, search, done[search.id], epochs[search.id], counts[search.id])
+            for search in searches
+            if search.state in (SearchState.queued, SearchState.running)
+        }
     out = {}
     for search in searches:
-        finished = min(done.get(search.id, 0), search.budget_trials)
+        finished = done[search.id]
         top = best.get(search.id)
         count = counts[search.id]
         explored = {s.value: count.get((Phase.explore, s), 0) for s in _EXPLORE_STATES}
@@ -200,7 +222,7 @@ def progress_of(db: Database, searches: list[Search]) -> dict[str, Progress]:
             budget=search.budget_trials,
             done=finished,
             **explored,
-            eta_s=_eta(search, finished),
+            eta_s=etas.get(search.id),
             best=None if top is None else _summary(top),
             confirmation=confirmed,
             val_images=split.get(search.id),
@@ -251,13 +273,22 @@ def reference_convergence(db: Database, search_id: str) -> dict[str, dict[str, A
     }
 
 
-def _eta(search: Search, done: int) -> float | None:
-    if search.state not in (SearchState.queued, SearchState.running):
-        return None
-    if search.started_at is None or done == 0:
-        return None
-    elapsed = (utcnow() - search.started_at).total_seconds()
-    return max(0.0, elapsed / done * (search.budget_trials - done))
+def _eta(
+    session: Session,
+    search: Search,
+    done: int,
+    epochs: Mapping[tuple[Phase, ResultState], int],
+    counts: Mapping[tuple[Phase, ResultState], int],
+) -> float | None:
+    spec = SearchSpec.from_dict(search.spec)
+    work = Work(
+        trained=sum(epochs.values()),
+        explore_finished=sum(epochs.get((Phase.explore, s), 0) for s in _FINISHED),
+        explore_running=epochs.get((Phase.explore, ResultState.running), 0),
+        confirm_running=epochs.get((Phase.confirm, ResultState.running), 0),
+    )
+    unfinished = sum(counts.get((Phase.confirm, s), 0) for s in _UNFINISHED)
+    return eta_s(search, spec, done, work, confirm_runs_left(session, search, spec, unfinished))
 
 
 def _summary(row: TrialResult) -> dict[str, Any]:

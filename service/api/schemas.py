@@ -259,7 +259,11 @@ class ProgressOut(Out):
     failed: int
     over_budget: int
     requeued: int
-    eta_s: float | None = Field(description="Seconds left, extrapolated; None when unknown.")
+    eta_s: float | None = Field(
+        description="Seconds left: the exploration's slots and the confirmation's runs still to "
+        "run, over the epochs trained per second so far (while a race may still stop arms, at "
+        "most); None before anything has trained or once the search is over."
+    )
     best: BestSoFarOut | None = Field(description="The best completed trial so far.")
     confirmation: dict[str, int] = Field(
         description="Confirmation runs by state: pending, running, completed, failed, requeued."
