@@ -11,6 +11,7 @@ from scipy import stats as scipy_stats
 from support import within_binomial_bounds
 
 from search.stats import (
+    ACCURACY_RANGE,
     ALPHA,
     Difference,
     holm,
@@ -43,6 +44,11 @@ def test_mean_interval_is_students_t() -> None:
     assert ci.bounds == pytest.approx([ci.estimate - half, ci.estimate + half])
     assert mean_interval([0.9]).bounds is None and mean_interval([0.9]).n == 1
     assert mean_interval([0.9, 0.9]).bounds == [0.9, 0.9]
+    # Near 100 %, t's symmetric interval passes it; an accuracy's is cut at the range's end.
+    near_top = [0.99, 1.0, 0.97]
+    assert mean_interval(near_top).high > 1.0
+    cut = mean_interval(near_top, within=ACCURACY_RANGE)
+    assert cut.high == 1.0 and cut.low == mean_interval(near_top).low
 
 
 def test_paired_difference_is_the_paired_t_test() -> None:

@@ -16,7 +16,7 @@ from search.knobs import ARRANGEMENTS, BLOCK_CHOICES, POOL_TYPES, SPATIAL_POOLS
 from search.results.cache import cached
 from search.results.rows import Row, architectures, check_overhead, load_rows
 from search.space import REFERENCE_NAMES, Architecture, encode_choice
-from search.stats import mean_interval
+from search.stats import ACCURACY_RANGE, mean_interval
 from search.store.models import Phase, TrialResult
 
 if TYPE_CHECKING:
@@ -78,7 +78,9 @@ def _stats(accuracies: list[float], pcts: list[float]) -> dict[str, Any]:
         "n": len(accuracies),
         "accuracy_mean": accuracy_mean,
         "accuracy_std": accuracy_std,
-        "accuracy_ci95": mean_interval(accuracies).bounds if accuracies else None,
+        "accuracy_ci95": mean_interval(accuracies, within=ACCURACY_RANGE).bounds
+        if accuracies
+        else None,
         "accuracy_max": max(accuracies) if accuracies else None,
         "overhead_pct_mean": pct_mean,
         "overhead_pct_std": pct_std,

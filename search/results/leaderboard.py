@@ -16,6 +16,7 @@ from typing import Any
 from search.pareto import ACCURACY, OVERHEAD_COLUMNS, pareto_flags
 from search.space import REFERENCE_NAMES
 from search.stats import (
+    ACCURACY_RANGE,
     ALPHA,
     Difference,
     holm,
@@ -137,12 +138,12 @@ def _stat_fields(
 ) -> None:
     """n, mean and its interval: Student's t over seeds, or one run's Wilson interval; and the
     held-out test accuracy's mean over the seeds that have one, with its t interval."""
-    interval = mean_interval(values)
+    interval = mean_interval(values, within=ACCURACY_RANGE)
     bounds = interval.bounds
     if interval.n == 1 and val_images:
         bounds = wilson_interval(values[0], val_images).bounds
     entry.update(n_seeds=interval.n, val_accuracy_mean=interval.estimate, val_accuracy_ci95=bounds)
-    test = mean_interval(tests)
+    test = mean_interval(tests, within=ACCURACY_RANGE)
     entry.update(
         test_accuracy_mean=test.estimate if tests else None, test_accuracy_ci95=test.bounds
     )
