@@ -18,7 +18,10 @@
    process): N processes, each training one trial of the same network (no attention, SE, CBAM
    in every block) from a common start, at N = 1, 2 and 4; the aggregate training images/s of
    all N (images trained by all / wall time from the start to the last one's end) and its
-   ratio to one slot. CUDA graphs (issue 16, item 2) are not built yet: every figure is eager.
+   ratio to one slot.
+
+With part 2, whole trials with the usual (eager) step against the step on static tensors
+captured as a CUDA graph (``training.cuda_graphs``), and their ratio.
 
 ``--quick`` runs all three at small settings (block rounds 10, one trial round, 5,120 images,
 2 epochs), about five minutes on an H100/H200 in our estimate (not yet measured there).
@@ -258,6 +261,38 @@ def train_table(device: torch.device, args: argparse.Namespace) -> None:
         )
 
 
+def graphs_table(device: torch.device, args: argparse.Namespace) -> None:
+    """Whole trials with the usual step against the step on static tensors, captured as a CUDA
+    graph (``training.cuda_graphs``), for no attention and ours."""
+    data = synthetic(args.images, args.val_images)
+    print(
+        f"\n### The training step as a CUDA graph (`training.cuda_graphs`): the same trials; "
+        f"medians of {args.trial_rounds}\n"
+    )
+    print("| network | attention | eager images/s | graphs images/s | graphs / eager |")
+    print("|---|---|---|---|---|")
+    for backbone, label in BACKBONES.items():
+        for variant in ("none", "ours"):
+            figures = {}
+            for graphs in (False, True):
+                settings = TrainingSpec(
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    mixed_precision=True,
+                    channels_last=True,
+                    cuda_graphs=graphs,
+                )
+                runs = [
+                    one_trial(backbone, variant, data, settings, device)[0]
+                    for _ in range(args.trial_rounds)
+                ]
+                figures[graphs] = statistics.median(runs)
+            print(
+                f"| {label} | {VARIANTS[variant]} | {figures[False]:.0f} | {figures[True]:.0f} "
+                f"| {figures[True] / figures[False]:.2f} |"
+            )
+
+
 # -- 3. several trials per device ---------------------------------------------------------------
 
 SLOT_COUNTS = (1, 2, 4)
@@ -370,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         block_table(device, amp, args.rounds, args.inner)
     if "train" in parts:
         train_table(device, args)
+        graphs_table(device, args)
     if "slots" in parts:
         slots_table(device, args)
     return 0

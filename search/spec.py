@@ -179,6 +179,13 @@ class TrainingSpec(SpecModel):
     channels_last: bool = Field(True, strict=True)
     compile: bool = Field(False, strict=True)
     """``torch.compile`` the model (CUDA)."""
+    cuda_graphs: bool = Field(False, strict=True)
+    """The training step on static tensors, as a CUDA graph captures it: the batch copied into
+    fixed buffers, learning rates as device tensors updated in place, a fused optimizer, the
+    loss and accuracy summed on the device and read once per epoch. On CUDA the step is
+    captured after three eager steps and replayed; elsewhere, or where capture fails (logged),
+    it runs eagerly. In-memory data, fp32 or bf16, no ``ema_decay``, no ``compile``; otherwise
+    the usual step runs (logged). Not yet measured on a GPU (README, GPU)."""
     backbone_lr_scale: float = Field(1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
     """Fine-tuning: the learning rate of the weights loaded from ``backbone_weights`` is
     ``lr`` times this; inserted attention and a new classifier train at ``lr``. Without

@@ -10,6 +10,7 @@ tests/test_gpu_service.py), so a GPU box without them runs it as
 
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable
 
@@ -23,7 +24,8 @@ from search.overhead import available_devices, check_device
 from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.data import DatasetTensors
-from workers.train import autocast_dtype, train
+from workers.graph_step import WARMUP, StaticStep, tensor_learning_rates
+from workers.train import autocast_dtype, make_optimizer, train
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest relative error (norm of the difference / norm of the float64 result) of our CBAM's
@@ -34,6 +36,7 @@ MAX_ERROR = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 3e-2}
 WORSE_THAN_REFERENCE = 4.0
 HALF_PRECISION_SEEDS = 8
 CLASSES = 3
+ON_THIS_MACHINE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _skip_unless_supported(dtype: torch.dtype) -> None:
@@ -208,6 +211,52 @@ def test_train_on_cuda_with_mixed_precision(
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights)
 
 
+@requires_cuda
+def test_the_static_step_is_captured_and_replays_as_it_ran_eagerly() -> None:
+    """``training.cuda_graphs``: eager for WARMUP steps, then captured; the replays give the
+    weights and sums the same steps give eagerly (fp32, same batches and learning rates)."""
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, CLASSES),
+    ).to(device)
+    steps = []
+    for net in (model, copy.deepcopy(model)):
+        optimizer = make_optimizer(net, TrainingSpec(lr=0.1), fused=True)
+        tensor_learning_rates(optimizer, device)
+        steps.append(StaticStep(net, optimizer, device, None, 0.0))
+    steps[1].capture = False  # the same step, eagerly
+    generator = torch.Generator(device=device).manual_seed(1)
+    for i in range(WARMUP + 5):
+        x = torch.randn(16, 3, 8, 8, device=device, generator=generator)
+        y = torch.randint(0, CLASSES, (16,), device=device, generator=generator)
+        for step in steps:
+            step(x, y, 0.1 / (i + 1))
+    assert steps[0].graph is not None and steps[1].graph is None
+    captured, eager = (list(s.forward.parameters()) for s in steps)
+    for a, b in zip(captured, eager, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    (loss_a, correct_a, bad_a), (loss_b, correct_b, bad_b) = (s.read() for s in steps)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and correct_a == correct_b
+    assert not bad_a and not bad_b
+
+
+@requires_cuda
+def test_train_on_cuda_with_the_static_step() -> None:
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    settings = TrainingSpec(
+        epochs=3, batch_size=64, lr=0.05, mixed_precision=True, cuda_graphs=True
+    )
+    result = train(Architecture("cifar_resnet20"), tinted_data(), settings, seed=0, device=device)
+    assert result.epochs_run == 3 and result.best_val_accuracy > 0.6  # chance is 1/3
+    assert result.test_accuracy is not None and result.test_accuracy > 0.5
+
+
 # -- devices ---------------------------------------------------------------------------------
 
 
@@ -248,6 +297,25 @@ def test_the_device_checks_slots_train_side_by_side(device: str) -> None:
     from benchmarks.gpu import concurrent_trials
 
     assert concurrent_trials("cifar_resnet20", "se", 2, device, (64, 32, 1, 32)) > 0
+
+
+@pytest.mark.e2e
+def test_the_device_checks_graphs_part_compares_the_two_steps(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/gpu.py``'s graphs table, on the CPU here (the static step runs eagerly)."""
+    import benchmarks.gpu as gpu
+
+    monkeypatch.setattr(gpu, "BACKBONES", {"cifar_resnet20": "CIFAR ResNet-20"})
+    settings = argparse.Namespace(
+        images=128, val_images=64, epochs=1, batch_size=32, trial_rounds=1
+    )
+    gpu.graphs_table(torch.device(ON_THIS_MACHINE), settings)
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| CIFAR ResNet-20")]
+    assert len(rows) == 2  # no attention, ours
+    for row in rows:
+        eager, graphs, ratio = (float(c) for c in row.strip("|").split("|")[2:])
+        assert eager > 0 and graphs > 0 and ratio == pytest.approx(graphs / eager, abs=0.01)
 
 
 def test_the_device_check_exits_cleanly_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:

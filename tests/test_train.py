@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from search.space import Architecture
 from search.spec import TrainingSpec
 from workers.augment import alternate, augment, crop, mirror, normalizer, to_float
 from workers.data import DatasetTensors, ImageFiles, StreamingData
+from workers.graph_step import StaticStep, static_step_refusal, tensor_learning_rates
 from workers.train import (
     EpochReport,
     StopTraining,
@@ -295,3 +297,76 @@ def test_the_weight_average_is_what_is_validated_and_stored(data: DatasetTensors
     )
     again = train(ARCH, data, settings, seed=0)  # still deterministic per seed
     assert torch.equal(again.state_dict["fc.weight"], result.state_dict["fc.weight"])
+
+
+# -- the step on static tensors (training.cuda_graphs), eagerly on the CPU ---------------------
+
+
+def test_the_static_step_trains_as_the_usual_one(data: DatasetTensors, trained) -> None:
+    """The same batches, learning rates and arithmetic through fixed buffers and a fused
+    optimizer: the same curve, and weights equal to float rounding (fused SGD rounds
+    differently from the per-tensor loop)."""
+    static = train(ARCH, data, SETTINGS.model_copy(update={"cuda_graphs": True}), seed=0)
+    assert [r.val_accuracy for r in static.curve] == [r.val_accuracy for r in trained.curve]
+    assert [r.train_accuracy for r in static.curve] == [r.train_accuracy for r in trained.curve]
+    assert [r.train_loss for r in static.curve] == pytest.approx(
+        [r.train_loss for r in trained.curve], rel=1e-4
+    )
+    assert [r.lr for r in static.curve] == [r.lr for r in trained.curve]
+    for key, value in trained.state_dict.items():
+        assert torch.allclose(static.state_dict[key].double(), value.double(), atol=1e-3), key
+    assert static.test_accuracy == trained.test_accuracy
+
+
+def test_the_static_steps_buffers_and_learning_rates_stay_put() -> None:
+    """What a CUDA graph needs: every call trains on the same input buffers and reads its
+    learning rates from the same device tensors, filled in place; the epoch's sums are read
+    once and zeroed. On the CPU nothing is captured."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, CLASSES))
+    optimizer = make_optimizer(model, TrainingSpec(lr=0.1), fused=True)
+    tensor_learning_rates(optimizer, torch.device("cpu"))
+    step = StaticStep(model, optimizer, torch.device("cpu"), None, 0.0)
+    x, y = torch.randn(8, 3, 2, 2), torch.arange(8) % CLASSES
+    step(x, y, 0.1)
+    assert step.x is not None and step.y is not None
+    places = [step.x.data_ptr(), step.y.data_ptr()] + [
+        g["lr"].data_ptr() for g in optimizer.param_groups
+    ]
+    before = [p.detach().clone() for p in model.parameters()]
+    step(2 * x, y, 0.05)
+    assert [step.x.data_ptr(), step.y.data_ptr()] + [
+        g["lr"].data_ptr() for g in optimizer.param_groups
+    ] == places
+    assert torch.equal(step.x, 2 * x)
+    assert all(float(g["lr"]) == pytest.approx(0.05) for g in optimizer.param_groups)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    loss_sum, correct, nonfinite = step.read()
+    assert loss_sum > 0 and 0 <= correct <= 16 and not nonfinite
+    assert step.read() == (0.0, 0, False)
+    assert step.graph is None and step.steps == 2
+
+
+def test_a_nonfinite_loss_fails_the_static_step_at_the_epochs_end() -> None:
+    poisoned = make_data(std=0.0)
+    settings = SETTINGS.model_copy(update={"cuda_graphs": True})
+    with pytest.raises(TrialFailed, match=r"^the loss was not finite in epoch 1$"):
+        train(ARCH, poisoned, settings, seed=0)
+
+
+def test_where_the_static_step_cannot_run_the_usual_one_does_and_says_why(
+    data: DatasetTensors, caplog: pytest.LogCaptureFixture
+) -> None:
+    averaged = SETTINGS.model_copy(update={"ema_decay": 0.9})
+    usual = train(ARCH, data, averaged, seed=0)
+    with caplog.at_level("WARNING", logger="workers.train"):
+        asked = train(ARCH, data, averaged.model_copy(update={"cuda_graphs": True}), seed=0)
+    assert "the usual step runs, since the weight average (ema_decay)" in caplog.text
+    for key, value in usual.state_dict.items():
+        assert torch.equal(asked.state_dict[key], value), key
+    refusal = functools.partial(
+        static_step_refusal, in_memory=True, scaler=False, ema=False, compiled=False
+    )
+    assert refusal() is None
+    assert "streamed" in (refusal(in_memory=False) or "")
+    assert "gradient scaler" in (refusal(scaler=True) or "")
+    assert "torch.compile" in (refusal(compiled=True) or "")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import sys
 import time
@@ -51,10 +52,13 @@ from search.nn.weights import near_identity_
 from search.space import Architecture
 from workers.augment import alternate, augment, normalizer, to_float
 from workers.data import StreamingData
+from workers.graph_step import StaticStep, static_step_refusal, tensor_learning_rates
 
 if TYPE_CHECKING:
     from search.spec import TrainingSpec
     from workers.data import DatasetTensors
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 256
 # The learning rate of the "step" schedule is multiplied by 0.1 at these fractions of training.
@@ -169,12 +173,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 def make_optimizer(
-    model: nn.Module, settings: TrainingSpec, pretrained: Collection[str] = ()
+    model: nn.Module,
+    settings: TrainingSpec,
+    pretrained: Collection[str] = (),
+    fused: bool = False,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD (Nesterov by default) or AdamW; weight decay on weights with more than one dimension.
 
     Parameters named in ``pretrained`` (loaded from ``backbone_weights``) train at
-    ``lr * training.backbone_lr_scale``: their groups carry ``lr_scale``."""
+    ``lr * training.backbone_lr_scale``: their groups carry ``lr_scale``. ``fused``: the fused
+    implementation (one kernel per step; reads a tensor learning rate on the device, as a
+    CUDA graph needs); ``capturable``: AdamW's step counts kept on the device, which it asks
+    for before it lets a CUDA graph capture its step (CUDA only; SGD has no counts)."""
     loaded = set(pretrained)
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -192,9 +203,10 @@ def make_optimizer(
             lr=settings.lr,
             momentum=settings.momentum,
             nesterov=settings.nesterov and settings.momentum > 0,
+            fused=fused or None,
         )
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
+        return torch.optim.AdamW(groups, lr=settings.lr, fused=fused or None, capturable=capturable)
     raise InvalidValue("training.optimizer", settings.optimizer, ("sgd", "adamw"))
 
 
@@ -343,29 +355,39 @@ class _Loop:
     amp: torch.dtype | None
     ema: AveragedModel | None = None
     flips: Tensor | None = None  # alternating flips: each training image's first-epoch flip
+    static: StaticStep | None = None  # training.cuda_graphs
     step: int = 0
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
-        """One pass over the training batches -> (mean loss, accuracy, images, last lr)."""
+    def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """The epoch's training batches, augmented and normalised, each with the learning rate
+        of its step."""
         s, steps = self.settings, self.source.steps_per_epoch
         total_steps, warmup_steps = s.epochs * steps, s.warmup_epochs * steps
         padding = s.crop_padding if s.augment else 0
         flip = s.flip and s.augment
-        losses = torch.zeros(steps, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen, lr = 0, s.lr
-        self.model.train()
-        for i, (xb, yb, index) in enumerate(self.source.train_batches(self.generator)):
+        for xb, yb, index in self.source.train_batches(self.generator):
             lr = s.lr * lr_factor(self.step, total_steps, warmup_steps, s.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
             if flip and self.flips is not None and index is not None:
                 xb = alternate(
                     augment(xb, padding, False, self.generator), self.flips[index], epoch
                 )
             else:
                 xb = augment(xb, padding, flip, self.generator)
-            xb = to_float(xb, *self.norm, self.memory_format)
+            yield to_float(xb, *self.norm, self.memory_format), yb, lr
+            self.step += 1
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
+        """One pass over the training batches -> (mean loss, accuracy, images, last lr)."""
+        if self.static is not None:
+            return self._static_epoch(epoch)
+        s = self.settings
+        losses = torch.zeros(self.source.steps_per_epoch, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, lr = 0, s.lr
+        self.model.train()
+        for i, (xb, yb, lr) in enumerate(self._batches(epoch)):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.forward(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=s.label_smoothing)
@@ -381,13 +403,25 @@ class _Loop:
             losses[i] = loss.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(yb)
-            self.step += 1
         # Elsewhere (CUDA) check once per epoch rather than synchronise every step.
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])
             raise TrialFailed(f"loss is {losses[bad].item()} at epoch {epoch} step {bad + 1}")
         return losses.mean().item(), correct.item() / max(1, seen), seen, lr
+
+    def _static_epoch(self, epoch: int) -> tuple[float, float, int, float]:
+        """:meth:`train_epoch` through the :class:`StaticStep` (``training.cuda_graphs``)."""
+        assert self.static is not None
+        seen, lr = 0, self.settings.lr
+        self.model.train()
+        for xb, yb, lr in self._batches(epoch):
+            self.static(xb, yb, lr)
+            seen += len(yb)
+        loss_sum, correct, nonfinite = self.static.read()
+        if nonfinite:
+            raise TrialFailed(f"the loss was not finite in epoch {epoch}")
+        return loss_sum / max(1, self.source.steps_per_epoch), correct / max(1, seen), seen, lr
 
     def evaluate(self, split: str) -> tuple[float, float] | None:
         batches = self.source.eval_batches(split)
@@ -438,10 +472,21 @@ def train(
     if settings.identity_init(backbone_weights is not None):
         near_identity_(model)
     model = model.to(device)
+    refusal = static_step_refusal(
+        in_memory=not isinstance(data, StreamingData),
+        scaler=amp is torch.float16,
+        ema=settings.ema_decay is not None,
+        compiled=settings.compile,
+    )
+    static = settings.cuda_graphs and refusal is None
+    if settings.cuda_graphs and refusal is not None:
+        log.warning("training.cuda_graphs: the usual step runs, since %s", refusal)
     loop = _Loop(
         model=model,
         forward=torch.compile(model) if settings.compile else model,
-        optimizer=make_optimizer(model, settings, pretrained),
+        optimizer=make_optimizer(
+            model, settings, pretrained, fused=static, capturable=static and device.type == "cuda"
+        ),
         scaler=torch.amp.GradScaler("cuda", enabled=amp is torch.float16),
         source=(
             _StreamingSource(data, device, settings.batch_size, seed)
@@ -455,6 +500,11 @@ def train(
         memory_format=_memory_format(settings.channels_last),
         amp=amp,
     )
+    if static:
+        tensor_learning_rates(loop.optimizer, device)
+        loop.static = StaticStep(
+            loop.forward, loop.optimizer, device, amp, settings.label_smoothing
+        )
     if settings.ema_decay is not None:
         loop.ema = AveragedModel(
             model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True
