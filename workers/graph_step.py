@@ -6,9 +6,10 @@ rates are device tensors filled in place (the optimizer is the fused one, which 
 learning rate on the device), and the loss, the correct predictions and a non-finite flag are
 summed into device tensors read once per epoch. No step reads anything back to the host.
 
-On CUDA the step runs eagerly (on a side stream, as PyTorch's whole-network capture recipe
-does) for :data:`WARMUP` steps, which creates the gradients' and momentum's buffers and lets
-cuDNN pick its algorithms; the next step is captured and every later one replays the graph.
+On CUDA the step runs eagerly for :data:`WARMUP` steps (on a side stream, as PyTorch's
+whole-network capture recipe does; the capture then records on that same stream), which creates
+the gradients' and momentum's buffers and lets cuDNN pick its algorithms; the next step is
+captured and every later one replays the graph.
 Autocast runs without its weight-cast cache, which a graph cannot hold. Where capture fails
 the step goes on eagerly and says why in the log. On the CPU it always runs eagerly: the same
 arithmetic, so a CPU test checks what a GPU would capture.
@@ -56,6 +57,7 @@ class StaticStep:
         self.x: Tensor | None = None
         self.y: Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream: torch.cuda.Stream | None = None
         self.capture = device.type == "cuda"
         self.steps = 0
 
@@ -104,8 +106,15 @@ class StaticStep:
         self.optimizer.zero_grad(set_to_none=True)
         self._body()
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        """One stream for the warm-up and the capture: libraries that cache a handle per stream
+        (cuBLAS's workspace) then set it up before the capture, not during it."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        return self.stream
+
     def _side_stream_step(self) -> None:
-        stream = torch.cuda.Stream(self.device)
+        stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._eager_step()
@@ -116,7 +125,7 @@ class StaticStep:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates them in the graph's pool
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._side_stream()):
                 self._body()
         except RuntimeError as error:
             log.warning("CUDA graph capture failed, training on eagerly: %s", error)
