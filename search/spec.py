@@ -310,12 +310,12 @@ class ConfirmSpec(SpecModel):
     """Confirmation by racing, after the exploration: the candidates (the Pareto front of the
     explored architectures, or the most accurate feasible ones in the constrained mode; up to
     ``top_k``) and the three references run again on shared seeds, one seed per round for every
-    arm still in the race. Once ``min_seeds`` rounds are in, an arm significantly worse than the
-    best (paired t on the shared seeds, Holm-corrected, at ``alpha``) gets no more seeds; arms
-    still tied run until ``max_seeds``. ``epochs`` is the schedule of these runs, meant to be
-    the one the final model will train with (default: twice the exploration's); ``trials`` caps
-    their number (default: every arm on every seed). The leaderboard's verdicts, top group and
-    recommendation come from these runs."""
+    arm still in the race. Once ``min_seeds`` rounds are in, an arm significantly worse than
+    another (every pair paired t on its shared seeds, Holm across the pairs, at ``alpha``) gets
+    no more seeds; arms still tied run until ``max_seeds``. ``epochs`` is the schedule of these
+    runs, meant to be the one the final model will train with (default: twice the
+    exploration's); ``trials`` caps their number (default: every arm on every seed). The
+    leaderboard's verdicts, top group and recommendation come from these runs."""
 
     path: ClassVar[str] = "confirm"
 
@@ -324,9 +324,9 @@ class ConfirmSpec(SpecModel):
     min_seeds: int = Field(2, ge=2, le=100, strict=True)
     max_seeds: int = Field(5, ge=2, le=100, strict=True)
     """At least ``min_seeds``. Racing saves runs only where arms stop before it: a paired t on
-    2-3 seeds rarely clears the race's corrected alpha, so at 5 the first stops come at 4 seeds
-    (at most a fifth saved); at 10, arms several run-to-run spreads behind stop at 4-5, about
-    half the runs (``python -m benchmarks.racing_cost``)."""
+    2-3 seeds rarely clears the race's corrected alpha, so at 5 the first stops come at 4-5
+    seeds (a tenth saved at most); at 10, arms eight run-to-run spreads behind stop at 4-5,
+    about half the runs (``python -m benchmarks.racing_cost``)."""
     alpha: float = Field(0.05, gt=0, lt=0.5, strict=True, allow_inf_nan=False)
     epochs: int | None = Field(None, ge=1, strict=True)
     trials: int | None = Field(None, ge=1, strict=True)

@@ -9,6 +9,7 @@ no-attention baseline do; the Pareto front uses the absolute figures.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from search.stats import (
     sequential_p,
     verdict,
     wilson_interval,
+    worse_than_another,
 )
 
 RANKED_STATES = ("completed",)
@@ -123,7 +125,7 @@ class Board:
     ``confirmed``: built from the confirmation's runs (one entry per architecture over its
     seeds, each with ``front``: not significantly dominated); else from the exploration's (one
     entry per trial, one seed each, untested, ``front`` None).
-    ``top_group``: the architecture ids not significantly worse than the best;
+    ``top_group``: the architecture ids not significantly worse than another (every pair);
     ``recommended``: the cheapest of them by the board's overhead (ties: the more accurate)."""
 
     entries: list[Entry]
@@ -283,16 +285,15 @@ def _top_group(
     alpha: float,
     looks: tuple[int, int] | None,
 ) -> list[Entry]:
-    """The best entry (first) and those not significantly worse than it (Holm across them)."""
-    best, others = entries[0], entries[1:]
-    diffs = [_paired(scores[e["arch_id"]], scores[best["arch_id"]]) for e in others]
-    adjusted = holm([_sequential(d, looks) for d in diffs])
-    tied = [
-        e
-        for e, d, p in zip(others, diffs, adjusted, strict=True)
-        if verdict(d, p, alpha) != "worse"
+    """The best entry (first) and those not significantly worse than another (every pair on
+    its shared seeds, Holm across all the pairs: :func:`search.stats.worse_than_another`)."""
+    pairs = [
+        (a["arch_id"], b["arch_id"], _paired(scores[a["arch_id"]], scores[b["arch_id"]]))
+        for a, b in itertools.combinations(entries, 2)
     ]
-    return [best, *tied]
+    worse = worse_than_another(pairs, alpha, looks)
+    best, others = entries[0], entries[1:]
+    return [best, *(e for e in others if e["arch_id"] not in worse)]
 
 
 EVIDENCE_FIELDS = (

@@ -368,7 +368,8 @@ class LeaderboardOut(Out):
     )
     confirmed: bool = Field(description="Whether the entries come from the confirmation.")
     top_group: list[str] = Field(
-        description="Architecture ids not significantly worse than the best."
+        description="Architecture ids not significantly worse than another (every pair tested, "
+        "Holm-corrected); the best is always among them."
     )
     recommended: str | None = Field(
         description="The cheapest architecture of the top group by this overhead: the answer."

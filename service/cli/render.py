@@ -256,7 +256,7 @@ def board_table(board: dict[str, Any], title: str = "") -> Table:
         caption=(
             f"{shown} of {board['total']} {what}; Δ in accuracy points{verdicts}; "
             f"Pareto: accuracy against {overhead}; answer: the recommended architecture "
-            f"(the cheapest of the top group, those not significantly worse than the best); "
+            f"(the cheapest of the top group, those not significantly worse than another); "
             "epochs: the schedule, 'rising +x' where the run still gained x points beyond noise "
             f"over its last epochs{noise_warning(board)}"
         ),
