@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 WARMUP = 3
-"""Eager steps before capture (PyTorch's recipe uses a few; DDP needs 11, we run none)."""
+"""Eager steps before capture (PyTorch's recipe runs a few; DDP would need 11; no DDP here)."""
 
 log = logging.getLogger(__name__)
 
