@@ -42,7 +42,7 @@ def confirm_runs_left(session: Session, search: Search, spec: SearchSpec, unfini
     nothing."""
     if not spec.confirm.enabled:
         return 0
-    if not exploration_finished(session, search):
+    if not exploration_finished(session, search, spec):
         return spec.confirm_trials
     race = confirmation(session, search, spec).race
     if race.finished:

@@ -37,11 +37,11 @@ class Confirmation:
     race: Race
 
 
-def exploration_finished(session: Session, search: Search) -> bool:
-    """Every exploration slot claimed, none running, none waiting for a retry."""
+def exploration_finished(session: Session, search: Search, spec: SearchSpec) -> bool:
+    """Every exploration slot claimed, none running, none waiting for a retry (``spec``: the
+    search's, which every caller has parsed already)."""
     if search.claimed < search.budget_trials:
         return False
-    spec = SearchSpec.from_dict(search.spec)
     running = exists().where(
         TrialResult.search_id == search.id,
         TrialResult.phase == Phase.explore,
@@ -103,7 +103,7 @@ def confirmation_finished(session: Session, search: Search, spec: SearchSpec) ->
     """Whether the search has nothing left to confirm (or confirms nothing)."""
     if not spec.confirm.enabled or search.past_deadline(spec.budget.wall_clock_s):
         return True
-    if not exploration_finished(session, search):
+    if not exploration_finished(session, search, spec):
         return False
     return confirmation(session, search, spec).race.finished
 
@@ -120,7 +120,7 @@ def schedule_round(db: Database, search_id: str) -> int:
             spec = SearchSpec.from_dict(search.spec)
             if not spec.confirm.enabled or search.past_deadline(spec.budget.wall_clock_s):
                 return 0
-            if not exploration_finished(session, search):
+            if not exploration_finished(session, search, spec):
                 return 0
             state = confirmation(session, search, spec)
             plan = state.race
