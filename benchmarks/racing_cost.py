@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from benchmarks._timing import machine
+from benchmarks.ranking_reliability import share
 from search.spec import SearchSpec
 from search.stats import Difference, worse_than_another
 from search.study.confirmation import race
@@ -188,7 +189,7 @@ def compare_pooled(races: int) -> None:
         "\nThe paired t (ours) against a race that pools the arms' variances (F-race's test), "
         f"max seeds 5, {races} races per row\n"
     )
-    print("| arms (true means and run spreads) | race | cost | best stopped |")
+    print("| arms (true means and run spreads) | race | cost | best stopped (95 % CI) |")
     print("|---|---|---|---|")
     naive = spec.confirm.max_seeds
     for index, scenario in enumerate(POOLED_SCENARIOS):
@@ -201,12 +202,6 @@ def compare_pooled(races: int) -> None:
                 f"| {scenario.name} | {name} | {cost:.0f} % | {share(stopped, races)} |",
                 flush=True,
             )
-
-
-def share(k: int, n: int) -> str:
-    """``k`` of ``n`` as a percentage with its exact (Clopper-Pearson) 95 % interval."""
-    ci = scipy_stats.binomtest(k, n).proportion_ci()
-    return f"{100 * k / n:.1f} % [{100 * ci.low:.1f}, {100 * ci.high:.1f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
