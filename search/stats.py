@@ -101,14 +101,14 @@ def mean_interval(
     :data:`ACCURACY_RANGE`), which the interval is cut to: t's interval is symmetric and can
     pass 100 % at a mean of 98 % on three seeds; the cut keeps its coverage, since the mean
     was never outside."""
-    data = np.asarray(values, dtype=float)
+    data = [float(v) for v in values]
     n = len(data)
     if n == 0:
         return Interval(0, math.nan, None, None)
-    mean = float(data.mean())
+    mean = math.fsum(data) / n
     if n < 2:
         return Interval(n, mean, None, None)
-    if np.ptp(data) <= _TIE:
+    if max(data) - min(data) <= _TIE:
         return Interval(n, mean, mean, mean)
     _, low, high = _one_sample_t(data, confidence)
     if within is not None:
@@ -116,16 +116,17 @@ def mean_interval(
     return Interval(n, mean, low, high)
 
 
-def _one_sample_t(data: np.ndarray, confidence: float) -> tuple[float, float, float]:
+def _one_sample_t(data: Sequence[float], confidence: float) -> tuple[float, float, float]:
     """Student's one-sample t against zero: the two-sided p-value and the interval of the mean,
     as ``scipy.stats.ttest_1samp`` gives them (tests/test_stats.py holds them equal), from the
     t distribution's ufuncs in scipy.special that scipy.stats uses. Called directly because
     ``ttest_1samp`` spends ~0.6 ms a call checking and broadcasting its arguments, and a race
     replays its rounds' tests on every claim (thousands of calls in a leaderboard's A/A
-    simulation). Needs two values or more, not all equal."""
+    simulation); the mean and spread of a race's 2-10 values in plain floats, where numpy's
+    per-call overhead would be most of the time. Needs two values or more, not all equal."""
     n = len(data)
-    mean = float(data.mean())
-    se = float(data.std(ddof=1)) / math.sqrt(n)
+    mean = math.fsum(data) / n
+    se = math.sqrt(math.fsum((x - mean) ** 2 for x in data) / (n - 1) / n)
     special = _scipy_special()
     p = float(2 * special.stdtr(n - 1, -abs(mean) / se))
     half = float(special.stdtrit(n - 1, 0.5 + confidence / 2)) * se
@@ -138,22 +139,22 @@ def paired_difference(
     """``first - second`` over the seeds both ran (same order), by Student's paired t: the mean
     difference, its interval and the two-sided p-value; untested below two pairs; the sign
     test's p-value and no interval when every pair differs by the same amount."""
-    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
-    n = len(a)
-    d = a - b
-    mean = float(d.mean()) if n else math.nan
+    if len(first) != len(second):
+        raise ValueError(f"paired samples differ in length: {len(first)} and {len(second)}")
+    d = [float(a) - float(b) for a, b in zip(first, second, strict=True)]
+    n = len(d)
+    mean = math.fsum(d) / n if n else math.nan
     if n < 2:
         return Difference(n, mean, None, None, None)
-    if abs(mean) <= _TIE and np.ptp(d) <= _TIE:  # the same accuracy on every seed
+    spread = max(d) - min(d)
+    if abs(mean) <= _TIE and spread <= _TIE:  # the same accuracy on every seed
         return Difference(n, mean, mean, mean, 1.0)
-    if np.ptp(d) <= _TIE:
+    if spread <= _TIE:
         # The same difference on every seed (common on a small validation split, where
         # accuracies move in steps of one image): t is undefined and no interval can be
         # estimated, but the exact sign test says how often n differences of one sign arise by
         # chance: 2 * 0.5**n, weak evidence at a few seeds rather than a certainty.
-        p = _scipy_stats().binomtest(int((d > 0).sum()), n, 0.5).pvalue
+        p = _scipy_stats().binomtest(sum(x > 0 for x in d), n, 0.5).pvalue
         return Difference(n, mean, None, None, float(p))
     p, low, high = _one_sample_t(d, confidence)  # the paired t is the one-sample t of d
     return Difference(n, mean, low, high, p)
