@@ -66,7 +66,7 @@ def orders(table: RunTable, replays: Sequence[Replay], args: argparse.Namespace)
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
-    table, replays = prepare(args)
+    table, replays, _ = prepare(args)
     seeds = sorted({s for r in replays for s in confirm_seeds(r.spec)})
     print(
         f"\nfidelity: exploration {args.explore_epochs} epochs (one seed), confirmation "

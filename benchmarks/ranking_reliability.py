@@ -12,7 +12,8 @@ them through the product's own racing, confirmed board and early-stopping code:
 - **Repeatability**: ``--searches`` searches that differ only in their spec seed (the
   exploration's seed and the confirmation's seeds). A pair agrees when each recommendation is in
   the other's top group (statistically tied). Target: >= 90 % of pairs.
-- **Cost**: the epochs the race spends against every arm on ``max_seeds`` seeds. Target: <= 50 %.
+- **Cost**: the epochs the race spends against every arm on ``max_seeds`` seeds, at the spec's
+  default ``max_seeds`` (5) and at each of ``--cost-max-seeds``. Target: <= 50 %.
 - **Rungs**: per successive-halving rung of either schedule, Spearman's rho between the
   accuracies there and the final ones (no stopping: every run ran to the end); and successive
   halving replayed over the exploration with the plain rule (stop below the cut) and with the
@@ -52,7 +53,7 @@ from benchmarks._runs import (
 )
 from benchmarks._timing import machine
 from search.results.leaderboard import confirmed_board
-from search.spec import EarlyStoppingSpec
+from search.spec import EarlyStoppingSpec, SearchSpec
 from search.stats import mean_interval, rank_agreement, wilson_interval
 from search.study.confirmation import race
 from search.study.early_stopping import rung_cut, worse_beyond_noise
@@ -69,6 +70,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aa-repeats", type=int, default=400)
     parser.add_argument("--num-train", type=int, default=3000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cost-max-seeds", type=int, nargs="*", default=[10])
     return parser.parse_args(argv)
 
 
@@ -78,21 +80,33 @@ def share(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} % ({k}/{n}; 95 % CI {100 * ci.low:.1f}-{100 * ci.high:.1f})"
 
 
-def prepare(args: argparse.Namespace) -> tuple[RunTable, list[Replay]]:
-    """Train what is missing; replay the searches."""
+def prepare(args: argparse.Namespace) -> tuple[RunTable, list[Replay], dict[int, list[Replay]]]:
+    """Train what is missing; replay the searches (the spec's defaults), and again at each of
+    ``--cost-max-seeds`` (for the cost only)."""
     table = RunTable(Setting(num_train=args.num_train), jobs=args.jobs)
-    specs = [
-        search_spec(table.setting, s, args.explore_epochs, args.confirm_epochs)
-        for s in range(args.searches)
-    ]
-    long_seeds = sorted({seed for spec in specs for seed in confirm_seeds(spec)})
-    plan = [(a, s.seed, args.explore_epochs) for s in specs for a in ALL]
+
+    def specs(**confirm: int) -> list[SearchSpec]:
+        return [
+            search_spec(table.setting, s, args.explore_epochs, args.confirm_epochs, **confirm)
+            for s in range(args.searches)
+        ]
+
+    default = specs()
+    longer = {m: specs(max_seeds=m) for m in args.cost_max_seeds}
+    every = default + [spec for group in longer.values() for spec in group]
+    long_seeds = sorted({seed for spec in every for seed in confirm_seeds(spec)})
+    plan = [(a, s.seed, args.explore_epochs) for s in default for a in ALL]
     plan += [(a, seed, args.confirm_epochs) for seed in long_seeds for a in ALL]
     plan += [(REFERENCES["cbam"], seed, args.confirm_epochs) for seed in aa_seeds(args)]
     seconds = table.ensure(plan)
     if seconds:
         print(f"trained in {seconds / 60:.1f} min")
-    return table, [replay(table, spec) for spec in specs]
+    replays = [replay(table, spec) for spec in default]
+    return (
+        table,
+        replays,
+        {m: [replay(table, spec) for spec in group] for m, group in longer.items()},
+    )
 
 
 def aa_seeds(args: argparse.Namespace) -> list[int]:
@@ -180,8 +194,9 @@ def cost(replays: Sequence[Replay]) -> None:
     spent = sum(r.confirm_epochs for r in replays)
     naive = sum(r.naive_epochs for r in replays)
     print(
-        f"\ncost: racing spent {spent} confirmation epochs where every arm on every seed "
-        f"would spend {naive}: {100 * spent / naive:.0f} % "
+        f"\ncost at max_seeds {replays[0].spec.confirm.max_seeds}: racing spent {spent} "
+        f"confirmation epochs where every arm on every seed would spend {naive}: "
+        f"{100 * spent / naive:.0f} % "
         f"(per search {100 * min(ratios):.0f}-{100 * max(ratios):.0f} %)"
     )
 
@@ -280,7 +295,7 @@ def halving(table: RunTable, replays: Sequence[Replay], args: argparse.Namespace
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
-    table, replays = prepare(args)
+    table, replays, longer = prepare(args)
     print(
         f"\nranking reliability: {args.searches} searches replayed over real runs; "
         f"exploration {args.explore_epochs} epochs, confirmation {args.confirm_epochs} epochs "
@@ -290,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     aa(table, args)
     repeatability(replays)
     cost(replays)
+    for group in longer.values():
+        cost(group)
     rungs(table, replays, args)
 
 
