@@ -167,7 +167,20 @@ def test_the_racing_cost_benchmark_never_spends_below_its_floor() -> None:
     """``benchmarks/racing_cost.py`` runs the product's race: what it spends is under what a
     race that knew the truth would only where it stopped an arm tied with the best, and it never
     stops the best arm where that leads."""
-    from benchmarks.racing_cost import SCENARIOS, floor, pooled_race, run_race, spec_for
+    from scipy import special
+
+    from benchmarks.racing_cost import (
+        PEERS,
+        SCENARIOS,
+        _trigamma_inverse,
+        block_race,
+        floor,
+        run_race,
+        spec_for,
+    )
+
+    for x in (1e-3, 0.3, 2.0, 50.0):  # the moderated peer's prior degrees of freedom
+        assert float(special.polygamma(1, _trigamma_inverse(x))) == pytest.approx(x, rel=1e-6)
 
     rng = np.random.default_rng(0)
     for max_seeds in (5, 10):
@@ -181,10 +194,11 @@ def test_the_racing_cost_benchmark_never_spends_below_its_floor() -> None:
                 # the time), never one that leads.
                 assert runs <= naive and (best_stopped or floor(spec, scenario) * naive <= runs)
                 assert not (leads and best_stopped)
-                # The benchmark's pooled peer may stop a tied best arm (its flaw), never an arm
-                # before min_seeds.
-                runs, _ = pooled_race(spec, scenario, rng)
-                assert len(scenario.means) * spec.confirm.min_seeds <= runs <= naive
+                # The benchmark's peers may stop a tied best arm (the pooled one's flaw), never
+                # an arm before min_seeds.
+                for test in PEERS.values():
+                    runs, _ = block_race(spec, scenario, rng, test)
+                    assert len(scenario.means) * spec.confirm.min_seeds <= runs <= naive
 
 
 def test_tied_arms_run_to_max_seeds_and_the_worse_ones_stop() -> None:
