@@ -8,9 +8,11 @@ writes. This is the contract: the schema says all a client needs to know.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,20 +38,30 @@ def api(sqlite_db: Database, settings: Settings) -> TestClient:
     return client
 
 
+@functools.cache
+def _client_source(document: str) -> str:
+    """The client module generated from ``document`` (about a second; the tests that import it
+    get the same document, so it is generated once per process)."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "cbam_nas_client.py"
+        generate(
+            document,
+            input_file_type=InputFileType.OpenAPI,
+            output=output,
+            output_model_type=DataModelType.PydanticV2BaseModel,
+            formatters=[Formatter.BUILTIN],
+            set_default_enum_member=True,
+        )
+        return output.read_text()
+
+
 @pytest.fixture
 def generated(api: TestClient, tmp_path: Path) -> ModuleType:
     """The models generated from the app's OpenAPI document, imported."""
     document = api.get("/openapi.json")
     assert document.status_code == 200
     output = tmp_path / "cbam_nas_client.py"
-    generate(
-        document.text,
-        input_file_type=InputFileType.OpenAPI,
-        output=output,
-        output_model_type=DataModelType.PydanticV2BaseModel,
-        formatters=[Formatter.BUILTIN],
-        set_default_enum_member=True,
-    )
+    output.write_text(_client_source(document.text))
     spec = importlib.util.spec_from_file_location("cbam_nas_client", output)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
