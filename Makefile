@@ -56,7 +56,7 @@ test-fast: PYTEST_ARGS += -m 'not e2e'
 test-fast: lint pytest
 
 # With several pytest processes each gets one intra-op thread (the processes already fill the
-# cores; two threads each spin-wait against each other): test-fast 94 s -> 72 s here (64-71 s
+# cores; two threads each spin-wait against each other): test-fast 94 s -> 72 s here (59-73 s
 # since, with other savings). Three processes were slower (78 s): the collection is per process.
 pytest: $(STAMP) kernels
 	$(if $(filter-out 1,$(PYTEST_WORKERS)),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}) \
